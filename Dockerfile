@@ -1,0 +1,12 @@
+# The image fly.toml builds: `fly deploy` (or `docker build -t relay . && docker run -p 8080:8080 relay`).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md relay.py ./
+COPY plugins ./plugins
+RUN pip install . && useradd --system --no-create-home relay
+USER relay
+EXPOSE 8080
+# PORT and HOST come from the environment (fly.toml sets PORT); SIGTERM drains, then exits 0.
+CMD ["python", "relay.py"]

@@ -1,0 +1,1343 @@
+"""relay: a matchmaking and WebRTC signaling server for random video chat.
+
+Browsers open a WebSocket to ``/ws``, ask to ``join`` (optionally with interests), are paired with
+another waiting person, and then pass WebRTC offers, answers and ICE candidates to each other through
+the relay until their browsers connect directly (through TURN where needed). Then either side can
+press *next* to meet someone else.
+
+Run it::
+
+    pip install -e . && python relay.py            # listens on 0.0.0.0:8080 (HOST / PORT env vars)
+    python relay.py --help                          # every setting, with its default
+
+Architecture
+============
+Three layers, read top to bottom in this file:
+
+1. **The sans-I/O core** (``Matchmaker``): a plain class with an injected clock and ``random.Random``.
+   Its methods (``join``, ``next``, ``leave``, ``disconnect``, ``tick``) return *decisions*
+   (``Paired``, ``Queued``, ``Ended``) and never do I/O; an illegal move raises ``IllegalMove`` and
+   leaves the state unchanged. Waiting clients are indexed by interest in heaps keyed by their queue
+   ticket, so a join costs O(interests * log n), never a scan of the queue.
+2. **The protocol** (``parse_interests``, the ``_msg_*`` builders, ``Relay._read_loop``): JSON text
+   frames, documented in ``docs/protocol.md``. Each message is validated; bad input gets an ``error``
+   message or a close code and never touches another client.
+3. **The I/O shell** (``Relay``): one listening port. Each TCP connection gets a task that reads the
+   HTTP request head with h11 and routes it: ``/healthz`` is answered directly, ``GET /ws`` with an
+   upgrade is replayed into ``trio_websocket.wrap_server_stream`` (trio-websocket alone would answer
+   plain GETs with 400 before any handler ran), anything else is 404. A WebSocket client owns a
+   nursery with four tasks: trio-websocket's frame reader, our read loop (parse, rate-limit, act), a
+   writer draining a *bounded* send queue, and a heartbeat. Relaying a signal is: parse, look up the
+   peer, ``send_nowait`` into the peer's queue. It never awaits the peer's socket, so a slow reader
+   can only hurt itself: when its queue is full it is closed with 1013.
+
+Plugins (pluggy, project name ``relay``) hook into the lifecycle: startup, connect, disconnect,
+matched, session ended and the ICE servers sent in ``matched``. Hooks are synchronous and are never
+called per relayed message; a plugin needing I/O runs its own task from ``relay_startup``.
+
+Shutdown (SIGTERM / SIGINT) drains: ``/healthz`` turns 503, new WebSockets are refused, every client
+gets a ``draining`` note; idle and queued clients are closed with 1012 at once, matched ones when
+their session ends or ``--drain-seconds`` pass. The process then exits 0.
+
+Limits: one process, one core, all state in memory. A restart loses queue and sessions (clients
+reconnect and re-join). Scale-out across machines is a plugin's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import heapq
+import importlib
+import json
+import logging
+import os
+import random
+import resource
+import secrets
+import signal
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from typing import Any, Final, TypeAlias
+
+import attrs
+import h11
+import pluggy
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+__all__ = [
+    "Ended",
+    "IllegalMove",
+    "Matchmaker",
+    "Paired",
+    "Queued",
+    "Relay",
+    "RelayStatistics",
+    "Session",
+    "Settings",
+    "hookimpl",
+    "hookspec",
+    "main",
+    "parse_interests",
+]
+
+log = logging.getLogger("relay")
+
+########################################################################################################
+# Constants
+########################################################################################################
+
+PROTOCOL_VERSION: Final = 1  # the "protocol" number sent in welcome; bumped on incompatible change
+WS_PATH: Final = "/ws"  # the WebSocket endpoint
+HEALTH_PATH: Final = "/healthz"  # health check endpoint (fly.toml points at it)
+DEFAULT_HOST: Final = "0.0.0.0"  # listen address when neither --host nor HOST is given
+DEFAULT_PORT: Final = 8080  # listen port when neither --port nor PORT is given (fly.toml internal_port)
+MAX_INTERESTS: Final = 10  # interests per client
+MAX_INTEREST_CHARS: Final = 32  # characters per interest (after trimming and case-folding)
+MAX_RECENT_PEERS: Final = 16  # past peers remembered per client for the rematch cooldown
+MAX_REQUEST_HEAD: Final = 16 * 1024  # bytes of HTTP request line + headers before 431
+RECEIVE_CHUNK: Final = 16 * 1024  # bytes asked of the socket per read while reading the HTTP head
+CLOSE_TIMEOUT: Final = 5.0  # seconds a closing client gets to take its last messages and close frame
+TICK_INTERVAL: Final = 0.1  # seconds between checks for expired interest timeouts
+POSITION_INTERVAL: Final = 1.0  # seconds between queue-position updates (at most one per client)
+RECEIVE_QUEUE: Final = 1  # frames trio-websocket buffers per client before it stops reading the socket
+
+########################################################################################################
+# Exceptions
+########################################################################################################
+
+
+class IllegalMove(Exception):
+    """A client asked for something its state does not allow; nothing was changed.
+
+    ``code`` is the protocol error code sent to the client (for example ``already_matched``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+########################################################################################################
+# The sans-I/O core: matchmaking
+########################################################################################################
+
+
+@attrs.frozen
+class Session:
+    """Two clients paired by the matchmaker. ``initiator`` is the one that waited (it sends the offer)."""
+
+    id: str
+    initiator: str
+    answerer: str
+    interests: tuple[str, ...]  # shared interests, sorted
+    started_at: float
+    waits: tuple[float, float]  # seconds each side waited in the queue (initiator, answerer)
+
+    def peer_of(self, client_id: str) -> str:
+        return self.answerer if client_id == self.initiator else self.initiator
+
+
+@attrs.frozen
+class Paired:
+    """Decision: a new session; tell both sides (``matched``), the initiator first."""
+
+    session: Session
+
+
+@attrs.frozen
+class Queued:
+    """Decision: the client waits at ``position`` (1 = next in line) of ``queue_size``."""
+
+    client_id: str
+    position: int
+    queue_size: int
+
+
+@attrs.frozen
+class Ended:
+    """Decision: a session ended. ``by`` ended it; the other side gets ``peer_left`` once."""
+
+    session: Session
+    reason: str  # "next", "left" or "disconnected"
+    by: str
+
+    @property
+    def notify(self) -> str:
+        return self.session.peer_of(self.by)
+
+
+Decision: TypeAlias = Paired | Queued | Ended
+_Entry: TypeAlias = tuple[int, str]  # (queue ticket, client id) in the interest and open heaps
+
+
+@attrs.define(eq=False, slots=True)
+class _Member:
+    """A connected client as the matchmaker sees it."""
+
+    id: str
+    interests: frozenset[str] = frozenset()
+    seq: int | None = None  # queue ticket while waiting (smaller = waited longer), else None
+    since: float = 0.0  # when the current wait began (join or next): the interest timer's start
+    open: bool = False  # while waiting: accepts anyone (no interests, or the interest timeout passed)
+    position: int = 0  # last computed queue position
+    session: Session | None = None
+    recent: dict[str, float] = attrs.Factory(dict)  # past peer id -> when that session ended
+
+
+class Matchmaker:
+    """The queue and the sessions: who waits, who is paired with whom. No I/O.
+
+    Rules (the hypothesis state machine in ``tests/test_matchmaker.py`` checks them after every step):
+
+    * A client with interests accepts only clients sharing one, until it has waited
+      ``interest_timeout`` seconds (counted from its join or next); then it accepts anyone. A client
+      without interests accepts anyone. Two clients are *compatible* when each accepts the other.
+    * A joining client is paired at once with the longest-waiting compatible client, skipping a
+      client it ended a session with less than ``rematch_cooldown`` seconds ago while any other
+      compatible client waits. The one that waited is the session's initiator.
+    * So no two waiting clients are ever compatible: the matching is maximal. ``tick()`` keeps it so
+      as interest timeouts pass; call it whenever the clock moves (the server does, every 0.1 s and
+      before each join).
+
+    Each waiting client sits in one heap per interest and, once it accepts anyone, in the open heap,
+    all keyed by queue ticket. Entries are deleted lazily (checked against the member when they reach
+    the top) and the heaps are rebuilt when more than half their entries are stale, so every
+    operation costs O(interests * log n), never a scan of the queue.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+        interest_timeout: float = 10.0,
+        rematch_cooldown: float = 30.0,
+    ) -> None:
+        self._clock = clock
+        self._rng = rng
+        self.interest_timeout = interest_timeout
+        self.rematch_cooldown = rematch_cooldown
+        self._members: dict[str, _Member] = {}
+        self._queue: dict[str, _Member] = {}  # waiting members in ticket order
+        self._sessions: dict[str, Session] = {}
+        self._by_interest: dict[str, list[_Entry]] = {}
+        self._open: list[_Entry] = []
+        self._deadlines: list[tuple[float, int, str]] = []  # (interest timeout, ticket, client id)
+        self._tickets = 0
+        self._entries = 0  # heap entries, live or stale
+        self._stale = 0  # heap entries known to be stale
+        #: Set whenever a client leaves the queue (positions behind it moved); the caller clears it.
+        self.queue_changed = False
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, client_id: str) -> bool:
+        return client_id in self._members
+
+    def state(self, client_id: str) -> str:
+        """``"idle"``, ``"queued"`` or ``"matched"``."""
+        m = self._member(client_id)
+        return "matched" if m.session else "queued" if m.seq is not None else "idle"
+
+    def session_of(self, client_id: str) -> Session | None:
+        return self._member(client_id).session
+
+    def interests_of(self, client_id: str) -> frozenset[str]:
+        return self._member(client_id).interests
+
+    def sessions(self) -> Iterator[Session]:
+        return iter(self._sessions.values())
+
+    def positions(self) -> Iterator[tuple[str, int]]:
+        """Every waiting client with its position, 1 (next in line) to n, in queue order."""
+        for position, m in enumerate(self._queue.values(), 1):
+            m.position = position
+            yield m.id, position
+
+    def waiting(self) -> Iterator[tuple[str, int, float, frozenset[str]]]:
+        """(client id, ticket, wait start, interests) of every waiting client, in queue order."""
+        for m in self._queue.values():
+            assert m.seq is not None
+            yield m.id, m.seq, m.since, m.interests
+
+    def accepts(self, client_id: str, other_id: str) -> bool:
+        """Whether waiting client ``client_id`` would accept ``other_id`` now."""
+        m, o = self._member(client_id), self._member(other_id)
+        return self._is_open(m, self._clock()) or not m.interests.isdisjoint(o.interests)
+
+    def cooling(self, client_id: str, other_id: str) -> bool:
+        """Whether the two ended a session less than ``rematch_cooldown`` seconds ago."""
+        return self._cooling(self._member(client_id), other_id, self._clock())
+
+    # -- moves ------------------------------------------------------------------------------------
+
+    def connect(self, client_id: str) -> None:
+        """Register a new client; it starts idle."""
+        if client_id in self._members:
+            raise IllegalMove("bad_message", f"client {client_id!r} is already connected")
+        self._members[client_id] = _Member(client_id)
+
+    def join(self, client_id: str, interests: Iterable[str] = ()) -> list[Decision]:
+        """Queue the client (or, if it waits already, replace its interests, keeping its place)."""
+        m = self._member(client_id)
+        if m.session is not None:
+            raise IllegalMove("already_matched", "already in a session: send next or leave first")
+        wanted = frozenset(interests)
+        if m.seq is None:
+            m.interests = wanted
+            return [self._enter(m, self._clock())]
+        return [self._update(m, wanted)]
+
+    def next(self, client_id: str) -> list[Decision]:
+        """End the client's session (if any) and queue it again with its last interests."""
+        m = self._member(client_id)
+        out: list[Decision] = []
+        if m.session is not None:
+            out.append(self._end(m.session, "next", client_id))
+        out.extend(self.join(client_id, m.interests))
+        return out
+
+    def leave(self, client_id: str, reason: str = "left") -> list[Decision]:
+        """Leave the queue or end the session; the client becomes idle."""
+        m = self._member(client_id)
+        if m.session is not None:
+            return [self._end(m.session, reason, client_id)]
+        if m.seq is not None:
+            self._dequeue(m)
+        return []
+
+    def disconnect(self, client_id: str) -> list[Decision]:
+        """Forget the client, ending its session with reason ``disconnected``."""
+        out = self.leave(client_id, "disconnected")
+        del self._members[client_id]
+        return out
+
+    def tick(self) -> list[Decision]:
+        """Let time pass: clients whose interest timeout ran out now accept anyone."""
+        now = self._clock()
+        out: list[Decision] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, seq, cid = heapq.heappop(deadlines)
+            self._entries -= 1
+            m = self._members.get(cid)
+            if m is None or m.seq != seq or m.open:
+                continue
+            m.open = True
+            self._push(self._open, m)
+            partner = self._find(m, now)
+            if partner is not None:
+                out.append(self._pair(partner, m, now))
+        return out
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _member(self, client_id: str) -> _Member:
+        try:
+            return self._members[client_id]
+        except KeyError:
+            raise IllegalMove("bad_message", f"unknown client {client_id!r}") from None
+
+    def _is_open(self, m: _Member, now: float) -> bool:
+        return not m.interests or now - m.since >= self.interest_timeout
+
+    def _cooling(self, m: _Member, other_id: str, now: float) -> bool:
+        ended = m.recent.get(other_id)
+        return ended is not None and now - ended < self.rematch_cooldown
+
+    def _push(self, heap: list[_Entry], m: _Member) -> None:
+        assert m.seq is not None
+        heapq.heappush(heap, (m.seq, m.id))
+        self._entries += 1
+
+    def _enter(self, m: _Member, now: float) -> Decision:
+        """Pair a client that is not waiting, or queue it."""
+        m.since = now
+        m.open = self._is_open(m, now)
+        partner = self._find(m, now)
+        if partner is not None:
+            return self._pair(partner, m, now)
+        m.seq = self._tickets
+        self._tickets += 1
+        self._queue[m.id] = m
+        m.position = len(self._queue)
+        for interest in m.interests:
+            self._push(self._by_interest.setdefault(interest, []), m)
+        if m.open:
+            self._push(self._open, m)
+        else:
+            heapq.heappush(self._deadlines, (m.since + self.interest_timeout, m.seq, m.id))
+            self._entries += 1
+        return Queued(m.id, m.position, len(self._queue))
+
+    def _update(self, m: _Member, wanted: frozenset[str]) -> Decision:
+        """New interests for a waiting client: same ticket, same wait, maybe a partner now."""
+        now = self._clock()
+        old, was_open = m.interests, m.open
+        m.interests = wanted
+        m.open = self._is_open(m, now)
+        for interest in wanted - old:
+            self._push(self._by_interest.setdefault(interest, []), m)
+        self._stale += len(old - wanted)
+        if m.open and not was_open:
+            self._stale += 1  # its deadline entry
+            self._push(self._open, m)
+        elif was_open and not m.open:
+            self._stale += 1
+            assert m.seq is not None
+            heapq.heappush(self._deadlines, (m.since + self.interest_timeout, m.seq, m.id))
+            self._entries += 1
+        self._maybe_compact()
+        partner = self._find(m, now)
+        if partner is not None:
+            return self._pair(partner, m, now)
+        return Queued(m.id, m.position, len(self._queue))
+
+    def _find(self, m: _Member, now: float) -> _Member | None:
+        """The longest-waiting client compatible with ``m``, preferring ones not in cooldown."""
+        fresh: list[tuple[int, _Member]] = []
+        cool: list[tuple[int, _Member]] = []
+        for interest in m.interests:
+            heap = self._by_interest.get(interest)
+            if heap:
+                self._scan(heap, m, now, interest, fresh, cool)
+                if not heap:
+                    del self._by_interest[interest]
+        if m.open and self._open:
+            self._scan(self._open, m, now, None, fresh, cool)
+        best = min(fresh or cool, default=None)
+        return best[1] if best is not None else None
+
+    def _scan(
+        self,
+        heap: list[_Entry],
+        m: _Member,
+        now: float,
+        interest: str | None,
+        fresh: list[tuple[int, _Member]],
+        cool: list[tuple[int, _Member]],
+    ) -> None:
+        """Add the top of ``heap`` for ``m`` to ``fresh`` (not cooling) and ``cool`` (cooling).
+
+        An ``interest`` heap holds clients sharing it (they accept ``m`` and ``m`` accepts them);
+        the open heap (``interest`` None) holds clients accepting anyone. Stale entries are dropped;
+        ``m`` itself and cooling partners are set aside and pushed back, at most
+        ``MAX_RECENT_PEERS + 1`` of them.
+        """
+        members = self._members
+        aside: list[_Entry] = []
+        found_cool = False
+        while heap:
+            seq, cid = heap[0]
+            o = members.get(cid)
+            if o is None or o.seq != seq or (not o.open if interest is None else interest not in o.interests):
+                heapq.heappop(heap)
+                self._entries -= 1
+                if self._stale:
+                    self._stale -= 1
+                continue
+            if o is m or self._cooling(m, cid, now):
+                if o is not m and not found_cool:
+                    found_cool = True
+                    cool.append((seq, o))
+                aside.append(heapq.heappop(heap))
+                continue
+            fresh.append((seq, o))
+            break
+        for entry in aside:
+            heapq.heappush(heap, entry)
+
+    def _dequeue(self, m: _Member) -> None:
+        del self._queue[m.id]
+        self._stale += len(m.interests) + 1  # its interest entries, and its open or deadline entry
+        m.seq = None
+        m.open = False
+        self.queue_changed = True
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        if self._stale > 1024 and 2 * self._stale > self._entries:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heaps without stale entries (amortised over the removals that made them)."""
+        by_interest: dict[str, list[_Entry]] = {}
+        opened: list[_Entry] = []
+        deadlines: list[tuple[float, int, str]] = []
+        for m in self._queue.values():
+            assert m.seq is not None
+            entry = (m.seq, m.id)
+            for interest in m.interests:
+                by_interest.setdefault(interest, []).append(entry)
+            if m.open:
+                opened.append(entry)
+            else:
+                deadlines.append((m.since + self.interest_timeout, m.seq, m.id))
+        for heap in by_interest.values():
+            heapq.heapify(heap)
+        heapq.heapify(opened)
+        heapq.heapify(deadlines)
+        self._by_interest, self._open, self._deadlines = by_interest, opened, deadlines
+        self._entries = sum(map(len, by_interest.values())) + len(opened) + len(deadlines)
+        self._stale = 0
+
+    def _pair(self, a: _Member, b: _Member, now: float) -> Paired:
+        """Pair two clients; the one with the older ticket (``a`` if ``b`` never queued) initiates."""
+        if b.seq is not None and (a.seq is None or b.seq < a.seq):
+            a, b = b, a
+        for m in (a, b):
+            if m.seq is not None:
+                self._dequeue(m)
+        sid = f"{self._rng.getrandbits(64):016x}"
+        while sid in self._sessions:
+            sid = f"{self._rng.getrandbits(64):016x}"
+        shared = tuple(sorted(a.interests & b.interests))
+        session = Session(sid, a.id, b.id, shared, now, (now - a.since, now - b.since))
+        self._sessions[sid] = a.session = b.session = session
+        return Paired(session)
+
+    def _end(self, session: Session, reason: str, by: str) -> Ended:
+        del self._sessions[session.id]
+        now = self._clock()
+        a, b = self._members[session.initiator], self._members[session.answerer]
+        a.session = b.session = None
+        for m, other in ((a, b.id), (b, a.id)):
+            m.recent.pop(other, None)
+            m.recent[other] = now
+            if len(m.recent) > MAX_RECENT_PEERS:
+                del m.recent[next(iter(m.recent))]
+        return Ended(session, reason, by)
+
+
+def parse_interests(value: object) -> frozenset[str]:
+    """Validate a ``join``'s interests: at most 10 strings of 1-32 printable characters.
+
+    Each is trimmed and case-folded; duplicates collapse. Raises ``IllegalMove("bad_message")``.
+    """
+    if value is None:
+        return frozenset()
+    if type(value) is not list or len(value) > MAX_INTERESTS:
+        raise IllegalMove("bad_message", f"interests must be a list of at most {MAX_INTERESTS} strings")
+    out = set()
+    for item in value:
+        if type(item) is not str:
+            raise IllegalMove("bad_message", "each interest must be a string")
+        interest = item.strip().casefold()
+        if not 0 < len(interest) <= MAX_INTEREST_CHARS or not interest.isprintable():
+            raise IllegalMove(
+                "bad_message",
+                f"each interest must be 1-{MAX_INTEREST_CHARS} printable characters",
+            )
+        out.add(interest)
+    return frozenset(out)
+
+
+########################################################################################################
+# Plugin hooks
+########################################################################################################
+
+hookspec = pluggy.HookspecMarker("relay")
+hookimpl = pluggy.HookimplMarker("relay")
+
+
+class HookSpecs:
+    """The hooks a plugin may implement. Every hook is called with keyword arguments only and is
+    synchronous: it must return quickly and never block (do I/O in a task started from
+    ``relay_startup``, fed through a bounded ``trio.open_memory_channel``). A hook that raises is
+    logged and skipped; it never takes the relay down. No hook is called per relayed signal.
+    ``docs/plugins.md`` documents each one (a test checks it does)."""
+
+    @hookspec
+    def relay_startup(self, relay: Relay, nursery: trio.Nursery) -> None:
+        """Called once, when the relay is listening and before it accepts a client.
+
+        ``nursery`` is the server's root nursery: start long-running tasks in it (they are
+        cancelled at shutdown). ``relay`` gives ``settings`` and ``statistics()``. Return nothing.
+        """
+
+    @hookspec
+    def relay_client_connected(self, client_id: str, remote: str) -> None:
+        """Called when a WebSocket client has completed the handshake, before its ``welcome``.
+
+        ``remote`` is the peer address as ``host:port``. Return nothing.
+        """
+
+    @hookspec
+    def relay_client_disconnected(self, client_id: str, code: int | None, duration: float) -> None:
+        """Called once when a client's connection ends, after its session (if any) has ended.
+
+        ``code`` is the WebSocket close code (``None`` if the TCP connection just dropped);
+        ``duration`` the seconds it was connected. Return nothing.
+        """
+
+    @hookspec
+    def relay_matched(self, session: Session) -> None:
+        """Called when two clients are paired, after both were sent ``matched``.
+
+        ``session`` carries the id, both client ids, shared interests, the start time (trio clock)
+        and how long each side waited. Return nothing.
+        """
+
+    @hookspec
+    def relay_session_ended(self, session: Session, reason: str, ended_by: str, duration: float) -> None:
+        """Called once when a session ends, after the peer was sent ``peer_left``.
+
+        ``reason`` is ``"next"``, ``"left"`` or ``"disconnected"``; ``ended_by`` the client id that
+        ended it; ``duration`` its length in seconds. Return nothing.
+        """
+
+    @hookspec(firstresult=True)
+    def relay_ice_servers(self, session: Session, client_id: str) -> list[dict[str, Any]] | None:
+        """Called twice per match (once per side) to build the ``ice_servers`` list of ``matched``.
+
+        Return a list of ``RTCIceServer`` dicts (``{"urls": ..., "username": ..., "credential":
+        ...}``) to use it, or ``None`` to defer. The first non-``None`` answer wins; with none, the
+        ``--ice-server`` flags are used (an empty list when none is set).
+        """
+
+
+def make_plugin_manager(modules: Iterable[str] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
+    """A plugin manager with the relay's hooks, the given modules and the ``relay`` entry points."""
+    pm = pluggy.PluginManager("relay")
+    pm.add_hookspecs(HookSpecs)
+    for name in modules:
+        pm.register(importlib.import_module(name), name)
+    if entry_points:
+        pm.load_setuptools_entrypoints("relay")
+    return pm
+
+
+########################################################################################################
+# Settings and statistics
+########################################################################################################
+
+
+def _ice_server(value: str) -> dict[str, Any]:
+    """One ``--ice-server``: a URL (``stun:host:3478``) or a JSON RTCIceServer object."""
+    if value.lstrip().startswith("{"):
+        server = json.loads(value)
+        if not isinstance(server, dict) or "urls" not in server:
+            raise ValueError("an ICE server object needs 'urls'")
+        return server
+    if not value.startswith(("stun:", "stuns:", "turn:", "turns:")):
+        raise ValueError("an ICE server URL starts with stun:, stuns:, turn: or turns:")
+    return {"urls": value}
+
+
+@attrs.frozen
+class Settings:
+    """Every tunable of the relay; ``main()`` fills it from the command line and environment."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    interest_timeout: float = 10.0  # seconds a client with interests waits for a shared one
+    rematch_cooldown: float = 30.0  # seconds two former peers are not re-paired while others wait
+    max_message_bytes: int = 64 * 1024  # largest frame accepted (as decoded text); larger closes 1009
+    message_rate: float = 50.0  # messages per second a client may send, sustained (token bucket)
+    message_burst: int = 200  # messages a client may send at once (bucket size)
+    max_connections: int = 10_000  # WebSocket clients at once; more are refused with 503
+    send_queue: int = 256  # messages queued for one client before it counts as too slow (1013)
+    heartbeat_interval: float = 20.0  # seconds between WebSocket pings
+    heartbeat_timeout: float = 20.0  # seconds to wait for the pong before closing
+    handshake_timeout: float = 5.0  # seconds to read the HTTP request and finish the upgrade
+    drain_seconds: float = 30.0  # on SIGTERM: seconds matched clients get before the 1012 close
+    ice_servers: tuple[dict[str, Any], ...] = ()  # sent in matched unless a plugin answers
+    plugins: tuple[str, ...] = ()  # plugin modules to load (besides the relay entry points)
+
+
+@attrs.frozen
+class RelayStatistics:
+    """A snapshot of the relay, read by ``/healthz`` and metrics plugins."""
+
+    connections: int  # WebSocket clients connected now
+    queued: int  # clients waiting for a match
+    sessions: int  # sessions in progress
+    uptime_s: float
+    draining: bool
+    connections_total: int  # clients accepted since start
+    matches_total: int
+    signals_relayed: int
+    sessions_ended: dict[str, int]  # by reason
+    errors: dict[str, int]  # error messages sent, by code
+    closed_slow: int  # clients closed because their send queue was full
+
+
+########################################################################################################
+# The protocol: outgoing messages (incoming ones are parsed in Relay._read_loop)
+########################################################################################################
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_PONG: Final = _dumps({"type": "pong"})
+_LEFT: Final = _dumps({"type": "left"})
+_CLOSE: Final = object()  # put in a client's send queue: close after what is queued before it
+
+
+def _msg_error(code: str, message: str) -> str:
+    return _dumps({"type": "error", "code": code, "message": message})
+
+
+def _msg_queued(position: int, queue_size: int) -> str:
+    return _dumps({"type": "queued", "position": position, "queue_size": queue_size})
+
+
+########################################################################################################
+# I/O: clients, HTTP, the server
+########################################################################################################
+
+
+class _Client:
+    """One WebSocket connection's state, shared by its tasks. Plain slots: it is on the hot path."""
+
+    __slots__ = (
+        "closing",
+        "connected_at",
+        "discard",
+        "id",
+        "peer",
+        "position",
+        "reader_scope",
+        "remote",
+        "rx",
+        "stamp",
+        "tokens",
+        "tx",
+        "writer_done",
+        "writer_scope",
+        "ws",
+    )  # fmt: skip
+
+    def __init__(self, cid: str, ws: WebSocketConnection, remote: str, queue: int, now: float, burst: int) -> None:
+        self.id = cid
+        self.ws = ws
+        self.remote = remote
+        self.tx: trio.MemorySendChannel[object]
+        self.rx: trio.MemoryReceiveChannel[object]
+        self.tx, self.rx = trio.open_memory_channel(queue)
+        self.peer: _Client | None = None  # the current session's other side
+        self.tokens = float(burst)  # rate limit bucket
+        self.stamp = now
+        self.connected_at = now
+        self.closing: tuple[int, str] | None = None  # (code, reason) once a close is under way
+        self.discard = False  # drop what is queued instead of sending it (slow client)
+        self.reader_scope = trio.CancelScope()
+        self.writer_scope = trio.CancelScope()
+        self.writer_done = trio.Event()
+        self.position = 0  # last position sent in "queued"
+
+
+class _ReplayStream(trio.abc.Stream):
+    """A socket stream that first returns bytes already read from it (the HTTP request head)."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        # Bind straight to the socket so the relay path pays no extra call per frame.
+        self.send_all = stream.send_all  # type: ignore[method-assign]
+        self.wait_send_all_might_not_block = stream.wait_send_all_might_not_block  # type: ignore[method-assign]
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            self.receive_some = self._stream.receive_some  # type: ignore[method-assign]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # replaced in __init__
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:  # replaced in __init__
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+async def _respond(
+    stream: trio.abc.SendStream,
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    *,
+    head_only: bool = False,
+    headers: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Send a whole HTTP/1.1 response; the connection closes after it."""
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        await stream.send_all(data)
+
+
+class Relay:
+    """The server: owns the listener, the matchmaker and every client. See the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings = Settings(),
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager(settings.plugins)
+        self.hook = self.pm.hook
+        self.matchmaker = Matchmaker(
+            clock=trio.current_time,
+            rng=rng if rng is not None else random.Random(),
+            interest_timeout=settings.interest_timeout,
+            rematch_cooldown=settings.rematch_cooldown,
+        )
+        self.port: int | None = None  # the bound port, once listening
+        self.draining = False
+        self._clients: dict[str, _Client] = {}
+        self._closing = 0  # WebSocket tasks not finished yet (attached, or still sending their close)
+        self._started = 0.0
+        self._connections_total = 0
+        self._matches = 0
+        self._signals = 0
+        self._ended: dict[str, int] = {}
+        self._errors: dict[str, int] = {}
+        self._closed_slow = 0
+        self._drain_requested = trio.Event()
+        self._stopped = trio.Event()
+        self._handlers: dict[str, Callable[[_Client, dict[str, Any]], None]] = {
+            "join": self._on_join,
+            "next": self._on_next,
+            "leave": self._on_leave,
+            "ping": self._on_ping,
+        }
+
+    # -- public API -------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until ``shutdown()`` has drained every client.
+
+        Reports the bound port through ``task_status.started()`` once listening.
+        """
+        s = self.settings
+        listeners = await trio.open_tcp_listeners(s.port, host=s.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        self._started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            self._call_hooks("relay_startup", relay=self, nursery=nursery)
+            nursery.start_soon(self._tick_loop)
+            nursery.start_soon(self._position_loop)
+            nursery.start_soon(self._drain_deadline)
+            await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
+            log.info("relay listening on %s:%d", s.host, self.port)
+            task_status.started(self.port)
+            await self._stopped.wait()
+            nursery.cancel_scope.cancel()
+        log.info("relay stopped")
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown: see the module docstring. ``serve()`` returns when done."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining %d clients (up to %.0f s)", len(self._clients), self.settings.drain_seconds)
+        note = _dumps({"type": "draining", "deadline_s": self.settings.drain_seconds})
+        for c in list(self._clients.values()):
+            self._send(c, note)
+            if c.peer is None:
+                self._close(c, 1012, "server restarting")
+        self._drain_requested.set()
+        self._check_drained()
+
+    def statistics(self) -> RelayStatistics:
+        mm = self.matchmaker
+        return RelayStatistics(
+            connections=len(self._clients),
+            queued=mm.queue_size,
+            sessions=mm.session_count,
+            uptime_s=round(trio.current_time() - self._started, 3),
+            draining=self.draining,
+            connections_total=self._connections_total,
+            matches_total=self._matches,
+            signals_relayed=self._signals,
+            sessions_ended=dict(self._ended),
+            errors=dict(self._errors),
+            closed_slow=self._closed_slow,
+        )
+
+    # -- connections: HTTP routing ----------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        """Serve one TCP connection. Nothing raised here may reach the server's nursery."""
+        try:
+            async with stream:
+                await self._route(stream)
+        except Exception:
+            log.exception("connection from %s failed", _remote(stream))
+
+    async def _route(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        raw = bytearray()
+        with trio.move_on_after(self.settings.handshake_timeout) as scope:
+            try:
+                event = conn.next_event()
+                while event is h11.NEED_DATA:
+                    data = await stream.receive_some(RECEIVE_CHUNK)
+                    if not data:
+                        return
+                    raw += data
+                    conn.receive_data(data)
+                    event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                await _respond(stream, status, f"{status} bad request: {exc}\n".encode())
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        if scope.cancelled_caught or not isinstance(event, h11.Request):
+            return
+        target = event.target.decode("ascii", "replace")
+        path = target.split("?", 1)[0]
+        method = event.method.decode("ascii", "replace")
+        upgrade = any(name == b"upgrade" and value.strip().lower() == b"websocket" for name, value in event.headers)
+        if path == WS_PATH and upgrade:
+            if self.draining or len(self._clients) >= self.settings.max_connections:
+                why = "draining" if self.draining else "at capacity"
+                await _respond(stream, 503, f"503 relay {why}, try again\n".encode(), headers=[("Retry-After", "5")])
+                return
+            await self._serve_websocket(stream, bytes(raw))
+        elif path == HEALTH_PATH and method in ("GET", "HEAD"):
+            stats = self.statistics()
+            body = _dumps(
+                {
+                    "status": "draining" if stats.draining else "ok",
+                    "connections": stats.connections,
+                    "queued": stats.queued,
+                    "sessions": stats.sessions,
+                    "uptime_s": stats.uptime_s,
+                }
+            ).encode()
+            await _respond(stream, 503 if stats.draining else 200, body, "application/json", head_only=method == "HEAD")
+        elif path == WS_PATH:
+            await _respond(
+                stream, 426, b"426 this endpoint speaks WebSocket only\n", headers=[("Upgrade", "websocket")]
+            )
+        else:
+            await _respond(stream, 404, b"404 not found\n", head_only=method == "HEAD")
+
+    # -- connections: WebSocket clients -----------------------------------------------------------
+
+    async def _serve_websocket(self, stream: trio.SocketStream, raw: bytes) -> None:
+        s = self.settings
+        remote = _remote(stream)
+        async with trio.open_nursery() as nursery:
+            ws: WebSocketConnection | None = None
+            with trio.move_on_after(s.handshake_timeout):
+                request = await trio_websocket.wrap_server_stream(
+                    nursery,
+                    _ReplayStream(stream, raw),
+                    message_queue_size=RECEIVE_QUEUE,
+                    max_message_size=s.max_message_bytes,
+                )
+                ws = await request.accept()
+            if ws is None or ws.closed:  # the handshake timed out or the client vanished
+                nursery.cancel_scope.cancel()
+                return
+            c = _Client(secrets.token_urlsafe(9), ws, remote, s.send_queue, trio.current_time(), s.message_burst)
+            self._closing += 1
+            try:
+                await self._run_client(c, nursery)
+            finally:
+                self._closing -= 1
+                self._check_drained()
+                nursery.cancel_scope.cancel()  # the heartbeat and trio-websocket's reader
+
+    async def _run_client(self, c: _Client, nursery: trio.Nursery) -> None:
+        """A client's life: welcome, read loop, and a close frame sent before we return."""
+        self._attach(c)
+        nursery.start_soon(self._write_loop, c)
+        nursery.start_soon(self._heartbeat_loop, c)
+        try:
+            with c.reader_scope:
+                await self._read_loop(c)
+        except Exception:
+            log.exception("client %s: handler failed", c.id)
+            self._close(c, 1011, "internal error")
+        finally:
+            self._detach(c)
+        self._close(c, 1000, "")
+        await c.writer_done.wait()
+
+    def _attach(self, c: _Client) -> None:
+        self._clients[c.id] = c
+        self._connections_total += 1
+        self.matchmaker.connect(c.id)
+        log.info("client %s connected from %s", c.id, c.remote)
+        self._call_hooks("relay_client_connected", client_id=c.id, remote=c.remote)
+        token = secrets.token_urlsafe(16)  # 128 bits; the resume message will redeem it
+        welcome = {"type": "welcome", "protocol": PROTOCOL_VERSION, "client_id": c.id, "resume_token": token}
+        self._send(c, _dumps(welcome))
+
+    def _detach(self, c: _Client) -> None:
+        if self._clients.pop(c.id, None) is None:
+            return
+        self._apply(self.matchmaker.disconnect(c.id))
+        closed = c.ws.closed
+        code = closed.code if closed is not None else None
+        duration = trio.current_time() - c.connected_at
+        log.info("client %s disconnected (code %s, %.1f s)", c.id, code, duration)
+        self._call_hooks("relay_client_disconnected", client_id=c.id, code=code, duration=duration)
+        self._check_drained()
+
+    async def _read_loop(self, c: _Client) -> None:
+        """Receive, rate-limit, parse and act on one client's messages: the relay's hot path."""
+        get_message = c.ws.get_message
+        rate, burst = self.settings.message_rate, self.settings.message_burst
+        handlers = self._handlers
+        loads = json.loads
+        clock = trio.current_time
+        while True:
+            try:
+                text = await get_message()
+            except ConnectionClosed:
+                return
+            now = clock()
+            tokens = c.tokens + (now - c.stamp) * rate
+            c.stamp = now
+            if tokens > burst:
+                tokens = burst
+            if tokens < 1.0:
+                c.tokens = tokens
+                self._error(c, "rate_limited", f"more than {rate:g} messages a second: slow down")
+                continue
+            c.tokens = tokens - 1.0
+            if type(text) is not str:
+                self._error(c, "bad_message", "binary frames are not supported: send JSON text")
+                continue
+            try:
+                msg = loads(text)
+            except (ValueError, RecursionError):
+                self._error(c, "bad_json", "message is not valid JSON")
+                continue
+            if type(msg) is not dict:
+                self._error(c, "bad_message", "a message must be a JSON object with a string 'type'")
+                continue
+            kind = msg.get("type")
+            if kind == "signal":
+                peer = c.peer
+                if peer is None:
+                    self._error(c, "not_matched", "no peer to signal: wait for matched")
+                elif type(msg.get("data")) is not dict:
+                    self._error(c, "bad_message", "signal needs 'data', a JSON object")
+                else:
+                    # Forward the client's own text when it holds nothing but type and data.
+                    self._send(peer, text if len(msg) == 2 else _dumps({"type": "signal", "data": msg["data"]}))
+                    self._signals += 1
+                continue
+            handler = handlers.get(kind) if type(kind) is str else None
+            if handler is None:
+                if type(kind) is str:
+                    self._error(c, "unknown_type", f"unknown message type {kind[:40]!r}")
+                else:
+                    self._error(c, "bad_message", "a message must be a JSON object with a string 'type'")
+                continue
+            try:
+                handler(c, msg)
+            except IllegalMove as exc:
+                self._error(c, exc.code, exc.message)
+
+    # -- message handlers (synchronous: they only decide and enqueue) -----------------------------
+
+    def _on_join(self, c: _Client, msg: dict[str, Any]) -> None:
+        interests = parse_interests(msg.get("interests"))
+        if self._refuse_while_draining(c):
+            return
+        mm = self.matchmaker
+        self._apply(mm.tick())
+        self._apply(mm.join(c.id, interests))
+
+    def _on_next(self, c: _Client, msg: dict[str, Any]) -> None:
+        if self._refuse_while_draining(c):
+            return
+        mm = self.matchmaker
+        self._apply(mm.tick())
+        self._apply(mm.next(c.id))
+
+    def _on_leave(self, c: _Client, msg: dict[str, Any]) -> None:
+        self._send(c, _LEFT)
+        self._apply(self.matchmaker.leave(c.id))
+        if self.draining:
+            self._close(c, 1012, "server restarting")
+
+    def _on_ping(self, c: _Client, msg: dict[str, Any]) -> None:
+        self._send(c, _PONG)
+
+    def _refuse_while_draining(self, c: _Client) -> bool:
+        """While draining nobody is (re)queued: the client leaves and is closed with 1012."""
+        if not self.draining:
+            return False
+        self._apply(self.matchmaker.leave(c.id, "next"))
+        self._close(c, 1012, "server restarting")
+        return True
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        """Carry out the matchmaker's decisions: tell the clients, update peers, call hooks."""
+        clients = self._clients
+        for d in decisions:
+            if type(d) is Queued:
+                c = clients[d.client_id]
+                c.position = d.position
+                self._send(c, _msg_queued(d.position, d.queue_size))
+            elif type(d) is Paired:
+                s = d.session
+                a, b = clients[s.initiator], clients[s.answerer]
+                a.peer, b.peer = b, a
+                self._matches += 1
+                # Both get matched before this returns, so the initiator's offer cannot overtake it.
+                for c, peer, initiator in ((a, b, True), (b, a, False)):
+                    ice = self._call_hooks("relay_ice_servers", session=s, client_id=c.id)
+                    msg = {
+                        "type": "matched",
+                        "session_id": s.id,
+                        "peer_id": peer.id,
+                        "initiator": initiator,
+                        "interests": list(s.interests),
+                        "ice_servers": list(self.settings.ice_servers) if ice is None else ice,
+                    }
+                    self._send(c, _dumps(msg))
+                self._call_hooks("relay_matched", session=s)
+            elif type(d) is Ended:
+                s = d.session
+                for cid in (s.initiator, s.answerer):
+                    c = clients.get(cid)
+                    if c is not None:
+                        c.peer = None
+                notify = clients.get(d.notify)
+                if notify is not None:
+                    self._send(notify, _dumps({"type": "peer_left", "session_id": s.id, "reason": d.reason}))
+                    if self.draining:
+                        self._close(notify, 1012, "server restarting")
+                self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
+                duration = trio.current_time() - s.started_at
+                self._call_hooks("relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration)
+
+    # -- sending and closing ----------------------------------------------------------------------
+
+    def _send(self, c: _Client, text: str) -> None:
+        """Queue a message for ``c``; a client whose queue is full is too slow and is closed."""
+        try:
+            c.tx.send_nowait(text)
+        except trio.WouldBlock:
+            self._closed_slow += 1
+            self._close(c, 1013, "too slow: send queue full", flush=False)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _error(self, c: _Client, code: str, message: str) -> None:
+        self._errors[code] = self._errors.get(code, 0) + 1
+        self._send(c, _msg_error(code, message))
+
+    def _close(self, c: _Client, code: int, reason: str, *, flush: bool = True) -> None:
+        """Close ``c`` with ``code`` after what is queued for it (or at once, ``flush=False``).
+
+        Its read loop stops now; its writer gets ``CLOSE_TIMEOUT`` seconds to finish.
+        """
+        if c.closing is not None:
+            return
+        c.closing = (code, reason)
+        c.discard = not flush
+        try:
+            c.tx.send_nowait(_CLOSE)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            c.discard = True  # the writer is stuck on a full socket; it checks discard next
+        c.writer_scope.deadline = min(c.writer_scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+        c.reader_scope.cancel()
+
+    async def _write_loop(self, c: _Client) -> None:
+        """Send ``c``'s queued messages in order; then the close frame. Owns ``c``'s socket writes."""
+        ws = c.ws
+        send = ws.send_message
+        try:
+            with c.writer_scope:
+                try:
+                    async for item in c.rx:
+                        if item is _CLOSE or c.discard:
+                            break
+                        await send(item)  # type: ignore[arg-type]
+                    code, reason = c.closing or (1000, "")
+                    await ws.aclose(code, reason)
+                except ConnectionClosed:
+                    pass
+        finally:
+            c.writer_done.set()
+            c.reader_scope.cancel()
+
+    async def _heartbeat_loop(self, c: _Client) -> None:
+        """Ping every ``heartbeat_interval``; no pong within ``heartbeat_timeout`` closes (1001)."""
+        s = self.settings
+        while True:
+            await trio.sleep(s.heartbeat_interval)
+            with trio.move_on_after(s.heartbeat_timeout):
+                try:
+                    await c.ws.ping()
+                except ConnectionClosed:
+                    return
+                continue
+            log.info("client %s: no pong in %.0f s", c.id, s.heartbeat_timeout)
+            self._close(c, 1001, "heartbeat timeout", flush=False)
+            return
+
+    # -- background tasks -------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        """Expire interest timeouts on time even when nobody joins."""
+        while True:
+            await trio.sleep(TICK_INTERVAL)
+            self._apply(self.matchmaker.tick())
+
+    async def _position_loop(self) -> None:
+        """Push changed queue positions, at most one message per client per interval."""
+        mm = self.matchmaker
+        while True:
+            await trio.sleep(POSITION_INTERVAL)
+            if not mm.queue_changed:
+                continue
+            mm.queue_changed = False
+            size = mm.queue_size
+            clients = self._clients
+            for cid, position in mm.positions():
+                c = clients[cid]
+                if c.position != position:
+                    c.position = position
+                    self._send(c, _msg_queued(position, size))
+
+    async def _drain_deadline(self) -> None:
+        """Once ``shutdown()`` was called: close whoever is left after ``drain_seconds``."""
+        await self._drain_requested.wait()
+        await trio.sleep(self.settings.drain_seconds)
+        for c in list(self._clients.values()):
+            self._close(c, 1012, "server restarting")
+        await trio.sleep(CLOSE_TIMEOUT + 1.0)
+        self._stopped.set()
+
+    def _check_drained(self) -> None:
+        if self.draining and not self._closing:
+            self._stopped.set()
+
+    def _call_hooks(self, name: str, **kwargs: Any) -> Any:
+        """Call every implementation of a hook, each on its own: one that raises is logged and
+        skipped, so a plugin bug never reaches the relay or another plugin. For a ``firstresult``
+        hook, the first non-``None`` answer is returned (pluggy's order: last registered first)."""
+        caller = getattr(self.hook, name)
+        first = caller.spec is not None and caller.spec.opts.get("firstresult")
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception:
+                log.exception("plugin %s failed in %s", impl.plugin_name, name)
+                continue
+            if first and result is not None:
+                return result
+        return None
+
+
+########################################################################################################
+# Command line
+########################################################################################################
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="relay", description="Matchmaking and WebRTC signaling server.")
+    p.add_argument("--host", default=os.environ.get("HOST", d.host), help="listen address (env HOST)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", d.port)), help="listen port (env PORT)")
+
+    def opt(name: str, kind: type, help: str) -> None:
+        field = name.lstrip("-").replace("-", "_")
+        p.add_argument(name, type=kind, default=getattr(d, field), help=f"{help} (default %(default)s)")
+
+    opt("--interest-timeout", float, "seconds a client with interests waits for someone sharing one")
+    opt("--rematch-cooldown", float, "seconds before two former peers are paired again while others wait")
+    opt("--max-message-bytes", int, "largest message accepted; larger closes with 1009")
+    opt("--message-rate", float, "messages per second a client may send, sustained")
+    opt("--message-burst", int, "messages a client may send in a burst")
+    opt("--max-connections", int, "WebSocket clients at once; more get 503")
+    opt("--send-queue", int, "messages queued for a client before it is closed as too slow (1013)")
+    opt("--heartbeat-interval", float, "seconds between WebSocket pings")
+    opt("--heartbeat-timeout", float, "seconds to wait for a pong")
+    opt("--handshake-timeout", float, "seconds allowed for the HTTP request and WebSocket upgrade")
+    opt("--drain-seconds", float, "on SIGTERM, seconds sessions get to finish before the 1012 close")
+    p.add_argument(
+        "--ice-server", action="append", type=_ice_server, default=[], metavar="URL_OR_JSON",
+        help="an ICE server for matched (repeatable): stun:host:port or a JSON RTCIceServer object",
+    )  # fmt: skip
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="load a plugin module (repeatable)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    args = _parser().parse_args(argv)
+    fields = {f.name for f in attrs.fields(Settings)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["ice_servers"] = tuple(args.ice_server)
+    values["plugins"] = tuple(args.plugin)
+    return Settings(**values), args
+
+
+async def _run(relay: Relay) -> None:
+    """Serve until a signal has drained the relay; a second signal stops it at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop(task_status: trio.TaskStatus[int]) -> None:
+                await relay.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve_then_stop)
+            gc.freeze()  # start-up objects never die: keep the collector off them (+27 % measured)
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                if relay.draining:
+                    nursery.cancel_scope.cancel()
+                relay.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python relay.py`` / ``relay``: run the server until SIGTERM or SIGINT has drained it."""
+    settings, args = settings_from_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # each client is a file descriptor
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    relay = Relay(settings)
+    trio.run(_run, relay)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
