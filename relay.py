@@ -51,11 +51,13 @@ import heapq
 import importlib
 import json
 import logging
+import math
 import os
 import random
 import resource
 import secrets
 import signal
+import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
@@ -104,6 +106,7 @@ CLOSE_TIMEOUT: Final = 5.0  # seconds a closing client gets to take its last mes
 TICK_INTERVAL: Final = 0.1  # seconds between checks for expired interest timeouts
 POSITION_INTERVAL: Final = 1.0  # seconds between queue-position updates (at most one per client)
 RECEIVE_QUEUE: Final = 1  # frames trio-websocket buffers per client before it stops reading the socket
+GC_THRESHOLDS: Final = (50_000, 20, 20)  # cyclic GC: rarer passes; a 100k-client queue made joins 4x dearer
 
 ########################################################################################################
 # Exceptions
@@ -649,7 +652,7 @@ class Settings:
     message_rate: float = 50.0  # messages per second a client may send, sustained (token bucket)
     message_burst: int = 200  # messages a client may send at once (bucket size)
     max_connections: int = 10_000  # WebSocket clients at once; more are refused with 503
-    send_queue: int = 256  # messages queued for one client before it counts as too slow (1013)
+    send_buffer_bytes: int = 256 * 1024  # bytes held for a client's full socket before it is too slow (1013)
     heartbeat_interval: float = 20.0  # seconds between WebSocket pings
     heartbeat_timeout: float = 20.0  # seconds to wait for the pong before closing
     handshake_timeout: float = 5.0  # seconds to read the HTTP request and finish the upgrade
@@ -682,7 +685,6 @@ class RelayStatistics:
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _PONG: Final = _dumps({"type": "pong"})
 _LEFT: Final = _dumps({"type": "left"})
-_CLOSE: Final = object()  # put in a client's send queue: close after what is queued before it
 
 
 def _msg_error(code: str, message: str) -> str:
@@ -698,72 +700,163 @@ def _msg_queued(position: int, queue_size: int) -> str:
 ########################################################################################################
 
 
-class _Client:
-    """One WebSocket connection's state, shared by its tasks. Plain slots: it is on the hot path."""
-
-    __slots__ = (
-        "closing",
-        "connected_at",
-        "discard",
-        "id",
-        "peer",
-        "position",
-        "reader_scope",
-        "remote",
-        "rx",
-        "stamp",
-        "tokens",
-        "tx",
-        "writer_done",
-        "writer_scope",
-        "ws",
-    )  # fmt: skip
-
-    def __init__(self, cid: str, ws: WebSocketConnection, remote: str, queue: int, now: float, burst: int) -> None:
-        self.id = cid
-        self.ws = ws
-        self.remote = remote
-        self.tx: trio.MemorySendChannel[object]
-        self.rx: trio.MemoryReceiveChannel[object]
-        self.tx, self.rx = trio.open_memory_channel(queue)
-        self.peer: _Client | None = None  # the current session's other side
-        self.tokens = float(burst)  # rate limit bucket
-        self.stamp = now
-        self.connected_at = now
-        self.closing: tuple[int, str] | None = None  # (code, reason) once a close is under way
-        self.discard = False  # drop what is queued instead of sending it (slow client)
-        self.reader_scope = trio.CancelScope()
-        self.writer_scope = trio.CancelScope()
-        self.writer_done = trio.Event()
-        self.position = 0  # last position sent in "queued"
+_TEXT: Final = 0x1  # WebSocket opcodes the relay writes itself
+_PING: Final = 0x9
+_HEADERS: Final = [bytes((0x80 | _TEXT, n)) for n in range(126)]  # text frame headers for short payloads
 
 
-class _ReplayStream(trio.abc.Stream):
-    """A socket stream that first returns bytes already read from it (the HTTP request head)."""
+def _frame_header(opcode: int, size: int) -> bytes:
+    """The header of an unmasked, final server frame carrying ``size`` payload bytes."""
+    if size < 126:
+        return bytes((0x80 | opcode, size))
+    if size < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, size)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, size)
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+
+class _Transport(trio.abc.Stream):
+    """A client's socket. trio-websocket reads and writes through it; the relay writes frames into it
+    without awaiting, which is what makes relaying a signal cheap and never blocking.
+
+    Every write goes to the kernel at once (non-blocking ``writev``). What does not fit waits in
+    ``_pending``, in order, and a flusher task started on demand drains it as the socket becomes
+    writable; the relay's own frames may fill it up to ``limit`` bytes (then the client is too slow).
+    Reads first return the request head the HTTP router already read, and count as signs of life.
+    """
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes, limit: int, nursery: trio.Nursery) -> None:
         self._stream = stream
+        self._fd = stream.socket.fileno()  # -1 from close on: a closed fd's number gets reused
         self._prefix = prefix
-        # Bind straight to the socket so the relay path pays no extra call per frame.
-        self.send_all = stream.send_all  # type: ignore[method-assign]
-        self.wait_send_all_might_not_block = stream.wait_send_all_might_not_block  # type: ignore[method-assign]
+        self._limit = limit
+        self._nursery = nursery
+        self._pending = bytearray()  # bytes the kernel has not taken yet; non-empty iff a flusher runs
+        self._drained = trio.Event()
+        self.received = 0  # reads that returned data: the heartbeat watches it move
+
+    def send_text(self, text: str) -> bool:
+        """Write one text frame now. False (and nothing written) if the client is too slow."""
+        payload = text.encode()
+        size = len(payload)
+        if self._pending and len(self._pending) + size > self._limit:
+            return False
+        self._write(_HEADERS[size] if size < 126 else _frame_header(_TEXT, size), payload)
+        return True
+
+    def send_ping(self) -> None:
+        self._write(_frame_header(_PING, 0), b"")
+
+    def _write(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
+        pending = self._pending
+        if pending or self._fd < 0:
+            if self._fd >= 0:
+                pending += header
+                pending += payload
+            return
+        try:
+            sent = os.writev(self._fd, (header, payload))
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # reset or broken: the read side sees it and ends the connection
+            return
+        if sent < len(header) + len(payload):  # the kernel buffer is full: keep the rest, in order
+            pending += (header + bytes(payload))[sent:]
+            self._drained = trio.Event()
+            self._nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        pending = self._pending
+        try:
+            while pending and self._fd >= 0:
+                await trio.lowlevel.wait_writable(self._fd)
+                try:
+                    sent = os.write(self._fd, pending)
+                except BlockingIOError:
+                    continue
+                del pending[:sent]
+        except (OSError, trio.ClosedResourceError):
+            pass
+        finally:
+            pending.clear()
+            self._drained.set()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
             data, self._prefix = self._prefix, b""
-            self.receive_some = self._stream.receive_some  # type: ignore[method-assign]
             await trio.lowlevel.checkpoint()
             return data
-        return await self._stream.receive_some(max_bytes)
+        data = await self._stream.receive_some(max_bytes)
+        self.received += 1
+        return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # replaced in __init__
-        await self._stream.send_all(data)
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """trio-websocket's writes (handshake, pongs, close frames): same order, no limit."""
+        if self._fd < 0:
+            raise trio.ClosedResourceError("connection closed")
+        self._write(b"", data)
+        await trio.lowlevel.checkpoint()
 
-    async def wait_send_all_might_not_block(self) -> None:  # replaced in __init__
-        await self._stream.wait_send_all_might_not_block()
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._pending:
+            await self._drained.wait()
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        """Give what is pending ``CLOSE_TIMEOUT`` seconds to go out, then close the socket."""
+        if self._fd < 0:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self._pending:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._drained.wait()
+        finally:
+            self.abandon()
+            await self._stream.aclose()
+
+    def abandon(self) -> None:
+        """Never write to this socket again (whoever owns it closes it)."""
+        self._fd = -1
+        self._pending.clear()
+
+
+class _Client:
+    """One WebSocket connection's state. Plain slots: it is on the hot path."""
+
+    __slots__ = (
+        "closing",
+        "connected_at",
+        "id",
+        "peer",
+        "pinged_at",
+        "position",
+        "quiet_since",
+        "reader_scope",
+        "remote",
+        "seen",
+        "stamp",
+        "tokens",
+        "transport",
+        "ws",
+    )  # fmt: skip
+
+    def __init__(
+        self, cid: str, ws: WebSocketConnection, transport: _Transport, remote: str, now: float, burst: int
+    ) -> None:
+        self.id = cid
+        self.ws = ws
+        self.transport = transport
+        self.remote = remote
+        self.peer: _Client | None = None  # the current session's other side
+        self.tokens = float(burst)  # rate limit bucket
+        self.stamp = now
+        self.connected_at = now
+        self.closing: tuple[int, str] | None = None  # (code, reason) once a close is decided
+        self.reader_scope = trio.CancelScope()
+        self.position = 0  # last position sent in "queued"
+        self.seen = 0  # transport.received at the heartbeat's last look
+        self.quiet_since = now
+        self.pinged_at: float | None = None
 
 
 def _remote(stream: trio.SocketStream) -> str:
@@ -795,6 +888,35 @@ async def _respond(
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
     with trio.move_on_after(CLOSE_TIMEOUT):
         await stream.send_all(data)
+
+
+async def _read_head(stream: trio.SocketStream) -> tuple[str, str, bool, bytes] | None:
+    """Read an HTTP request head with h11: (method, path, is a WebSocket upgrade, the bytes read).
+
+    None if the client closed or sent garbage (it got a 400, or 431 for a head over 16 KiB).
+    """
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    raw = bytearray()
+    try:
+        event = conn.next_event()
+        while event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_CHUNK)
+            if not data:
+                return None
+            raw += data
+            conn.receive_data(data)
+            event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        status = exc.error_status_hint
+        await _respond(stream, status, f"{status} bad request: {exc}\n".encode())
+        return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    if not isinstance(event, h11.Request):
+        return None
+    path = event.target.decode("ascii", "replace").split("?", 1)[0]
+    upgrade = any(name == b"upgrade" and value.strip().lower() == b"websocket" for name, value in event.headers)
+    return event.method.decode("ascii", "replace"), path, upgrade, bytes(raw)
 
 
 class Relay:
@@ -850,6 +972,7 @@ class Relay:
         async with trio.open_nursery() as nursery:
             self._call_hooks("relay_startup", relay=self, nursery=nursery)
             nursery.start_soon(self._tick_loop)
+            nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._position_loop)
             nursery.start_soon(self._drain_deadline)
             await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
@@ -900,36 +1023,24 @@ class Relay:
             log.exception("connection from %s failed", _remote(stream))
 
     async def _route(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        raw = bytearray()
-        with trio.move_on_after(self.settings.handshake_timeout) as scope:
-            try:
-                event = conn.next_event()
-                while event is h11.NEED_DATA:
-                    data = await stream.receive_some(RECEIVE_CHUNK)
-                    if not data:
-                        return
-                    raw += data
-                    conn.receive_data(data)
-                    event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                await _respond(stream, status, f"{status} bad request: {exc}\n".encode())
+        # One deadline for the request head and, for a WebSocket, the upgrade; lifted once accepted.
+        with trio.CancelScope(deadline=trio.current_time() + self.settings.handshake_timeout) as handshake:
+            head = await _read_head(stream)
+            if head is None:
                 return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-        if scope.cancelled_caught or not isinstance(event, h11.Request):
-            return
-        target = event.target.decode("ascii", "replace")
-        path = target.split("?", 1)[0]
-        method = event.method.decode("ascii", "replace")
-        upgrade = any(name == b"upgrade" and value.strip().lower() == b"websocket" for name, value in event.headers)
+            method, path, upgrade, raw = head
+            del head  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
+            await self._dispatch(stream, handshake, method, path, upgrade, raw)
+
+    async def _dispatch(
+        self, stream: trio.SocketStream, handshake: trio.CancelScope, method: str, path: str, upgrade: bool, raw: bytes
+    ) -> None:
         if path == WS_PATH and upgrade:
             if self.draining or len(self._clients) >= self.settings.max_connections:
                 why = "draining" if self.draining else "at capacity"
                 await _respond(stream, 503, f"503 relay {why}, try again\n".encode(), headers=[("Retry-After", "5")])
                 return
-            await self._serve_websocket(stream, bytes(raw))
+            await self._serve_websocket(stream, raw, handshake)
         elif path == HEALTH_PATH and method in ("GET", "HEAD"):
             stats = self.statistics()
             body = _dumps(
@@ -951,36 +1062,34 @@ class Relay:
 
     # -- connections: WebSocket clients -----------------------------------------------------------
 
-    async def _serve_websocket(self, stream: trio.SocketStream, raw: bytes) -> None:
+    async def _serve_websocket(self, stream: trio.SocketStream, raw: bytes, handshake: trio.CancelScope) -> None:
         s = self.settings
         remote = _remote(stream)
         async with trio.open_nursery() as nursery:
-            ws: WebSocketConnection | None = None
-            with trio.move_on_after(s.handshake_timeout):
+            transport = _Transport(stream, raw, s.send_buffer_bytes, nursery)
+            try:
                 request = await trio_websocket.wrap_server_stream(
-                    nursery,
-                    _ReplayStream(stream, raw),
-                    message_queue_size=RECEIVE_QUEUE,
-                    max_message_size=s.max_message_bytes,
+                    nursery, transport, message_queue_size=RECEIVE_QUEUE, max_message_size=s.max_message_bytes
                 )
                 ws = await request.accept()
-            if ws is None or ws.closed:  # the handshake timed out or the client vanished
-                nursery.cancel_scope.cancel()
-                return
-            c = _Client(secrets.token_urlsafe(9), ws, remote, s.send_queue, trio.current_time(), s.message_burst)
-            self._closing += 1
-            try:
-                await self._run_client(c, nursery)
+                del request
+                if ws.closed:  # the client vanished
+                    return
+                handshake.deadline = math.inf
+                c = _Client(secrets.token_urlsafe(9), ws, transport, remote, trio.current_time(), s.message_burst)
+                self._closing += 1
+                try:
+                    await self._run_client(c)
+                finally:
+                    self._closing -= 1
+                    self._check_drained()
             finally:
-                self._closing -= 1
-                self._check_drained()
-                nursery.cancel_scope.cancel()  # the heartbeat and trio-websocket's reader
+                transport.abandon()
+                nursery.cancel_scope.cancel()  # trio-websocket's reader, and a flusher if one runs
 
-    async def _run_client(self, c: _Client, nursery: trio.Nursery) -> None:
-        """A client's life: welcome, read loop, and a close frame sent before we return."""
+    async def _run_client(self, c: _Client) -> None:
+        """A client's life: welcome, read loop, then the close handshake (bounded)."""
         self._attach(c)
-        nursery.start_soon(self._write_loop, c)
-        nursery.start_soon(self._heartbeat_loop, c)
         try:
             with c.reader_scope:
                 await self._read_loop(c)
@@ -989,8 +1098,9 @@ class Relay:
             self._close(c, 1011, "internal error")
         finally:
             self._detach(c)
-        self._close(c, 1000, "")
-        await c.writer_done.wait()
+        code, reason = c.closing or (1000, "")
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await c.ws.aclose(code, reason)
 
     def _attach(self, c: _Client) -> None:
         self._clients[c.id] = c
@@ -1055,7 +1165,9 @@ class Relay:
                     self._error(c, "bad_message", "signal needs 'data', a JSON object")
                 else:
                     # Forward the client's own text when it holds nothing but type and data.
-                    self._send(peer, text if len(msg) == 2 else _dumps({"type": "signal", "data": msg["data"]}))
+                    out = text if len(msg) == 2 else _dumps({"type": "signal", "data": msg["data"]})
+                    if peer.closing is None and not peer.transport.send_text(out):
+                        self._too_slow(peer)
                     self._signals += 1
                 continue
             handler = handlers.get(kind) if type(kind) is str else None
@@ -1148,70 +1260,48 @@ class Relay:
     # -- sending and closing ----------------------------------------------------------------------
 
     def _send(self, c: _Client, text: str) -> None:
-        """Queue a message for ``c``; a client whose queue is full is too slow and is closed."""
-        try:
-            c.tx.send_nowait(text)
-        except trio.WouldBlock:
-            self._closed_slow += 1
-            self._close(c, 1013, "too slow: send queue full", flush=False)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        """Write a message to ``c`` now (never waits); a client that cannot keep up is closed."""
+        if c.closing is None and not c.transport.send_text(text):
+            self._too_slow(c)
+
+    def _too_slow(self, c: _Client) -> None:
+        self._closed_slow += 1
+        log.info("client %s: send buffer full, closing", c.id)
+        self._close(c, 1013, "too slow: send buffer full")
 
     def _error(self, c: _Client, code: str, message: str) -> None:
         self._errors[code] = self._errors.get(code, 0) + 1
         self._send(c, _msg_error(code, message))
 
-    def _close(self, c: _Client, code: int, reason: str, *, flush: bool = True) -> None:
-        """Close ``c`` with ``code`` after what is queued for it (or at once, ``flush=False``).
+    def _close(self, c: _Client, code: int, reason: str) -> None:
+        """Close ``c`` with ``code`` after what was sent to it so far; nothing more is sent.
 
-        Its read loop stops now; its writer gets ``CLOSE_TIMEOUT`` seconds to finish.
+        Its read loop stops at once; its own task then detaches it and closes the WebSocket.
         """
-        if c.closing is not None:
-            return
-        c.closing = (code, reason)
-        c.discard = not flush
-        try:
-            c.tx.send_nowait(_CLOSE)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            c.discard = True  # the writer is stuck on a full socket; it checks discard next
-        c.writer_scope.deadline = min(c.writer_scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
-        c.reader_scope.cancel()
-
-    async def _write_loop(self, c: _Client) -> None:
-        """Send ``c``'s queued messages in order; then the close frame. Owns ``c``'s socket writes."""
-        ws = c.ws
-        send = ws.send_message
-        try:
-            with c.writer_scope:
-                try:
-                    async for item in c.rx:
-                        if item is _CLOSE or c.discard:
-                            break
-                        await send(item)  # type: ignore[arg-type]
-                    code, reason = c.closing or (1000, "")
-                    await ws.aclose(code, reason)
-                except ConnectionClosed:
-                    pass
-        finally:
-            c.writer_done.set()
+        if c.closing is None:
+            c.closing = (code, reason)
             c.reader_scope.cancel()
 
-    async def _heartbeat_loop(self, c: _Client) -> None:
-        """Ping every ``heartbeat_interval``; no pong within ``heartbeat_timeout`` closes (1001)."""
+    # -- background tasks -------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        """Ping clients quiet for ``heartbeat_interval``; close (1001) those still quiet
+        ``heartbeat_timeout`` after the ping. Any bytes received count as life."""
         s = self.settings
         while True:
-            await trio.sleep(s.heartbeat_interval)
-            with trio.move_on_after(s.heartbeat_timeout):
-                try:
-                    await c.ws.ping()
-                except ConnectionClosed:
-                    return
-                continue
-            log.info("client %s: no pong in %.0f s", c.id, s.heartbeat_timeout)
-            self._close(c, 1001, "heartbeat timeout", flush=False)
-            return
-
-    # -- background tasks -------------------------------------------------------------------------
+            await trio.sleep(min(s.heartbeat_interval, s.heartbeat_timeout) / 2)
+            now = trio.current_time()
+            for c in list(self._clients.values()):
+                received = c.transport.received
+                if received != c.seen:
+                    c.seen, c.quiet_since, c.pinged_at = received, now, None
+                elif c.pinged_at is None:
+                    if now - c.quiet_since >= s.heartbeat_interval:
+                        c.transport.send_ping()
+                        c.pinged_at = now
+                elif now - c.pinged_at >= s.heartbeat_timeout:
+                    log.info("client %s: no pong in %.0f s", c.id, now - c.pinged_at)
+                    self._close(c, 1001, "heartbeat timeout")
 
     async def _tick_loop(self) -> None:
         """Expire interest timeouts on time even when nobody joins."""
@@ -1286,7 +1376,7 @@ def _parser() -> argparse.ArgumentParser:
     opt("--message-rate", float, "messages per second a client may send, sustained")
     opt("--message-burst", int, "messages a client may send in a burst")
     opt("--max-connections", int, "WebSocket clients at once; more get 503")
-    opt("--send-queue", int, "messages queued for a client before it is closed as too slow (1013)")
+    opt("--send-buffer-bytes", int, "bytes held for a slow client before it is closed (1013)")
     opt("--heartbeat-interval", float, "seconds between WebSocket pings")
     opt("--heartbeat-timeout", float, "seconds to wait for a pong")
     opt("--handshake-timeout", float, "seconds allowed for the HTTP request and WebSocket upgrade")
@@ -1319,7 +1409,8 @@ async def _run(relay: Relay) -> None:
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve_then_stop)
-            gc.freeze()  # start-up objects never die: keep the collector off them (+27 % measured)
+            gc.set_threshold(*GC_THRESHOLDS)
+            gc.freeze()  # start-up objects never die: keep the collector off them
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
                 if relay.draining:

@@ -208,7 +208,7 @@ async def test_oversize_frame_closes_1009(make_harness):
 
 async def test_slow_reader_does_not_delay_busy_pair_and_is_closed(make_harness):
     """A client that never reads: the pair next to it keeps relaying; it is closed with 1013."""
-    h = await make_harness(message_rate=1e6, message_burst=10**6, send_queue=16)
+    h = await make_harness(message_rate=1e6, message_burst=10**6, send_buffer_bytes=64 * 1024)
     flooder, sleeper, _, _ = await h.pair()  # sleeper stops reading from now on
     a, b, _, _ = await h.pair()
     blob = {"sdp": "x" * 32_000}

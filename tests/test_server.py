@@ -116,7 +116,7 @@ async def test_port_from_environment(nursery):
 def test_cli_help_and_settings():
     out = subprocess.run([sys.executable, str(ROOT / "relay.py"), "--help"], capture_output=True, text=True, check=True)
     for flag in ("--interest-timeout", "--rematch-cooldown", "--max-message-bytes", "--max-connections",
-                 "--ice-server", "--plugin", "--drain-seconds", "--send-queue", "--message-rate"):  # fmt: skip
+                 "--ice-server", "--plugin", "--drain-seconds", "--send-buffer-bytes", "--message-rate"):  # fmt: skip
         assert flag in out.stdout
     settings, _ = relay_mod.settings_from_args(
         ["--interest-timeout", "3", "--ice-server", "stun:127.0.0.1:3478", "--ice-server",
