@@ -12,24 +12,27 @@ Run it::
 
 Architecture
 ============
-Three layers, read top to bottom in this file:
+Read top to bottom, this file is:
 
 1. **The sans-I/O core** (``Matchmaker``): a plain class with an injected clock and ``random.Random``.
-   Its methods (``join``, ``next``, ``leave``, ``disconnect``, ``tick``) return *decisions*
+   Its moves (``join``, ``next``, ``leave``, ``disconnect``, ``tick``) return *decisions*
    (``Paired``, ``Queued``, ``Ended``) and never do I/O; an illegal move raises ``IllegalMove`` and
-   leaves the state unchanged. Waiting clients are indexed by interest in heaps keyed by their queue
-   ticket, so a join costs O(interests * log n), never a scan of the queue.
-2. **The protocol** (``parse_interests``, the ``_msg_*`` builders, ``Relay._read_loop``): JSON text
-   frames, documented in ``docs/protocol.md``. Each message is validated; bad input gets an ``error``
-   message or a close code and never touches another client.
-3. **The I/O shell** (``Relay``): one listening port. Each TCP connection gets a task that reads the
-   HTTP request head with h11 and routes it: ``/healthz`` is answered directly, ``GET /ws`` with an
-   upgrade is replayed into ``trio_websocket.wrap_server_stream`` (trio-websocket alone would answer
-   plain GETs with 400 before any handler ran), anything else is 404. A WebSocket client owns a
-   nursery with four tasks: trio-websocket's frame reader, our read loop (parse, rate-limit, act), a
-   writer draining a *bounded* send queue, and a heartbeat. Relaying a signal is: parse, look up the
-   peer, ``send_nowait`` into the peer's queue. It never awaits the peer's socket, so a slow reader
-   can only hurt itself: when its queue is full it is closed with 1013.
+   changes nothing. Waiting clients are indexed by interest in heaps keyed by their queue ticket, so
+   a join costs O(interests * log n), never a scan of the queue.
+2. **The protocol** (one section: ``parse_message``, the ``_msg_*`` builders, error and close codes):
+   JSON text frames, documented with examples in ``docs/protocol.md``. Every message is validated;
+   bad input gets an ``error`` message or a close code and never touches another client.
+3. **Plugin hooks** (``HookSpecs``) and **settings** (``Settings``, one field per command-line flag).
+4. **The I/O shell** (``Relay``): one listening port. Each TCP connection's task reads the HTTP
+   request head with h11 and routes it: ``/healthz`` is answered at once, ``GET /ws`` with an upgrade
+   is replayed into ``trio_websocket.wrap_server_stream`` (trio-websocket alone would answer plain
+   GETs with 400 before any handler ran), ``/ws`` without one gets 426, anything else 404.
+   A WebSocket client has two tasks, as in a bare trio-websocket server: trio-websocket's frame
+   reader and our read loop (rate-limit, parse, act). Every write to a client goes through its
+   ``_Transport``: one non-blocking ``writev`` straight into the socket, no task switch. Only what
+   the kernel refuses is kept (in order, up to ``--send-buffer-bytes``) and drained by a flusher task
+   started on demand; a client whose buffer overflows is closed with 1013. So relaying a signal never
+   waits for the peer, and a slow reader can only hurt itself. One task pings quiet clients.
 
 Plugins (pluggy, project name ``relay``) hook into the lifecycle: startup, connect, disconnect,
 matched, session ended and the ICE servers sent in ``matched``. Hooks are synchronous and are never
@@ -75,6 +78,7 @@ __all__ = [
     "IllegalMove",
     "Matchmaker",
     "Paired",
+    "ProtocolError",
     "Queued",
     "Relay",
     "RelayStatistics",
@@ -84,6 +88,7 @@ __all__ = [
     "hookspec",
     "main",
     "parse_interests",
+    "parse_message",
 ]
 
 log = logging.getLogger("relay")
@@ -113,16 +118,18 @@ GC_THRESHOLDS: Final = (50_000, 20, 20)  # cyclic GC: rarer passes; a 100k-clien
 ########################################################################################################
 
 
-class IllegalMove(Exception):
-    """A client asked for something its state does not allow; nothing was changed.
-
-    ``code`` is the protocol error code sent to the client (for example ``already_matched``).
-    """
+class ProtocolError(Exception):
+    """A client message the relay refuses. ``code`` (one of ``ERROR_CODES``) and ``message`` go
+    back to the client in an ``error`` message; the connection stays open."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class IllegalMove(ProtocolError):
+    """A move the client's state does not allow (``join`` while matched); nothing was changed."""
 
 
 ########################################################################################################
@@ -276,21 +283,12 @@ class Matchmaker:
             assert m.seq is not None
             yield m.id, m.seq, m.since, m.interests
 
-    def accepts(self, client_id: str, other_id: str) -> bool:
-        """Whether waiting client ``client_id`` would accept ``other_id`` now."""
-        m, o = self._member(client_id), self._member(other_id)
-        return self._is_open(m, self._clock()) or not m.interests.isdisjoint(o.interests)
-
-    def cooling(self, client_id: str, other_id: str) -> bool:
-        """Whether the two ended a session less than ``rematch_cooldown`` seconds ago."""
-        return self._cooling(self._member(client_id), other_id, self._clock())
-
     # -- moves ------------------------------------------------------------------------------------
 
     def connect(self, client_id: str) -> None:
         """Register a new client; it starts idle."""
         if client_id in self._members:
-            raise IllegalMove("bad_message", f"client {client_id!r} is already connected")
+            raise ValueError(f"client {client_id!r} is already connected")
         self._members[client_id] = _Member(client_id)
 
     def join(self, client_id: str, interests: Iterable[str] = ()) -> list[Decision]:
@@ -352,7 +350,7 @@ class Matchmaker:
         try:
             return self._members[client_id]
         except KeyError:
-            raise IllegalMove("bad_message", f"unknown client {client_id!r}") from None
+            raise KeyError(f"unknown client {client_id!r}") from None
 
     def _is_open(self, m: _Member, now: float) -> bool:
         return not m.interests or now - m.since >= self.interest_timeout
@@ -525,27 +523,114 @@ class Matchmaker:
         return Ended(session, reason, by)
 
 
-def parse_interests(value: object) -> frozenset[str]:
-    """Validate a ``join``'s interests: at most 10 strings of 1-32 printable characters.
+########################################################################################################
+# The protocol, version 1 (docs/protocol.md has every message with examples)
+########################################################################################################
+#
+# JSON text frames on GET /ws. The server speaks first: {"type":"welcome", ...}. Then the client sends
+#   {"type":"join","interests":[...]}  queue up (interests optional); while queued: replace interests
+#   {"type":"next"}                    end the session (peer gets peer_left "next"), queue up again
+#   {"type":"leave"}                   leave the queue or end the session (peer gets peer_left "left")
+#   {"type":"signal","data":{...}}     to the current peer, who gets {"type":"signal","data":...}
+#   {"type":"ping"}                    answered {"type":"pong"}
+# and the server sends welcome, queued, matched, signal, peer_left, left, pong, error and draining.
+# Unknown fields are ignored. Every refusal is an error message; the connection stays usable.
 
-    Each is trimmed and case-folded; duplicates collapse. Raises ``IllegalMove("bad_message")``.
+CLIENT_TYPES: Final = frozenset({"join", "next", "leave", "signal", "ping"})
+ERROR_CODES: Final = ("bad_json", "bad_message", "unknown_type", "not_matched", "already_matched", "rate_limited")
+CLOSE_NORMAL: Final = 1000  # an orderly end (the client closed, or nothing more to say)
+CLOSE_HEARTBEAT: Final = 1001  # "going away": no pong within --heartbeat-timeout
+CLOSE_TOO_BIG: Final = 1009  # a frame over --max-message-bytes (trio-websocket sends it)
+CLOSE_INTERNAL: Final = 1011  # a bug in the relay while serving this client (logged)
+CLOSE_RESTART: Final = 1012  # the relay is shutting down, after a "draining" message: reconnect
+CLOSE_TOO_SLOW: Final = 1013  # "try again later": the client did not read its messages fast enough
+
+_loads = json.loads
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def parse_message(text: str | bytes) -> dict[str, Any]:
+    """Decode one client frame and check what the relay reads of it; raise ``ProtocolError``.
+
+    A ``join``'s ``interests`` are replaced by their parsed form (``parse_interests``).
     """
+    if type(text) is not str:
+        raise ProtocolError("bad_message", "binary frames are not supported: send JSON text")
+    try:
+        msg = _loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
+        raise ProtocolError("bad_json", "message is not valid JSON") from None
+    if type(msg) is not dict or type(kind := msg.get("type")) is not str:
+        raise ProtocolError("bad_message", "a message must be a JSON object with a string 'type'")
+    if kind == "signal":
+        if type(msg.get("data")) is not dict:
+            raise ProtocolError("bad_message", "signal needs 'data', a JSON object")
+    elif kind == "join":
+        msg["interests"] = parse_interests(msg.get("interests"))
+    elif kind not in CLIENT_TYPES:
+        raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
+    return msg
+
+
+def parse_interests(value: object) -> frozenset[str]:
+    """A ``join``'s interests: at most 10 strings of 1-32 printable characters, trimmed and
+    case-folded, duplicates dropped. Missing means none. Raises ``ProtocolError("bad_message")``."""
     if value is None:
         return frozenset()
     if type(value) is not list or len(value) > MAX_INTERESTS:
-        raise IllegalMove("bad_message", f"interests must be a list of at most {MAX_INTERESTS} strings")
+        raise ProtocolError("bad_message", f"interests must be a list of at most {MAX_INTERESTS} strings")
     out = set()
     for item in value:
         if type(item) is not str:
-            raise IllegalMove("bad_message", "each interest must be a string")
+            raise ProtocolError("bad_message", "each interest must be a string")
         interest = item.strip().casefold()
         if not 0 < len(interest) <= MAX_INTEREST_CHARS or not interest.isprintable():
-            raise IllegalMove(
-                "bad_message",
-                f"each interest must be 1-{MAX_INTEREST_CHARS} printable characters",
-            )
+            raise ProtocolError("bad_message", f"each interest must be 1-{MAX_INTEREST_CHARS} printable characters")
         out.add(interest)
     return frozenset(out)
+
+
+def _msg_welcome(client_id: str, resume_token: str) -> str:
+    return _dumps(
+        {"type": "welcome", "protocol": PROTOCOL_VERSION, "client_id": client_id, "resume_token": resume_token}
+    )
+
+
+def _msg_queued(position: int, queue_size: int) -> str:
+    return _dumps({"type": "queued", "position": position, "queue_size": queue_size})
+
+
+def _msg_matched(session: Session, client_id: str, ice_servers: list[dict[str, Any]]) -> str:
+    return _dumps(
+        {
+            "type": "matched",
+            "session_id": session.id,
+            "peer_id": session.peer_of(client_id),
+            "initiator": client_id == session.initiator,
+            "interests": list(session.interests),
+            "ice_servers": ice_servers,
+        }
+    )
+
+
+def _msg_signal(data: dict[str, Any]) -> str:
+    return _dumps({"type": "signal", "data": data})
+
+
+def _msg_peer_left(session_id: str, reason: str) -> str:
+    return _dumps({"type": "peer_left", "session_id": session_id, "reason": reason})
+
+
+def _msg_error(code: str, message: str) -> str:
+    return _dumps({"type": "error", "code": code, "message": message})
+
+
+def _msg_draining(seconds: float) -> str:
+    return _dumps({"type": "draining", "deadline_s": seconds})
+
+
+_PONG: Final = _dumps({"type": "pong"})
+_LEFT: Final = _dumps({"type": "left"})
 
 
 ########################################################################################################
@@ -675,24 +760,7 @@ class RelayStatistics:
     signals_relayed: int
     sessions_ended: dict[str, int]  # by reason
     errors: dict[str, int]  # error messages sent, by code
-    closed_slow: int  # clients closed because their send queue was full
-
-
-########################################################################################################
-# The protocol: outgoing messages (incoming ones are parsed in Relay._read_loop)
-########################################################################################################
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_PONG: Final = _dumps({"type": "pong"})
-_LEFT: Final = _dumps({"type": "left"})
-
-
-def _msg_error(code: str, message: str) -> str:
-    return _dumps({"type": "error", "code": code, "message": message})
-
-
-def _msg_queued(position: int, queue_size: int) -> str:
-    return _dumps({"type": "queued", "position": position, "queue_size": queue_size})
+    closed_slow: int  # clients closed (1013) because their send buffer overflowed
 
 
 ########################################################################################################
@@ -988,11 +1056,11 @@ class Relay:
             return
         self.draining = True
         log.info("draining %d clients (up to %.0f s)", len(self._clients), self.settings.drain_seconds)
-        note = _dumps({"type": "draining", "deadline_s": self.settings.drain_seconds})
+        note = _msg_draining(self.settings.drain_seconds)
         for c in list(self._clients.values()):
             self._send(c, note)
             if c.peer is None:
-                self._close(c, 1012, "server restarting")
+                self._close(c, CLOSE_RESTART, "server restarting")
         self._drain_requested.set()
         self._check_drained()
 
@@ -1095,10 +1163,10 @@ class Relay:
                 await self._read_loop(c)
         except Exception:
             log.exception("client %s: handler failed", c.id)
-            self._close(c, 1011, "internal error")
+            self._close(c, CLOSE_INTERNAL, "internal error")
         finally:
             self._detach(c)
-        code, reason = c.closing or (1000, "")
+        code, reason = c.closing or (CLOSE_NORMAL, "")
         with trio.move_on_after(CLOSE_TIMEOUT):
             await c.ws.aclose(code, reason)
 
@@ -1108,9 +1176,7 @@ class Relay:
         self.matchmaker.connect(c.id)
         log.info("client %s connected from %s", c.id, c.remote)
         self._call_hooks("relay_client_connected", client_id=c.id, remote=c.remote)
-        token = secrets.token_urlsafe(16)  # 128 bits; the resume message will redeem it
-        welcome = {"type": "welcome", "protocol": PROTOCOL_VERSION, "client_id": c.id, "resume_token": token}
-        self._send(c, _dumps(welcome))
+        self._send(c, _msg_welcome(c.id, secrets.token_urlsafe(16)))  # 128-bit token, for resume
 
     def _detach(self, c: _Client) -> None:
         if self._clients.pop(c.id, None) is None:
@@ -1128,7 +1194,7 @@ class Relay:
         get_message = c.ws.get_message
         rate, burst = self.settings.message_rate, self.settings.message_burst
         handlers = self._handlers
-        loads = json.loads
+        parse = parse_message
         clock = trio.current_time
         while True:
             try:
@@ -1145,52 +1211,31 @@ class Relay:
                 self._error(c, "rate_limited", f"more than {rate:g} messages a second: slow down")
                 continue
             c.tokens = tokens - 1.0
-            if type(text) is not str:
-                self._error(c, "bad_message", "binary frames are not supported: send JSON text")
-                continue
             try:
-                msg = loads(text)
-            except (ValueError, RecursionError):
-                self._error(c, "bad_json", "message is not valid JSON")
-                continue
-            if type(msg) is not dict:
-                self._error(c, "bad_message", "a message must be a JSON object with a string 'type'")
-                continue
-            kind = msg.get("type")
-            if kind == "signal":
-                peer = c.peer
-                if peer is None:
-                    self._error(c, "not_matched", "no peer to signal: wait for matched")
-                elif type(msg.get("data")) is not dict:
-                    self._error(c, "bad_message", "signal needs 'data', a JSON object")
-                else:
+                msg = parse(text)
+                kind = msg["type"]
+                if kind == "signal":
+                    peer = c.peer
+                    if peer is None:
+                        raise ProtocolError("not_matched", "no peer to signal: wait for matched")
                     # Forward the client's own text when it holds nothing but type and data.
-                    out = text if len(msg) == 2 else _dumps({"type": "signal", "data": msg["data"]})
-                    if peer.closing is None and not peer.transport.send_text(out):
+                    out = text if len(msg) == 2 else _msg_signal(msg["data"])
+                    if peer.closing is None and not peer.transport.send_text(out):  # type: ignore[arg-type]
                         self._too_slow(peer)
                     self._signals += 1
-                continue
-            handler = handlers.get(kind) if type(kind) is str else None
-            if handler is None:
-                if type(kind) is str:
-                    self._error(c, "unknown_type", f"unknown message type {kind[:40]!r}")
                 else:
-                    self._error(c, "bad_message", "a message must be a JSON object with a string 'type'")
-                continue
-            try:
-                handler(c, msg)
-            except IllegalMove as exc:
+                    handlers[kind](c, msg)
+            except ProtocolError as exc:
                 self._error(c, exc.code, exc.message)
 
     # -- message handlers (synchronous: they only decide and enqueue) -----------------------------
 
     def _on_join(self, c: _Client, msg: dict[str, Any]) -> None:
-        interests = parse_interests(msg.get("interests"))
         if self._refuse_while_draining(c):
             return
         mm = self.matchmaker
         self._apply(mm.tick())
-        self._apply(mm.join(c.id, interests))
+        self._apply(mm.join(c.id, msg["interests"]))
 
     def _on_next(self, c: _Client, msg: dict[str, Any]) -> None:
         if self._refuse_while_draining(c):
@@ -1203,17 +1248,17 @@ class Relay:
         self._send(c, _LEFT)
         self._apply(self.matchmaker.leave(c.id))
         if self.draining:
-            self._close(c, 1012, "server restarting")
+            self._close(c, CLOSE_RESTART, "server restarting")
 
     def _on_ping(self, c: _Client, msg: dict[str, Any]) -> None:
         self._send(c, _PONG)
 
     def _refuse_while_draining(self, c: _Client) -> bool:
-        """While draining nobody is (re)queued: the client leaves and is closed with 1012."""
+        """While draining nobody is (re)queued: the client leaves and is closed (1012)."""
         if not self.draining:
             return False
         self._apply(self.matchmaker.leave(c.id, "next"))
-        self._close(c, 1012, "server restarting")
+        self._close(c, CLOSE_RESTART, "server restarting")
         return True
 
     def _apply(self, decisions: list[Decision]) -> None:
@@ -1230,17 +1275,9 @@ class Relay:
                 a.peer, b.peer = b, a
                 self._matches += 1
                 # Both get matched before this returns, so the initiator's offer cannot overtake it.
-                for c, peer, initiator in ((a, b, True), (b, a, False)):
+                for c in (a, b):
                     ice = self._call_hooks("relay_ice_servers", session=s, client_id=c.id)
-                    msg = {
-                        "type": "matched",
-                        "session_id": s.id,
-                        "peer_id": peer.id,
-                        "initiator": initiator,
-                        "interests": list(s.interests),
-                        "ice_servers": list(self.settings.ice_servers) if ice is None else ice,
-                    }
-                    self._send(c, _dumps(msg))
+                    self._send(c, _msg_matched(s, c.id, list(self.settings.ice_servers) if ice is None else ice))
                 self._call_hooks("relay_matched", session=s)
             elif type(d) is Ended:
                 s = d.session
@@ -1250,9 +1287,9 @@ class Relay:
                         c.peer = None
                 notify = clients.get(d.notify)
                 if notify is not None:
-                    self._send(notify, _dumps({"type": "peer_left", "session_id": s.id, "reason": d.reason}))
+                    self._send(notify, _msg_peer_left(s.id, d.reason))
                     if self.draining:
-                        self._close(notify, 1012, "server restarting")
+                        self._close(notify, CLOSE_RESTART, "server restarting")
                 self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
                 duration = trio.current_time() - s.started_at
                 self._call_hooks("relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration)
@@ -1267,7 +1304,7 @@ class Relay:
     def _too_slow(self, c: _Client) -> None:
         self._closed_slow += 1
         log.info("client %s: send buffer full, closing", c.id)
-        self._close(c, 1013, "too slow: send buffer full")
+        self._close(c, CLOSE_TOO_SLOW, "too slow: send buffer full")
 
     def _error(self, c: _Client, code: str, message: str) -> None:
         self._errors[code] = self._errors.get(code, 0) + 1
@@ -1301,7 +1338,7 @@ class Relay:
                         c.pinged_at = now
                 elif now - c.pinged_at >= s.heartbeat_timeout:
                     log.info("client %s: no pong in %.0f s", c.id, now - c.pinged_at)
-                    self._close(c, 1001, "heartbeat timeout")
+                    self._close(c, CLOSE_HEARTBEAT, "heartbeat timeout")
 
     async def _tick_loop(self) -> None:
         """Expire interest timeouts on time even when nobody joins."""
@@ -1330,7 +1367,7 @@ class Relay:
         await self._drain_requested.wait()
         await trio.sleep(self.settings.drain_seconds)
         for c in list(self._clients.values()):
-            self._close(c, 1012, "server restarting")
+            self._close(c, CLOSE_RESTART, "server restarting")
         await trio.sleep(CLOSE_TIMEOUT + 1.0)
         self._stopped.set()
 

@@ -1,0 +1,39 @@
+"""The documentation keeps up with the code (as datasette's test_plugin_hooks_are_documented)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import relay
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_plugin_hooks_are_documented():
+    documented = set(re.findall(r"^### (relay_\w+)$", (ROOT / "docs" / "plugins.md").read_text(), re.M))
+    hooks = {name for name in dir(relay.HookSpecs) if name.startswith("relay_")}
+    assert hooks, "no hooks found"
+    assert hooks - documented == set(), "hooks missing from docs/plugins.md"
+    assert documented - hooks == set(), "docs/plugins.md documents hooks that do not exist"
+
+
+def test_every_hook_has_a_docstring_saying_when_and_what_it_returns():
+    for name in dir(relay.HookSpecs):
+        if name.startswith("relay_"):
+            doc = getattr(relay.HookSpecs, name).__doc__ or ""
+            assert "Called" in doc and "eturn" in doc, name
+
+
+def test_protocol_is_documented():
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    for kind in relay.CLIENT_TYPES | {"welcome", "queued", "matched", "peer_left", "left", "pong", "error", "draining"}:
+        assert f"### `{kind}`" in text, kind
+    for code in relay.ERROR_CODES:
+        assert f"| `{code}` |" in text, code
+    close_codes = [
+        value for name, value in vars(relay).items() if name.startswith("CLOSE_") and name != "CLOSE_TIMEOUT"
+    ]
+    assert len(close_codes) >= 6
+    for code in close_codes:
+        assert f"| {code} |" in text, code
