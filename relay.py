@@ -540,6 +540,8 @@ CLIENT_TYPES: Final = frozenset({"join", "next", "leave", "signal", "ping"})
 ERROR_CODES: Final = ("bad_json", "bad_message", "unknown_type", "not_matched", "already_matched", "rate_limited")
 CLOSE_NORMAL: Final = 1000  # an orderly end (the client closed, or nothing more to say)
 CLOSE_HEARTBEAT: Final = 1001  # "going away": no pong within --heartbeat-timeout
+CLOSE_PROTOCOL_ERROR: Final = 1002  # a malformed WebSocket frame (detected by wsproto)
+CLOSE_BAD_DATA: Final = 1007  # a text frame that is not UTF-8 (detected by wsproto)
 CLOSE_TOO_BIG: Final = 1009  # a frame over --max-message-bytes (trio-websocket sends it)
 CLOSE_INTERNAL: Final = 1011  # a bug in the relay while serving this client (logged)
 CLOSE_RESTART: Final = 1012  # the relay is shutting down, after a "draining" message: reconnect
@@ -769,6 +771,7 @@ class RelayStatistics:
 
 
 _TEXT: Final = 0x1  # WebSocket opcodes the relay writes itself
+_CLOSE: Final = 0x8
 _PING: Final = 0x9
 _HEADERS: Final = [bytes((0x80 | _TEXT, n)) for n in range(126)]  # text frame headers for short payloads
 
@@ -800,6 +803,8 @@ class _Transport(trio.abc.Stream):
         self._nursery = nursery
         self._pending = bytearray()  # bytes the kernel has not taken yet; non-empty iff a flusher runs
         self._drained = trio.Event()
+        self._close_sent = False
+        self.ws: WebSocketConnection | None = None  # set once accepted
         self.received = 0  # reads that returned data: the heartbeat watches it move
 
     def send_text(self, text: str) -> bool:
@@ -861,6 +866,8 @@ class _Transport(trio.abc.Stream):
         """trio-websocket's writes (handshake, pongs, close frames): same order, no limit."""
         if self._fd < 0:
             raise trio.ClosedResourceError("connection closed")
+        if data[:1] == b"\x88":  # trio-websocket writes each frame whole: this one is a close frame
+            self._close_sent = True
         self._write(b"", data)
         await trio.lowlevel.checkpoint()
 
@@ -874,18 +881,20 @@ class _Transport(trio.abc.Stream):
         if self._fd < 0:
             await trio.lowlevel.checkpoint()
             return
+        closed = self.ws.closed if self.ws is not None else None
+        if closed is not None and closed.code != 1006 and not self._close_sent:
+            # wsproto reports a bad frame (invalid UTF-8: 1007, protocol error: 1002) as if the client
+            # had closed, and trio-websocket then closes without a word: tell the client why.
+            payload = struct.pack("!H", closed.code) + (closed.reason or "").encode()[:120]
+            self._write(_frame_header(_CLOSE, len(payload)), payload)
         try:
             if self._pending:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._drained.wait()
         finally:
-            self.abandon()
+            self._fd = -1  # never written to again, whatever reuses the number
+            self._pending.clear()
             await self._stream.aclose()
-
-    def abandon(self) -> None:
-        """Never write to this socket again (whoever owns it closes it)."""
-        self._fd = -1
-        self._pending.clear()
 
 
 class _Client:
@@ -1139,7 +1148,7 @@ class Relay:
                 request = await trio_websocket.wrap_server_stream(
                     nursery, transport, message_queue_size=RECEIVE_QUEUE, max_message_size=s.max_message_bytes
                 )
-                ws = await request.accept()
+                ws = transport.ws = await request.accept()
                 del request
                 if ws.closed:  # the client vanished
                     return
@@ -1152,8 +1161,10 @@ class Relay:
                     self._closing -= 1
                     self._check_drained()
             finally:
-                transport.abandon()
-                nursery.cancel_scope.cancel()  # trio-websocket's reader, and a flusher if one runs
+                try:
+                    await transport.aclose()  # flushes (bounded), and sends a close frame if none went out
+                finally:
+                    nursery.cancel_scope.cancel()  # trio-websocket's reader, and a flusher if one runs
 
     async def _run_client(self, c: _Client) -> None:
         """A client's life: welcome, read loop, then the close handshake (bounded)."""

@@ -371,3 +371,37 @@ async def test_max_connections(make_harness):
     await h.connect()
     status, headers, body = await http_get(h.relay.port, "/ws", headers=UPGRADE)
     assert status == 503 and b"capacity" in body and headers["retry-after"]
+
+
+async def test_handler_bug_closes_only_that_client_with_1011(harness: Harness, caplog):
+    a, b, _, _ = await harness.pair()
+    bystander = await harness.connect()
+
+    def broken(c, msg):
+        raise RuntimeError("a bug")
+
+    harness.relay._handlers["ping"] = broken
+    await a.send(type="ping")
+    assert (await a.closed()).code == 1011
+    await b.expect("peer_left", reason="disconnected")
+    await bystander.send(type="join")  # the server is unharmed
+    await bystander.expect("queued")
+    assert any("handler failed" in r.message and r.exc_info for r in caplog.records)
+
+
+async def test_invalid_utf8_closes_1007(harness: Harness):
+    stream = await trio.open_tcp_stream("127.0.0.1", harness.relay.port)
+    await stream.send_all(f"GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE}\r\n".encode())
+    data = b""
+    with trio.fail_after(STEP):
+        while b"welcome" not in data:  # a client waits for the 101 before sending frames
+            data += await stream.receive_some()
+        payload = b'{"type":"\xff"}'  # not UTF-8
+        await stream.send_all(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # masked with key 0
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    assert data[:1] == b"\x88" and int.from_bytes(data[2:4], "big") == 1007  # a close frame, code 1007
+    with trio.fail_after(STEP):
+        while harness.relay.statistics().connections:
+            await trio.sleep(0.01)
