@@ -5,6 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md relay.py ./
 COPY plugins ./plugins
+COPY static ./static
 RUN pip install . && useradd --system --no-create-home relay
 USER relay
 EXPOSE 8080

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import heapq
 import importlib
 import json
@@ -64,7 +65,8 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from typing import Any, Final, TypeAlias
+from pathlib import Path
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import attrs
 import h11
@@ -100,6 +102,7 @@ log = logging.getLogger("relay")
 PROTOCOL_VERSION: Final = 1  # the "protocol" number sent in welcome; bumped on incompatible change
 WS_PATH: Final = "/ws"  # the WebSocket endpoint
 HEALTH_PATH: Final = "/healthz"  # health check endpoint (fly.toml points at it)
+STATIC_DIR: Final = Path(__file__).resolve().with_name("static")  # demo page and browser client, served at /
 DEFAULT_HOST: Final = "0.0.0.0"  # listen address when neither --host nor HOST is given
 DEFAULT_PORT: Final = 8080  # listen port when neither --port nor PORT is given (fly.toml internal_port)
 MAX_INTERESTS: Final = 10  # interests per client
@@ -745,6 +748,7 @@ class Settings:
     handshake_timeout: float = 5.0  # seconds to read the HTTP request and finish the upgrade
     drain_seconds: float = 30.0  # on SIGTERM: seconds matched clients get before the 1012 close
     ice_servers: tuple[dict[str, Any], ...] = ()  # sent in matched unless a plugin answers
+    static_dir: str = str(STATIC_DIR)  # files served at / (the demo); "" serves none
     plugins: tuple[str, ...] = ()  # plugin modules to load (besides the relay entry points)
 
 
@@ -952,13 +956,15 @@ async def _respond(
     *,
     head_only: bool = False,
     headers: Iterable[tuple[str, str]] = (),
+    cache: str = "no-store",
 ) -> None:
     """Send a whole HTTP/1.1 response; the connection closes after it."""
     lines = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
+        f"Cache-Control: {cache}",
+        "X-Content-Type-Options: nosniff",
         "Connection: close",
         *(f"{name}: {value}" for name, value in headers),
     ]
@@ -967,8 +973,18 @@ async def _respond(
         await stream.send_all(data)
 
 
-async def _read_head(stream: trio.SocketStream) -> tuple[str, str, bool, bytes] | None:
-    """Read an HTTP request head with h11: (method, path, is a WebSocket upgrade, the bytes read).
+class _Head(NamedTuple):
+    """What the router needs of an HTTP request head."""
+
+    method: str
+    path: str  # the target up to "?", not decoded: it must match a route exactly
+    upgrade: bool  # asks for a WebSocket
+    if_none_match: bytes  # for static files' ETags
+    raw: bytes  # every byte read, replayed to trio-websocket for an upgrade
+
+
+async def _read_head(stream: trio.SocketStream) -> _Head | None:
+    """Read an HTTP request head with h11.
 
     None if the client closed or sent garbage (it got a 400, or 431 for a head over 16 KiB).
     """
@@ -991,9 +1007,65 @@ async def _read_head(stream: trio.SocketStream) -> tuple[str, str, bool, bytes] 
         return None
     if not isinstance(event, h11.Request):
         return None
-    path = event.target.decode("ascii", "replace").split("?", 1)[0]
-    upgrade = any(name == b"upgrade" and value.strip().lower() == b"websocket" for name, value in event.headers)
-    return event.method.decode("ascii", "replace"), path, upgrade, bytes(raw)
+    headers = dict(event.headers)  # h11 lower-cases names
+    return _Head(
+        method=event.method.decode("ascii", "replace"),
+        path=event.target.decode("ascii", "replace").split("?", 1)[0],
+        upgrade=headers.get(b"upgrade", b"").strip().lower() == b"websocket",
+        if_none_match=headers.get(b"if-none-match", b""),
+        raw=bytes(raw),
+    )
+
+
+_CONTENT_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".ts": "text/plain; charset=utf-8",  # relay-client.d.ts, for reading
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+_HTML_HEADERS: Final = (
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob: mediastream:; img-src 'self' data:;"
+        " object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    ("Referrer-Policy", "no-referrer"),
+)
+
+
+def _load_static(directory: str) -> dict[str, tuple[bytes, str, str]]:
+    """Read the files under ``directory`` once: URL path -> (body, content type, ETag).
+
+    Requests are matched against these paths exactly (nothing is decoded or joined to a filesystem
+    path per request), so no request can reach a file outside the directory. Symlinks and dotfiles
+    are skipped; ``/`` serves ``index.html``.
+    """
+    files: dict[str, tuple[bytes, str, str]] = {}
+    root = Path(directory) if directory else None
+    if root is None or not root.is_dir():
+        if directory:
+            log.warning("static directory %s not found: serving no files", directory)
+        return files
+    resolved_root = root.resolve()
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if (
+            path.is_symlink()
+            or not path.is_file()
+            or any(part.startswith(".") for part in relative.parts)
+            or not path.resolve().is_relative_to(resolved_root)  # under a symlinked directory
+        ):
+            continue
+        body = path.read_bytes()
+        content_type = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+        files["/" + relative.as_posix()] = (body, content_type, f'"{hashlib.sha256(body).hexdigest()[:20]}"')
+    if "/index.html" in files:
+        files["/"] = files["/index.html"]
+    return files
 
 
 class Relay:
@@ -1026,6 +1098,7 @@ class Relay:
         self._ended: dict[str, int] = {}
         self._errors: dict[str, int] = {}
         self._closed_slow = 0
+        self._static = _load_static(settings.static_dir)
         self._drain_requested = trio.Event()
         self._stopped = trio.Event()
         self._handlers: dict[str, Callable[[_Client, dict[str, Any]], None]] = {
@@ -1105,20 +1178,40 @@ class Relay:
             head = await _read_head(stream)
             if head is None:
                 return
-            method, path, upgrade, raw = head
-            del head  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
-            await self._dispatch(stream, handshake, method, path, upgrade, raw)
+            if head.path == WS_PATH and head.upgrade:
+                if self.draining or len(self._clients) >= self.settings.max_connections:
+                    why = "draining" if self.draining else "at capacity"
+                    await _respond(
+                        stream, 503, f"503 relay {why}, try again\n".encode(), headers=[("Retry-After", "5")]
+                    )
+                    return
+                raw = head.raw
+                del head  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
+                await self._serve_websocket(stream, raw, handshake)
+            else:
+                await self._serve_http(stream, head)
 
-    async def _dispatch(
-        self, stream: trio.SocketStream, handshake: trio.CancelScope, method: str, path: str, upgrade: bool, raw: bytes
-    ) -> None:
-        if path == WS_PATH and upgrade:
-            if self.draining or len(self._clients) >= self.settings.max_connections:
-                why = "draining" if self.draining else "at capacity"
-                await _respond(stream, 503, f"503 relay {why}, try again\n".encode(), headers=[("Retry-After", "5")])
-                return
-            await self._serve_websocket(stream, raw, handshake)
-        elif path == HEALTH_PATH and method in ("GET", "HEAD"):
+    async def _serve_http(self, stream: trio.SocketStream, head: _Head) -> None:
+        """Everything on the port that is not a WebSocket: health, the static files, 404."""
+        method, path = head.method, head.path
+        static = self._static.get(path)
+        if path == WS_PATH:
+            await _respond(
+                stream, 426, b"426 this endpoint speaks WebSocket only\n", headers=[("Upgrade", "websocket")]
+            )
+        elif path != HEALTH_PATH and static is None:
+            await _respond(stream, 404, b"404 not found\n", head_only=method == "HEAD")
+        elif method not in ("GET", "HEAD"):
+            await _respond(stream, 405, b"405 method not allowed\n", headers=[("Allow", "GET, HEAD")])
+        elif static is not None:
+            body, content_type, etag = static
+            fresh = head.if_none_match == etag.encode()
+            headers = [("ETag", etag), *(_HTML_HEADERS if content_type.startswith("text/html") else ())]
+            await _respond(
+                stream, 304 if fresh else 200, b"" if fresh else body, content_type,
+                head_only=method == "HEAD", headers=headers, cache="no-cache",
+            )  # fmt: skip
+        else:
             stats = self.statistics()
             body = _dumps(
                 {
@@ -1130,12 +1223,6 @@ class Relay:
                 }
             ).encode()
             await _respond(stream, 503 if stats.draining else 200, body, "application/json", head_only=method == "HEAD")
-        elif path == WS_PATH:
-            await _respond(
-                stream, 426, b"426 this endpoint speaks WebSocket only\n", headers=[("Upgrade", "websocket")]
-            )
-        else:
-            await _respond(stream, 404, b"404 not found\n", head_only=method == "HEAD")
 
     # -- connections: WebSocket clients -----------------------------------------------------------
 
@@ -1434,6 +1521,9 @@ def _parser() -> argparse.ArgumentParser:
         help="an ICE server for matched (repeatable): stun:host:port or a JSON RTCIceServer object",
     )  # fmt: skip
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="load a plugin module (repeatable)")
+    p.add_argument(
+        "--static-dir", default=d.static_dir, help="directory served at / ('' for none; default: %(default)s)"
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     return p
 

@@ -1,9 +1,20 @@
-"""Shared fixtures: a relay served on 127.0.0.1 in the test's nursery, and a small JSON client."""
+"""Shared fixtures: a relay served on 127.0.0.1 in the test's nursery, and a small JSON client.
+
+Before any test runs, the test session moves itself into a new network namespace whose only
+interface is loopback, so nothing a test starts (relays, Chromium, coturn, ...) can send a packet
+beyond 127.0.0.1. As root that is ``unshare(CLONE_NEWNET)``; otherwise a user namespace is created
+first. If neither is allowed, ``NETWORK_ISOLATION_ERROR`` says why and the browser tests fail.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
+import os
 import resource
+import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +27,31 @@ import relay as relay_mod
 # Tests open a thousand clients (two sockets each, in one process).
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+
+def _isolate_network() -> str | None:
+    """Enter a fresh network namespace with only loopback, up. Returns None, or why it failed."""
+    clone_newnet, clone_newuser = 0x40000000, 0x10000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(clone_newnet) != 0:
+        uid, gid = os.getuid(), os.getgid()
+        if libc.unshare(clone_newuser | clone_newnet) != 0:
+            return f"unshare: {os.strerror(ctypes.get_errno())} (run as root or allow user namespaces)"
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # `ip link set lo up`, without iproute2
+        siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+        flags = struct.unpack("16sH14s", fcntl.ioctl(s, siocgifflags, struct.pack("16sH14s", b"lo", 0, b"")))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
+    interfaces = sorted(name for _, name in socket.if_nameindex())
+    return None if interfaces == ["lo"] else f"unexpected interfaces {interfaces}"
+
+
+NETWORK_ISOLATION_ERROR = _isolate_network()
 
 UPGRADE = (
     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"

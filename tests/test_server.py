@@ -142,4 +142,5 @@ def test_fly_toml_matches_the_server():
     assert fly["kill_signal"] == "SIGTERM"
     assert fly["kill_timeout"] > relay_mod.Settings().drain_seconds + relay_mod.CLOSE_TIMEOUT
     assert (ROOT / fly["build"]["dockerfile"]).is_file()
-    assert 'CMD ["python", "relay.py"]' in (ROOT / "Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'CMD ["python", "relay.py"]' in dockerfile and "COPY static ./static" in dockerfile

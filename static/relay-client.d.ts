@@ -1,0 +1,186 @@
+// Type declarations for relay-client.js (relay protocol version 1; see docs/protocol.md).
+
+export const PROTOCOL: 1;
+
+export interface RelayClientOptions {
+  /** Interests sent with join (at most 10 strings of 1-32 characters). */
+  interests: string[];
+  /** ms: the first reconnect waits up to this long (full jitter). Default 500. */
+  initialDelay: number;
+  /** ms: no reconnect waits longer. Default 15000. */
+  maxDelay: number;
+  /** Failed attempts on one URL before trying the next. Default 3. */
+  attemptsPerUrl: number;
+  /** ms before an attempt that has not opened counts as failed. Default 10000. */
+  connectTimeout: number;
+  /** ms of quiet before the client pings the relay. Default 25000. */
+  pingInterval: number;
+  /** ms to wait for anything after that ping before giving the connection up. Default 10000. */
+  pongTimeout: number;
+  /** When the peer leaves, join again (the relay leaves a client idle after peer_left). Default true. */
+  rejoinAfterPeerLeft: boolean;
+}
+
+export const DEFAULTS: Readonly<RelayClientOptions>;
+
+export interface RTCIceServerInit {
+  urls: string | string[];
+  username?: string;
+  credential?: string;
+}
+
+export interface QueuedMessage {
+  type: "queued";
+  position: number;
+  queue_size: number;
+}
+
+export interface MatchedMessage {
+  type: "matched";
+  session_id: string;
+  peer_id: string;
+  initiator: boolean;
+  interests: string[];
+  ice_servers: RTCIceServerInit[];
+}
+
+export interface SignalMessage {
+  type: "signal";
+  data: Record<string, unknown>;
+}
+
+export interface PeerLeftMessage {
+  type: "peer_left";
+  session_id: string;
+  reason: "next" | "left" | "disconnected";
+}
+
+export interface ErrorMessage {
+  type?: "error";
+  code: "bad_json" | "bad_message" | "unknown_type" | "not_matched" | "already_matched" | "rate_limited" | "protocol";
+  message: string;
+}
+
+export interface EndedDetail {
+  session_id: string;
+  reason: string;
+  /** "peer": peer_left; "self": next, leave or close; "connection": the relay connection dropped. */
+  by: "peer" | "self" | "connection";
+}
+
+export interface RelayClientEventMap {
+  connected: CustomEvent<{ clientId: string; url: string }>;
+  queued: CustomEvent<QueuedMessage>;
+  matched: CustomEvent<MatchedMessage>;
+  signal: CustomEvent<SignalMessage>;
+  peerleft: CustomEvent<PeerLeftMessage>;
+  ended: CustomEvent<EndedDetail>;
+  reconnecting: CustomEvent<{ attempt: number; delay: number; url: string }>;
+  disconnected: CustomEvent<{ code: number; reason: string; willReconnect: boolean }>;
+  error: CustomEvent<ErrorMessage>;
+}
+
+/** Delay in ms before reconnect attempt `attempt` (0 first): uniform in [0, min(maxDelay, initialDelay * 2^attempt)). */
+export function backoffDelay(
+  attempt: number,
+  options: { initialDelay: number; maxDelay: number },
+  random?: () => number,
+): number;
+
+/** The same URL until it failed `attemptsPerUrl` times, then the next; back to the first after a success. */
+export class UrlRotation {
+  constructor(urls: string[], attemptsPerUrl: number);
+  readonly urls: string[];
+  readonly current: string;
+  index: number;
+  failures: number;
+  failed(): void;
+  succeeded(): void;
+}
+
+/** ICE candidates that arrived before the remote description, kept in order. */
+export class CandidateQueue {
+  pending: RTCIceCandidateInit[];
+  ready: boolean;
+  /** The candidate if it can be added now, else null (kept). */
+  push(candidate: RTCIceCandidateInit): RTCIceCandidateInit | null;
+  /** Marks the remote description set; returns the kept candidates. */
+  drain(): RTCIceCandidateInit[];
+  reset(): void;
+}
+
+export class RelayClient extends EventTarget {
+  constructor(
+    urls: string | string[],
+    options?: Partial<RelayClientOptions> & {
+      WebSocket?: typeof WebSocket;
+      timers?: { setTimeout: typeof setTimeout; clearTimeout: typeof clearTimeout };
+      random?: () => number;
+    },
+  );
+  readonly options: RelayClientOptions;
+  interests: string[];
+  readonly connection: "connecting" | "open" | "reconnecting" | "closed";
+  readonly state: "idle" | "queued" | "matched";
+  readonly clientId: string | null;
+  readonly resumeToken: string | null;
+  readonly session: MatchedMessage | null;
+  readonly url: string | null;
+  join(options?: { interests?: string[] }): void;
+  next(): void;
+  leave(): void;
+  signal(data: Record<string, unknown>): boolean;
+  close(): void;
+  addEventListener<K extends keyof RelayClientEventMap>(
+    type: K,
+    listener: (event: RelayClientEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  removeEventListener<K extends keyof RelayClientEventMap>(
+    type: K,
+    listener: (event: RelayClientEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+}
+
+export interface PeerSessionEventMap {
+  statechange: CustomEvent<{
+    connectionState: RTCPeerConnectionState;
+    iceConnectionState: RTCIceConnectionState;
+    signalingState: RTCSignalingState;
+    error?: string;
+  }>;
+  track: CustomEvent<RTCTrackEvent>;
+  channelopen: CustomEvent<Record<string, never>>;
+  message: CustomEvent<{ text: string }>;
+  closed: CustomEvent<{ reason: string }>;
+}
+
+export class PeerSession extends EventTarget {
+  constructor(
+    client: RelayClient,
+    options?: {
+      stream?: MediaStream | null;
+      onTrack?: (event: RTCTrackEvent) => void;
+      rtcConfig?: RTCConfiguration;
+    },
+  );
+  readonly client: RelayClient;
+  stream: MediaStream | null;
+  readonly pc: RTCPeerConnection | null;
+  readonly channel: RTCDataChannel | null;
+  readonly sessionId: string | null;
+  readonly polite: boolean;
+  send(text: string): boolean;
+  close(): void;
+  addEventListener<K extends keyof PeerSessionEventMap>(
+    type: K,
+    listener: (event: PeerSessionEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  removeEventListener<K extends keyof PeerSessionEventMap>(
+    type: K,
+    listener: (event: PeerSessionEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+}

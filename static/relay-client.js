@@ -1,0 +1,533 @@
+// relay-client.js: the browser client of relay (https://github.com/…/relay), protocol version 1.
+//
+// An ES module without dependencies or build step, served by the relay at /relay-client.js.
+//
+//   import { RelayClient, PeerSession } from "/relay-client.js";
+//   const client = new RelayClient(["wss://a.example/ws", "wss://b.example/ws"], { interests: ["music"] });
+//   const peer = new PeerSession(client, { stream, onTrack: (event) => { remoteVideo.srcObject = event.streams[0]; } });
+//   client.addEventListener("queued", (e) => show(`You are #${e.detail.position} in line`));
+//   client.join();            // later: client.next(), client.leave(), client.close()
+//
+// RelayClient keeps one WebSocket to the relay: it reconnects forever (exponential backoff with full
+// jitter, rotating through the URLs) and, after a reconnect, joins again with the same interests, so
+// a dropped connection costs a new match, never a stuck screen. PeerSession does the WebRTC side of
+// each match. The protocol is documented in docs/protocol.md.
+
+/** The protocol version this client speaks (the relay's `welcome` says which it speaks). */
+export const PROTOCOL = 1;
+
+/** Defaults of the RelayClient options (all overridable). */
+export const DEFAULTS = Object.freeze({
+  interests: [],
+  initialDelay: 500, // ms: the first reconnect waits up to this long (full jitter)
+  maxDelay: 15000, // ms: no reconnect waits longer than this
+  attemptsPerUrl: 3, // failed attempts on one URL before trying the next
+  connectTimeout: 10000, // ms: an attempt that has not opened by then counts as failed
+  pingInterval: 25000, // ms: a quiet connection sends a ping this often...
+  pongTimeout: 10000, // ms: ...and is given up as dead if nothing arrives in this time
+  rejoinAfterPeerLeft: true, // when the peer leaves, queue up again for the next person
+});
+
+/**
+ * How long to wait before reconnect attempt number `attempt` (0 for the first), in ms:
+ * "full jitter" (a uniformly random wait between 0 and min(maxDelay, initialDelay * 2^attempt)),
+ * so that thousands of clients dropped at once by a deploy do not come back at once.
+ * @param {number} attempt
+ * @param {{initialDelay: number, maxDelay: number}} options
+ * @param {() => number} [random] a source of numbers in [0, 1)
+ * @returns {number}
+ */
+export function backoffDelay(attempt, { initialDelay, maxDelay }, random = Math.random) {
+  const ceiling = Math.min(maxDelay, initialDelay * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * ceiling);
+}
+
+/**
+ * Which URL to try next: the same one until it has failed `attemptsPerUrl` times in a row, then the
+ * next in the list (wrapping around). After a connection succeeds, the next failure cycle starts again
+ * from the first URL: the list is in order of preference.
+ */
+export class UrlRotation {
+  /** @param {string[]} urls @param {number} attemptsPerUrl */
+  constructor(urls, attemptsPerUrl) {
+    if (!urls.length) throw new TypeError("RelayClient needs at least one URL");
+    this.urls = urls;
+    this.attemptsPerUrl = attemptsPerUrl;
+    this.index = 0;
+    this.failures = 0;
+  }
+  /** @returns {string} the URL for the next attempt */
+  get current() {
+    return this.urls[this.index];
+  }
+  /** The current URL failed once. */
+  failed() {
+    this.failures += 1;
+    if (this.failures >= this.attemptsPerUrl) {
+      this.failures = 0;
+      this.index = (this.index + 1) % this.urls.length;
+    }
+  }
+  /** The current URL worked: from the next drop on, prefer the first URL again. */
+  succeeded() {
+    this.failures = 0;
+    this.index = 0;
+  }
+}
+
+/**
+ * ICE candidates that arrive before the remote description is set cannot be added yet; they wait
+ * here, in order, and are handed over once it is.
+ */
+export class CandidateQueue {
+  constructor() {
+    /** @type {RTCIceCandidateInit[]} */
+    this.pending = [];
+    this.ready = false;
+  }
+  /**
+   * Take a candidate: returns it if it can be added now, else keeps it and returns null.
+   * @param {RTCIceCandidateInit} candidate
+   * @returns {RTCIceCandidateInit | null}
+   */
+  push(candidate) {
+    if (this.ready) return candidate;
+    this.pending.push(candidate);
+    return null;
+  }
+  /** The remote description is set: returns the kept candidates, in arrival order. */
+  drain() {
+    this.ready = true;
+    const out = this.pending;
+    this.pending = [];
+    return out;
+  }
+  /** A new negotiation starts from scratch (a new peer). */
+  reset() {
+    this.pending = [];
+    this.ready = false;
+  }
+}
+
+/**
+ * A connection to the relay, kept alive across drops. Events (CustomEvent, `detail` as listed):
+ *
+ * - `connected`: `{clientId, url}`; the relay said welcome.
+ * - `queued`: the relay's `queued` message: `{position, queue_size}` ("You are #3 in line").
+ * - `matched`: the relay's `matched` message: `{session_id, peer_id, initiator, interests, ice_servers}`.
+ * - `signal`: the relay's `signal` message: `{data}` from the peer.
+ * - `peerleft`: the relay's `peer_left` message: `{session_id, reason}`.
+ * - `ended`: any end of the current session: `{session_id, reason, by}` with `by` "peer" (peer_left),
+ *   "self" (next, leave, close) or "connection" (the connection to the relay dropped).
+ * - `reconnecting`: `{attempt, delay, url}`: the next attempt, in `delay` ms.
+ * - `disconnected`: `{code, reason, willReconnect}`: the WebSocket closed.
+ * - `error`: the relay's `error` message `{code, message}`, or `{code: "protocol", message}` when the
+ *   relay speaks another protocol version.
+ */
+export class RelayClient extends EventTarget {
+  /**
+   * @param {string | string[]} urls relay WebSocket URLs, in order of preference
+   * @param {Partial<typeof DEFAULTS> & {WebSocket?: typeof WebSocket, timers?: {setTimeout: Function, clearTimeout: Function}, random?: () => number}} [options]
+   */
+  constructor(urls, options = {}) {
+    super();
+    const { WebSocket: WS, timers, random, ...rest } = options;
+    this.options = { ...DEFAULTS, ...rest };
+    this.rotation = new UrlRotation(Array.isArray(urls) ? [...urls] : [urls], this.options.attemptsPerUrl);
+    this._WebSocket = WS || globalThis.WebSocket;
+    this._timers = timers || globalThis;
+    this._random = random || Math.random;
+    /** @type {string[]} */
+    this.interests = [...this.options.interests];
+    /** "connecting" | "open" | "reconnecting" | "closed" */
+    this.connection = "connecting";
+    /** "idle" | "queued" | "matched": where the relay has this client */
+    this.state = "idle";
+    this.clientId = null;
+    this.resumeToken = null; // kept for resuming a dropped connection (a later protocol addition)
+    this.session = null; // the current `matched` message, while matched
+    this.url = null; // the URL of the open connection
+    this._wantMatch = false; // join/next called, and no leave since: re-join after a reconnect
+    this._attempt = 0; // consecutive failed attempts, for the backoff
+    this._ws = null;
+    this._timer = null;
+    this._pingTimer = null;
+    this._pongTimer = null;
+    this._closed = false;
+    this._onOnline = () => this._reconnectNow();
+    globalThis.addEventListener?.("online", this._onOnline);
+    this._open();
+  }
+
+  /** Ask for a match (queue up). Interests, if given, replace the current ones. */
+  join({ interests } = {}) {
+    if (interests !== undefined) this.interests = [...interests];
+    this._wantMatch = true;
+    this._send({ type: "join", interests: this.interests });
+  }
+
+  /** End the current session (if any) and queue up again. */
+  next() {
+    this._wantMatch = true;
+    this._endSession("next", "self");
+    this._send({ type: "next" });
+  }
+
+  /** Leave the queue or the session; stay connected, idle. */
+  leave() {
+    this._wantMatch = false;
+    this._endSession("left", "self");
+    this._send({ type: "leave" });
+  }
+
+  /** Send `data` (a JSON-able object) to the current peer. Returns false if it could not be sent. */
+  signal(data) {
+    if (this.state !== "matched") return false;
+    return this._send({ type: "signal", data });
+  }
+
+  /** Close for good: no reconnect. */
+  close() {
+    this._closed = true;
+    this._wantMatch = false;
+    this._endSession("left", "self");
+    this._timers.clearTimeout(this._timer);
+    this._stopKeepalive();
+    globalThis.removeEventListener?.("online", this._onOnline);
+    const ws = this._ws;
+    this._ws = null;
+    this.connection = "closed";
+    if (ws && ws.readyState <= 1) ws.close(1000, "client closed");
+    this._emit("disconnected", { code: 1000, reason: "client closed", willReconnect: false });
+  }
+
+  // -- internals ------------------------------------------------------------------------------------
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _send(msg) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1 || this.connection !== "open") return false;
+    ws.send(JSON.stringify(msg));
+    return true;
+  }
+
+  _open() {
+    const url = this.rotation.current;
+    let ws;
+    try {
+      ws = new this._WebSocket(url);
+    } catch (err) {
+      // A malformed URL: count it as a failed attempt.
+      this._failed();
+      return;
+    }
+    this._ws = ws;
+    const giveUp = this._timers.setTimeout(() => ws.close(), this.options.connectTimeout);
+    let welcomed = false;
+    ws.onmessage = (event) => {
+      if (ws !== this._ws) return;
+      this._heard();
+      let msg;
+      try {
+        msg = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (msg.type === "welcome") {
+        this._timers.clearTimeout(giveUp);
+        welcomed = true;
+        this._welcome(msg, url);
+      } else {
+        this._handle(msg);
+      }
+    };
+    ws.onclose = (event) => {
+      this._timers.clearTimeout(giveUp);
+      if (ws !== this._ws) return;
+      this._ws = null;
+      this._stopKeepalive();
+      if (!welcomed) this._failed();
+      else this._dropped(event);
+    };
+    ws.onerror = () => {}; // a close event always follows
+  }
+
+  _welcome(msg, url) {
+    if (msg.protocol !== PROTOCOL) {
+      this._emit("error", { code: "protocol", message: `relay speaks protocol ${msg.protocol}, not ${PROTOCOL}` });
+    }
+    this.clientId = msg.client_id;
+    this.resumeToken = msg.resume_token;
+    this.url = url;
+    this.connection = "open";
+    this._attempt = 0;
+    this.rotation.succeeded();
+    this._startKeepalive();
+    this._emit("connected", { clientId: this.clientId, url });
+    if (this._wantMatch) this._send({ type: "join", interests: this.interests });
+  }
+
+  _handle(msg) {
+    switch (msg.type) {
+      case "queued":
+        this.state = "queued";
+        this._emit("queued", msg);
+        break;
+      case "matched":
+        this.state = "matched";
+        this.session = msg;
+        this._emit("matched", msg);
+        break;
+      case "signal":
+        if (this.state === "matched") this._emit("signal", msg);
+        break;
+      case "peer_left":
+        this._emit("peerleft", msg);
+        this._endSession(msg.reason, "peer");
+        if (this.options.rejoinAfterPeerLeft && this._wantMatch) this._send({ type: "join", interests: this.interests });
+        break;
+      case "error":
+        this._emit("error", msg);
+        break;
+      default: // pong, left, draining, and anything newer: nothing to do
+        break;
+    }
+  }
+
+  _endSession(reason, by) {
+    // After this, signals still in flight from the old peer are dropped (see _handle "signal").
+    const session = this.session;
+    this.session = null;
+    this.state = "idle";
+    if (session) this._emit("ended", { session_id: session.session_id, reason, by });
+  }
+
+  _failed() {
+    this.rotation.failed();
+    this._schedule();
+  }
+
+  _dropped(event) {
+    this._endSession("disconnected", "connection");
+    this.connection = "reconnecting";
+    this._emit("disconnected", { code: event.code, reason: event.reason, willReconnect: !this._closed });
+    this._schedule();
+  }
+
+  _schedule() {
+    if (this._closed) return;
+    this.connection = "reconnecting";
+    const delay = backoffDelay(this._attempt, this.options, this._random);
+    this._attempt += 1;
+    this._emit("reconnecting", { attempt: this._attempt, delay, url: this.rotation.current });
+    this._timers.clearTimeout(this._timer);
+    this._timer = this._timers.setTimeout(() => {
+      this._timer = null;
+      this._open();
+    }, delay);
+  }
+
+  _reconnectNow() {
+    // The browser says the network is back: skip the rest of the wait.
+    if (this._timer !== null && !this._closed) {
+      this._timers.clearTimeout(this._timer);
+      this._timer = null;
+      this._open();
+    }
+  }
+
+  _startKeepalive() {
+    this._stopKeepalive();
+    this._pingTimer = this._timers.setTimeout(() => {
+      this._send({ type: "ping" });
+      this._pongTimer = this._timers.setTimeout(() => this._ws?.close(), this.options.pongTimeout);
+    }, this.options.pingInterval);
+  }
+
+  _heard() {
+    // Anything from the relay proves the connection alive: restart the keepalive cycle.
+    if (this.connection === "open") this._startKeepalive();
+  }
+
+  _stopKeepalive() {
+    this._timers.clearTimeout(this._pingTimer);
+    this._timers.clearTimeout(this._pongTimer);
+    this._pingTimer = this._pongTimer = null;
+  }
+}
+
+/**
+ * The WebRTC side of each match: one RTCPeerConnection per session, negotiated through the relay.
+ *
+ * - The `initiator` (the side that waited) adds its tracks and a "chat" data channel and makes the
+ *   offer; the other side adds its tracks when the offer arrives. Later renegotiations use the
+ *   "perfect negotiation" pattern (the non-initiator is polite), so glare never deadlocks.
+ * - ICE candidates that arrive before the remote description are queued, not lost.
+ * - `ice_servers` from `matched` are used (plus `rtcConfig`, e.g. `{iceTransportPolicy: "relay"}`).
+ * - On peer_left, next, leave or a dropped connection the RTCPeerConnection is closed.
+ *
+ * Events (CustomEvent): `statechange` `{connectionState, iceConnectionState, signalingState}`,
+ * `track` (the RTCTrackEvent), `channelopen`, `message` `{text}` (chat), `closed` `{reason}`.
+ */
+export class PeerSession extends EventTarget {
+  /**
+   * @param {RelayClient} client
+   * @param {{stream?: MediaStream | null, onTrack?: (event: RTCTrackEvent) => void, rtcConfig?: RTCConfiguration}} [options]
+   */
+  constructor(client, { stream = null, onTrack = null, rtcConfig = {} } = {}) {
+    super();
+    this.client = client;
+    this.stream = stream;
+    this.onTrack = onTrack;
+    this.rtcConfig = rtcConfig;
+    /** @type {RTCPeerConnection | null} the current session's connection */
+    this.pc = null;
+    /** @type {RTCDataChannel | null} */
+    this.channel = null;
+    this.sessionId = null;
+    this.polite = false;
+    this.candidates = new CandidateQueue();
+    this._makingOffer = false;
+    this._ignoreOffer = false;
+    this._tracksAdded = false;
+    this._listeners = {
+      matched: (e) => this._start(e.detail),
+      signal: (e) => this._onSignal(e.detail.data).catch((err) => this._fail(err)),
+      ended: (e) => this._stop(e.detail.reason),
+    };
+    for (const [type, fn] of Object.entries(this._listeners)) client.addEventListener(type, fn);
+  }
+
+  /** Send a chat message over the data channel. Returns false if it is not open. */
+  send(text) {
+    if (this.channel?.readyState !== "open") return false;
+    this.channel.send(String(text));
+    return true;
+  }
+
+  /** Stop handling matches (and close the current connection). */
+  close() {
+    for (const [type, fn] of Object.entries(this._listeners)) this.client.removeEventListener(type, fn);
+    this._stop("closed");
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _start(matched) {
+    this._stop("replaced");
+    this.sessionId = matched.session_id;
+    this.polite = !matched.initiator;
+    this.candidates.reset();
+    this._makingOffer = this._ignoreOffer = this._tracksAdded = false;
+    const pc = new RTCPeerConnection({ ...this.rtcConfig, iceServers: matched.ice_servers || [] });
+    this.pc = pc;
+    const report = () => {
+      if (pc !== this.pc) return;
+      this._emit("statechange", {
+        connectionState: pc.connectionState,
+        iceConnectionState: pc.iceConnectionState,
+        signalingState: pc.signalingState,
+      });
+    };
+    pc.onconnectionstatechange = pc.oniceconnectionstatechange = pc.onsignalingstatechange = report;
+    pc.ontrack = (event) => {
+      if (pc !== this.pc) return;
+      this.onTrack?.(event);
+      this._emit("track", event);
+    };
+    pc.onicecandidate = ({ candidate }) => {
+      if (candidate && pc === this.pc) this.client.signal({ candidate: candidate.toJSON() });
+    };
+    pc.ondatachannel = ({ channel }) => this._useChannel(channel);
+    pc.onnegotiationneeded = async () => {
+      if (pc !== this.pc || (this.polite && !this._tracksAdded)) return; // the answerer waits for the offer
+      try {
+        this._makingOffer = true;
+        await pc.setLocalDescription();
+        if (pc === this.pc) this.client.signal({ description: pc.localDescription.toJSON() });
+      } catch (err) {
+        this._fail(err);
+      } finally {
+        this._makingOffer = false;
+      }
+    };
+    if (!this.polite) {
+      this._useChannel(pc.createDataChannel("chat"));
+      this._addTracks();
+    }
+    report();
+  }
+
+  _addTracks() {
+    const pc = this.pc;
+    this._tracksAdded = true;
+    if (this.stream) {
+      for (const track of this.stream.getTracks()) pc.addTrack(track, this.stream);
+    } else {
+      // No camera: still receive the peer's audio and video.
+      pc.addTransceiver("audio", { direction: "recvonly" });
+      pc.addTransceiver("video", { direction: "recvonly" });
+    }
+  }
+
+  _useChannel(channel) {
+    this.channel = channel;
+    channel.onopen = () => channel === this.channel && this._emit("channelopen", {});
+    channel.onmessage = (event) => channel === this.channel && this._emit("message", { text: String(event.data) });
+  }
+
+  async _onSignal(data) {
+    const pc = this.pc;
+    if (!pc || !data) return;
+    if (data.description) {
+      const description = data.description;
+      const collision = description.type === "offer" && (this._makingOffer || pc.signalingState !== "stable");
+      this._ignoreOffer = !this.polite && collision;
+      if (this._ignoreOffer) return;
+      await pc.setRemoteDescription(description);
+      if (pc !== this.pc) return;
+      for (const candidate of this.candidates.drain()) await this._addCandidate(pc, candidate);
+      if (description.type === "offer") {
+        if (!this._tracksAdded) this._addTracks(); // the answerer's tracks ride on the first answer
+        await pc.setLocalDescription();
+        if (pc === this.pc) this.client.signal({ description: pc.localDescription.toJSON() });
+      }
+    } else if (data.candidate) {
+      const now = this.candidates.push(data.candidate);
+      if (now) await this._addCandidate(pc, now);
+    }
+  }
+
+  async _addCandidate(pc, candidate) {
+    try {
+      await pc.addIceCandidate(candidate);
+    } catch (err) {
+      if (!this._ignoreOffer) throw err; // candidates of an offer we ignored may fail: fine
+    }
+  }
+
+  _stop(reason) {
+    const pc = this.pc;
+    if (!pc) return;
+    this.pc = null;
+    this.channel = null;
+    this.sessionId = null;
+    pc.close();
+    this._emit("closed", { reason });
+  }
+
+  _fail(err) {
+    console.error("relay PeerSession:", err);
+    this._emit("statechange", {
+      connectionState: "failed",
+      iceConnectionState: this.pc?.iceConnectionState ?? "closed",
+      signalingState: this.pc?.signalingState ?? "closed",
+      error: String(err),
+    });
+  }
+}

@@ -1,0 +1,233 @@
+// Unit tests of static/relay-client.js, run inside Chromium by tests/test_browser.py.
+// `run(names)` runs the named tests (all if omitted) and returns [{name, ok, error}].
+
+const { backoffDelay, UrlRotation, CandidateQueue, RelayClient, DEFAULTS } = await import(
+  `${location.origin}/relay-client.js`
+);
+
+function assert(condition, message) {
+  if (!condition) throw new Error(message || "assertion failed");
+}
+
+function equal(actual, expected, message) {
+  const a = JSON.stringify(actual);
+  const e = JSON.stringify(expected);
+  if (a !== e) throw new Error(`${message || "not equal"}: got ${a}, want ${e}`);
+}
+
+/** Timers under the test's control: nothing fires until `advance`. */
+class FakeTimers {
+  constructor() {
+    this.now = 0;
+    this.queue = new Map();
+    this.nextId = 1;
+    this.setTimeout = (fn, delay) => {
+      const id = this.nextId++;
+      this.queue.set(id, { fn, at: this.now + delay, delay });
+      return id;
+    };
+    this.clearTimeout = (id) => this.queue.delete(id);
+  }
+  /** Fire the earliest timer; returns its delay. */
+  fireNext() {
+    const [id, timer] = [...this.queue.entries()].sort((a, b) => a[1].at - b[1].at)[0];
+    this.queue.delete(id);
+    this.now = timer.at;
+    timer.fn();
+    return timer.delay;
+  }
+  /** The delays of the pending timers, soonest first. */
+  pending() {
+    return [...this.queue.values()].sort((a, b) => a.at - b.at).map((t) => t.delay);
+  }
+}
+
+/** A WebSocket double: the test opens, feeds and fails it. */
+function fakeWebSocketClass() {
+  return class FakeWebSocket {
+    static instances = [];
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      this.sent = [];
+      FakeWebSocket.instances.push(this);
+    }
+    send(text) {
+      this.sent.push(JSON.parse(text));
+    }
+    close() {
+      this.drop(1000);
+    }
+    welcome() {
+      this.readyState = 1;
+      this.onopen?.({});
+      this.receive({ type: "welcome", protocol: 1, client_id: `c${FakeWebSocket.instances.length}`, resume_token: "t" });
+    }
+    receive(msg) {
+      this.onmessage({ data: JSON.stringify(msg) });
+    }
+    drop(code = 1006) {
+      if (this.readyState === 3) return;
+      this.readyState = 3;
+      this.onclose?.({ code, reason: "" });
+    }
+  };
+}
+
+function makeClient(urls, extra = {}) {
+  const WS = fakeWebSocketClass();
+  const timers = new FakeTimers();
+  const events = [];
+  const client = new RelayClient(urls, { WebSocket: WS, timers, random: () => 0.5, ...extra });
+  for (const type of ["connected", "queued", "matched", "ended", "reconnecting", "disconnected", "peerleft"]) {
+    client.addEventListener(type, (e) => events.push([type, e.detail]));
+  }
+  return { client, WS, timers, events, last: () => WS.instances.at(-1) };
+}
+
+const tests = {
+  backoff_is_full_jitter_doubling_up_to_the_cap() {
+    const options = { initialDelay: 500, maxDelay: 15000 };
+    const ceilings = [0, 1, 2, 3, 4, 5, 6, 10, 100].map((n) => backoffDelay(n, options, () => 0.999999));
+    equal(ceilings, [499, 999, 1999, 3999, 7999, 14999, 14999, 14999, 14999], "ceilings");
+    equal(backoffDelay(3, options, () => 0), 0, "full jitter reaches down to 0");
+    equal(backoffDelay(3, options, () => 0.5), 2000, "uniform in between");
+    for (let i = 0; i < 1000; i++) {
+      const delay = backoffDelay(i % 12, DEFAULTS);
+      assert(delay >= 0 && delay < DEFAULTS.maxDelay, `delay ${delay} in range`);
+    }
+  },
+
+  url_rotation_moves_on_after_three_failures_and_wraps() {
+    const rotation = new UrlRotation(["a", "b"], 3);
+    const seen = [];
+    for (let i = 0; i < 7; i++) {
+      seen.push(rotation.current);
+      rotation.failed();
+    }
+    equal(seen, ["a", "a", "a", "b", "b", "b", "a"]);
+  },
+
+  url_rotation_prefers_the_first_again_after_a_success() {
+    const rotation = new UrlRotation(["a", "b", "c"], 3);
+    for (let i = 0; i < 3; i++) rotation.failed();
+    equal(rotation.current, "b");
+    rotation.succeeded();
+    equal(rotation.current, "a", "next failure cycle starts from the first URL");
+    rotation.failed();
+    equal(rotation.current, "a", "a single failure does not move on");
+  },
+
+  candidate_queue_keeps_early_candidates_in_order() {
+    const queue = new CandidateQueue();
+    equal(queue.push({ candidate: "1" }), null, "kept before the remote description");
+    equal(queue.push({ candidate: "2" }), null);
+    equal(queue.drain(), [{ candidate: "1" }, { candidate: "2" }], "handed over in order");
+    equal(queue.push({ candidate: "3" }), { candidate: "3" }, "passed straight through afterwards");
+    equal(queue.drain(), [], "nothing kept twice");
+    queue.reset();
+    equal(queue.push({ candidate: "4" }), null, "a new negotiation queues again");
+    equal(queue.pending, [{ candidate: "4" }]);
+  },
+
+  client_reconnects_with_backoff_and_fails_over_after_three_attempts() {
+    const { WS, timers, events, last } = makeClient(["ws://a/ws", "ws://b/ws"]);
+    for (let i = 0; i < 3; i++) {
+      equal(last().url, "ws://a/ws", `attempt ${i + 1} on the first URL`);
+      last().drop();
+      timers.fireNext();
+    }
+    equal(last().url, "ws://b/ws", "fourth attempt on the second URL");
+    const delays = events.filter(([t]) => t === "reconnecting").map(([, d]) => d.delay);
+    equal(delays, [250, 500, 1000], "backoff doubles (random fixed at 0.5)");
+    last().welcome();
+    equal(events.at(-1)[0], "connected");
+    equal(WS.instances.length, 4);
+  },
+
+  client_comes_back_to_the_first_url_after_a_drop() {
+    const { timers, last } = makeClient(["ws://a/ws", "ws://b/ws"]);
+    for (let i = 0; i < 3; i++) {
+      last().drop();
+      timers.fireNext();
+    }
+    last().welcome(); // connected to b
+    last().drop(); // b drops later
+    timers.fireNext();
+    equal(last().url, "ws://a/ws", "the preferred URL first again");
+  },
+
+  client_rejoins_with_the_same_interests_after_a_reconnect() {
+    const { client, timers, events, last } = makeClient("ws://a/ws", { interests: ["music"] });
+    last().welcome();
+    client.join();
+    equal(last().sent, [{ type: "join", interests: ["music"] }]);
+    last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: true, interests: ["music"], ice_servers: [] });
+    last().drop();
+    equal(
+      events.filter(([t]) => t === "ended").map(([, d]) => d),
+      [{ session_id: "s1", reason: "disconnected", by: "connection" }],
+      "the lost session ends locally",
+    );
+    timers.fireNext();
+    last().welcome();
+    equal(last().sent, [{ type: "join", interests: ["music"] }], "joined again on the new connection");
+    equal(client.state, "idle", "until the relay answers");
+  },
+
+  client_does_not_rejoin_after_leave_and_stops_on_close() {
+    const { client, timers, WS, last } = makeClient("ws://a/ws");
+    last().welcome();
+    client.join();
+    client.leave();
+    last().drop();
+    timers.fireNext();
+    last().welcome();
+    equal(last().sent, [], "no join after leave");
+    client.close();
+    equal(timers.pending(), [], "no timer left");
+    const count = WS.instances.length;
+    last().drop();
+    equal(WS.instances.length, count, "no reconnect after close");
+    equal(client.connection, "closed");
+  },
+
+  client_rejoins_after_peer_left_and_drops_stale_signals() {
+    const { client, events, last } = makeClient("ws://a/ws");
+    last().welcome();
+    client.join();
+    last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: false, interests: [], ice_servers: [] });
+    client.next();
+    last().receive({ type: "signal", data: { late: true } }); // from the old peer, sent before our next
+    assert(!events.some(([t, d]) => t === "signal"), "a signal of an ended session is dropped");
+    last().receive({ type: "queued", position: 1, queue_size: 1 });
+    last().receive({ type: "matched", session_id: "s2", peer_id: "q", initiator: true, interests: [], ice_servers: [] });
+    last().receive({ type: "peer_left", session_id: "s2", reason: "left" });
+    equal(last().sent.map((m) => m.type), ["join", "next", "join"], "joins again after peer_left");
+  },
+
+  client_gives_up_a_silent_connection() {
+    const { timers, last } = makeClient("ws://a/ws", { pingInterval: 1000, pongTimeout: 500 });
+    const ws = last();
+    ws.welcome();
+    equal(timers.fireNext(), 1000, "ping after a quiet second");
+    equal(ws.sent.at(-1), { type: "ping" });
+    equal(timers.fireNext(), 500, "then waits for any answer");
+    equal(ws.readyState, 3, "no answer: closed, to reconnect");
+  },
+};
+
+export async function run(names = Object.keys(tests)) {
+  const results = [];
+  for (const name of names) {
+    try {
+      await tests[name]();
+      results.push({ name, ok: true });
+    } catch (err) {
+      results.push({ name, ok: false, error: String(err && err.stack ? err.stack : err) });
+    }
+  }
+  return results;
+}
+
+export const names = Object.keys(tests);

@@ -1,0 +1,281 @@
+"""Real headless Chromium (Debian's chromium, driven by Playwright) against a real relay process.
+
+Everything runs inside the test session's loopback-only network namespace (see conftest.py). Each
+test has a hard timeout and closes what it opened. Success means media flows: the peer connection is
+``connected`` and ``getStats()`` reports decoded remote video frames.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from playwright import sync_api as playwright_api
+
+from tests.conftest import NETWORK_ISOLATION_ERROR
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; `playwright install` is never used
+CHROMIUM_ARGS = [
+    "--use-fake-device-for-media-stream",  # a synthetic camera and microphone
+    "--use-fake-ui-for-media-stream",  # no permission prompt
+    "--allow-loopback-in-peer-connection",  # ICE candidates on 127.0.0.1
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 20_000  # for any single browser wait
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated() -> None:
+    if NETWORK_ISOLATION_ERROR:
+        pytest.fail(f"browser tests need a loopback-only network namespace: {NETWORK_ISOLATION_ERROR}")
+    assert os.path.exists(CHROMIUM), "browser tests need Debian's chromium: apt-get install chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RelayProcess:
+    """`python relay.py` on 127.0.0.1; can be killed and started again on the same port."""
+
+    def __init__(self, tmp: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.log = tmp / f"relay-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RelayProcess:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", str(self.port)],
+                stderr=log,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text()
+                time.sleep(0.05)
+        raise AssertionError(f"relay did not start: {self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    process = RelayProcess(tmp_path).start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def open_page(browser) -> Iterator[Callable[..., object]]:
+    """Open the demo in a fresh browser context (one per person); all are closed afterwards."""
+    contexts = []
+
+    def open_page(url: str) -> object:
+        context = browser.new_context(permissions=["camera", "microphone"])
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.errors = errors  # type: ignore[attr-defined]
+        page.goto(url)
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def start(page, interests: str = "") -> None:
+    page.fill("#interests", interests)
+    page.click("#start")
+
+
+def wait_connected(page) -> None:
+    """The RTCPeerConnection is connected and remote video frames are being decoded."""
+    page.wait_for_function("() => document.body.dataset.peerState === 'connected'")
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while frames_decoded(page) == 0:
+        assert time.monotonic() < deadline, "connected, but no remote video frame was decoded"
+        time.sleep(0.1)
+    assert page.errors == [], page.errors
+
+
+def frames_decoded(page) -> int:
+    return page.evaluate(
+        """async () => {
+            const pc = window.demo?.peer?.pc;
+            if (!pc) return 0;
+            let frames = 0;
+            (await pc.getStats()).forEach((s) => {
+                if (s.type === 'inbound-rtp' && s.kind === 'video') frames += s.framesDecoded || 0;
+            });
+            return frames;
+        }"""
+    )
+
+
+def session_id(page) -> str | None:
+    return page.evaluate("() => window.demo?.client?.session?.session_id ?? null")
+
+
+def chat(sender, receiver, text: str) -> None:
+    sender.wait_for_selector("#chat-input:not([disabled])")
+    sender.fill("#chat-input", text)
+    sender.click("#chat-send")
+    receiver.wait_for_function(
+        "(text) => [...document.querySelectorAll('#chat-log li.stranger')].some((li) => li.textContent.includes(text))",
+        arg=text,
+    )
+
+
+# -- the tests ------------------------------------------------------------------------------------------
+
+
+def test_two_pages_match_connect_see_video_and_chat(relay, open_page):
+    alice, bob = open_page(relay.url), open_page(relay.url)
+    start(alice, "music, films")
+    alice.wait_for_selector("#position:has-text('#1 in line')")
+    start(bob, "films")
+    for page in (alice, bob):
+        wait_connected(page)
+    assert session_id(alice) == session_id(bob) is not None
+    assert alice.evaluate("() => window.demo.client.session.interests") == ["films"]
+    chat(alice, bob, "hello from alice")
+    chat(bob, alice, "hi alice, bob here")
+
+
+def test_next_pairs_the_presser_with_the_waiting_third(relay, open_page):
+    a, b, c = open_page(relay.url), open_page(relay.url), open_page(relay.url)
+    start(a)
+    start(b)
+    wait_connected(a)
+    wait_connected(b)
+    first = session_id(a)
+    start(c)
+    c.wait_for_selector("#position:has-text('#1 in line')")
+    a.click("#next")
+    wait_connected(a)
+    wait_connected(c)
+    assert session_id(a) == session_id(c) != first
+    chat(c, a, "new friend")
+    b.wait_for_selector("#chat-log li.system:has-text('stranger left')")
+    b.wait_for_selector("#position:has-text('#1 in line')")  # back in the queue on its own
+
+
+def test_reconnect_after_the_relay_is_killed_and_restarted(relay, open_page):
+    a, b = open_page(relay.url), open_page(relay.url)
+    start(a)
+    start(b)
+    wait_connected(a)
+    wait_connected(b)
+    first = session_id(a)
+    relay.kill()
+    for page in (a, b):
+        page.wait_for_selector("#connection:has-text('Reconnecting')")
+    relay.start()  # same port
+    for page in (a, b):
+        page.wait_for_function(
+            "(first) => window.demo.client.session && window.demo.client.session.session_id !== first", arg=first
+        )
+        wait_connected(page)
+    assert session_id(a) == session_id(b)
+    assert a.evaluate("() => performance.getEntriesByType('navigation').length") == 1  # no reload happened
+
+
+def test_failover_to_the_second_url_when_the_first_is_dead(relay, open_page):
+    dead = f"ws://127.0.0.1:{free_port()}/ws"
+    url = f"{relay.url}/?relay={dead},{relay.ws_url}"
+    a, b = open_page(url), open_page(relay.url)
+    start(a)
+    a.wait_for_function("() => window.demo?.client?.connection === 'open'")
+    assert a.evaluate("() => window.demo.client.url") == relay.ws_url
+    attempts = a.evaluate("() => window.demo.client.rotation.urls")
+    assert attempts == [dead, relay.ws_url]
+    start(b)
+    wait_connected(a)
+    wait_connected(b)
+
+
+def test_client_library_unit_tests_in_chromium(browser, relay):
+    # The test module is loaded from a blob: URL, which the demo page's CSP forbids (as it should);
+    # these tests are about the library, so this one context bypasses the CSP.
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    page.goto(relay.url)
+    source = (ROOT / "tests" / "js" / "relay_client_test.js").read_text()
+    results = page.evaluate(
+        """async (source) => {
+            const url = URL.createObjectURL(new Blob([source], {type: 'text/javascript'}));
+            const module = await import(url);
+            return await module.run();
+        }""",
+        source,
+    )
+    failures = [f"{r['name']}: {r['error']}" for r in results if not r["ok"]]
+    assert not failures, "\n".join(failures)
+    names = {r["name"] for r in results}
+    assert {"backoff_is_full_jitter_doubling_up_to_the_cap", "candidate_queue_keeps_early_candidates_in_order"} <= names
+    assert len(results) >= 10
+    context.close()
+
+
+def test_demo_page_is_accessible_and_fits_a_phone(browser, relay):
+    context = browser.new_context(viewport={"width": 375, "height": 740}, permissions=["camera", "microphone"])
+    try:
+        page = context.new_page()
+        page.goto(relay.url)
+        for control in ("#interests", "#chat-input"):
+            label = page.evaluate("(id) => document.querySelector(`label[for='${id}']`)?.textContent", control[1:])
+            assert label, f"{control} has a label"
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), "no sideways scrolling"
+        page.keyboard.press("Tab")
+        assert page.evaluate("() => document.activeElement.id") == "interests"
+        page.keyboard.type("chess")
+        page.keyboard.press("Enter")  # the form submits: Start from the keyboard
+        page.wait_for_selector("#position:has-text('in line')")
+        assert re.search(r"#1 in line", page.inner_text("#position"))
+    finally:
+        context.close()
