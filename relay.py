@@ -34,9 +34,12 @@ Read top to bottom, this file is:
    started on demand; a client whose buffer overflows is closed with 1013. So relaying a signal never
    waits for the peer, and a slow reader can only hurt itself. One task pings quiet clients.
 
-Plugins (pluggy, project name ``relay``) hook into the lifecycle: startup, connect, disconnect,
-matched, session ended and the ICE servers sent in ``matched``. Hooks are synchronous and are never
-called per relayed message; a plugin needing I/O runs its own task from ``relay_startup``.
+Plugins (pluggy, project name ``relay``; ``docs/plugins.md``) add flags and commands, configure
+themselves, start tasks, see connects, matches, session ends and disconnects, answer HTTP requests
+on the shared port, choose the ICE servers sent in ``matched`` and finish their work at shutdown.
+Hooks are synchronous and never called per relayed message; a plugin needing I/O runs its own task.
+Session persistence (SQLite by default, or PostgreSQL), Prometheus metrics and an admin dashboard
+ship in ``plugins/``.
 
 Shutdown (SIGTERM / SIGINT) drains: ``/healthz`` turns 503, new WebSockets are refused, every client
 gets a ``draining`` note; idle and queued clients are closed with 1012 at once, matched ones when
@@ -49,6 +52,7 @@ reconnect and re-join). Scale-out across machines is a plugin's job.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import hashlib
 import heapq
@@ -63,7 +67,7 @@ import secrets
 import signal
 import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeAlias
@@ -109,10 +113,12 @@ MAX_INTERESTS: Final = 10  # interests per client
 MAX_INTEREST_CHARS: Final = 32  # characters per interest (after trimming and case-folding)
 MAX_RECENT_PEERS: Final = 16  # past peers remembered per client for the rematch cooldown
 MAX_REQUEST_HEAD: Final = 16 * 1024  # bytes of HTTP request line + headers before 431
+MAX_REQUEST_BODY: Final = 64 * 1024  # bytes of an HTTP request body (plugins' POSTs) before 413
 RECEIVE_CHUNK: Final = 16 * 1024  # bytes asked of the socket per read while reading the HTTP head
 CLOSE_TIMEOUT: Final = 5.0  # seconds a closing client gets to take its last messages and close frame
 TICK_INTERVAL: Final = 0.1  # seconds between checks for expired interest timeouts
 POSITION_INTERVAL: Final = 1.0  # seconds between queue-position updates (at most one per client)
+SHUTDOWN_TIMEOUT: Final = 5.0  # seconds plugins get to finish (flush) once every client is gone
 RECEIVE_QUEUE: Final = 1  # frames trio-websocket buffers per client before it stops reading the socket
 GC_THRESHOLDS: Final = (50_000, 20, 20)  # cyclic GC: rarer passes; a 100k-client queue made joins 4x dearer
 
@@ -133,6 +139,10 @@ class ProtocolError(Exception):
 
 class IllegalMove(ProtocolError):
     """A move the client's state does not allow (``join`` while matched); nothing was changed."""
+
+
+class PluginError(Exception):
+    """Raised by a plugin's ``relay_configure`` to refuse to start (bad or missing configuration)."""
 
 
 ########################################################################################################
@@ -246,6 +256,8 @@ class Matchmaker:
         self._stale = 0  # heap entries known to be stale
         #: Set whenever a client leaves the queue (positions behind it moved); the caller clears it.
         self.queue_changed = False
+        #: How many waiting clients have interests.
+        self.queued_with_interests = 0
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -377,6 +389,7 @@ class Matchmaker:
         m.seq = self._tickets
         self._tickets += 1
         self._queue[m.id] = m
+        self.queued_with_interests += bool(m.interests)
         m.position = len(self._queue)
         for interest in m.interests:
             self._push(self._by_interest.setdefault(interest, []), m)
@@ -392,6 +405,7 @@ class Matchmaker:
         now = self._clock()
         old, was_open = m.interests, m.open
         m.interests = wanted
+        self.queued_with_interests += bool(wanted) - bool(old)
         m.open = self._is_open(m, now)
         for interest in wanted - old:
             self._push(self._by_interest.setdefault(interest, []), m)
@@ -466,6 +480,7 @@ class Matchmaker:
 
     def _dequeue(self, m: _Member) -> None:
         del self._queue[m.id]
+        self.queued_with_interests -= bool(m.interests)
         self._stale += len(m.interests) + 1  # its interest entries, and its open or deadline entry
         m.seq = None
         m.open = False
@@ -543,6 +558,7 @@ CLIENT_TYPES: Final = frozenset({"join", "next", "leave", "signal", "ping"})
 ERROR_CODES: Final = ("bad_json", "bad_message", "unknown_type", "not_matched", "already_matched", "rate_limited")
 CLOSE_NORMAL: Final = 1000  # an orderly end (the client closed, or nothing more to say)
 CLOSE_HEARTBEAT: Final = 1001  # "going away": no pong within --heartbeat-timeout
+CLOSE_POLICY: Final = 1008  # "policy violation": closed by an operator (kick)
 CLOSE_PROTOCOL_ERROR: Final = 1002  # a malformed WebSocket frame (detected by wsproto)
 CLOSE_BAD_DATA: Final = 1007  # a text frame that is not UTF-8 (detected by wsproto)
 CLOSE_TOO_BIG: Final = 1009  # a frame over --max-message-bytes (trio-websocket sends it)
@@ -630,7 +646,7 @@ def _msg_error(code: str, message: str) -> str:
     return _dumps({"type": "error", "code": code, "message": message})
 
 
-def _msg_draining(seconds: float) -> str:
+def _msg_draining(seconds: float | None) -> str:
     return _dumps({"type": "draining", "deadline_s": seconds})
 
 
@@ -650,8 +666,29 @@ class HookSpecs:
     """The hooks a plugin may implement. Every hook is called with keyword arguments only and is
     synchronous: it must return quickly and never block (do I/O in a task started from
     ``relay_startup``, fed through a bounded ``trio.open_memory_channel``). A hook that raises is
-    logged and skipped; it never takes the relay down. No hook is called per relayed signal.
-    ``docs/plugins.md`` documents each one (a test checks it does)."""
+    logged and skipped; it never takes the relay down (only ``relay_addoption`` and
+    ``relay_configure`` run before the relay is up, and their errors stop it from starting). No hook
+    is called per relayed signal. ``docs/plugins.md`` documents each one (a test checks it does)."""
+
+    @hookspec
+    def relay_addoption(self, parser: argparse.ArgumentParser, subparsers: Any) -> None:
+        """Called once by ``main()``, before the command line is parsed.
+
+        Add the plugin's flags to ``parser`` (in a group: ``parser.add_argument_group("name")``).
+        For a command of its own (``relay NAME``), add a parser to ``subparsers`` (argparse's
+        ``add_subparsers()`` object) and ``set_defaults(command=func)``: ``func(args)`` then runs
+        instead of the server and returns the exit code. Return nothing.
+        """
+
+    @hookspec
+    def relay_configure(self, relay: Relay) -> None:
+        """Called once when ``serve()`` starts, before it listens.
+
+        Read the plugin's flags from ``relay.options`` (the parsed command line; an empty
+        ``argparse.Namespace`` when the relay was built without one) and register the objects that
+        do the work with ``relay.pm.register(...)``. Raise ``PluginError`` to refuse to start.
+        Return nothing.
+        """
 
     @hookspec
     def relay_startup(self, relay: Relay, nursery: trio.Nursery) -> None:
@@ -693,6 +730,26 @@ class HookSpecs:
         """
 
     @hookspec(firstresult=True)
+    def relay_http_request(self, request: HttpRequest) -> HttpResponse | None:
+        """Called for each plain HTTP request on the relay's port other than ``/ws`` and
+        ``/healthz``, before the static files are looked at.
+
+        ``request`` has the method, the path (not decoded), the query string, the headers (names in
+        lower case), the body (at most 64 KiB) and the remote address. Return an ``HttpResponse`` to
+        answer it, or ``None`` to let others (then the static files, then 404) answer.
+        """
+
+    @hookspec
+    def relay_shutdown(self, relay: Relay) -> Callable[[], Awaitable[None]] | None:
+        """Called once, when the relay is stopping and every client is gone (so every session's
+        ``relay_session_ended`` has been called).
+
+        Return an async function that finishes the plugin's work (flushes a queue): the relay
+        awaits all of them together, for at most ``SHUTDOWN_TIMEOUT`` seconds, then cancels every
+        task. Return ``None`` if there is nothing to finish.
+        """
+
+    @hookspec(firstresult=True)
     def relay_ice_servers(self, session: Session, client_id: str) -> list[dict[str, Any]] | None:
         """Called twice per match (once per side) to build the ``ice_servers`` list of ``matched``.
 
@@ -706,10 +763,12 @@ def make_plugin_manager(modules: Iterable[str] = (), *, entry_points: bool = Tru
     """A plugin manager with the relay's hooks, the given modules and the ``relay`` entry points."""
     pm = pluggy.PluginManager("relay")
     pm.add_hookspecs(HookSpecs)
-    for name in modules:
-        pm.register(importlib.import_module(name), name)
     if entry_points:
         pm.load_setuptools_entrypoints("relay")
+    for name in modules:
+        module = importlib.import_module(name)
+        if not pm.is_registered(module):  # also installed through an entry point
+            pm.register(module, name)
     return pm
 
 
@@ -758,6 +817,7 @@ class RelayStatistics:
 
     connections: int  # WebSocket clients connected now
     queued: int  # clients waiting for a match
+    queued_with_interests: int  # of those, the ones with interests
     sessions: int  # sessions in progress
     uptime_s: float
     draining: bool
@@ -767,6 +827,7 @@ class RelayStatistics:
     sessions_ended: dict[str, int]  # by reason
     errors: dict[str, int]  # error messages sent, by code
     closed_slow: int  # clients closed (1013) because their send buffer overflowed
+    counters: dict[str, int]  # what plugins counted in ``Relay.counters`` (e.g. ``sessions_dropped``)
 
 
 ########################################################################################################
@@ -973,48 +1034,80 @@ async def _respond(
         await stream.send_all(data)
 
 
-class _Head(NamedTuple):
-    """What the router needs of an HTTP request head."""
+@attrs.frozen
+class HttpRequest:
+    """A plain HTTP request on the relay's port, as ``relay_http_request`` sees it."""
 
     method: str
-    path: str  # the target up to "?", not decoded: it must match a route exactly
-    upgrade: bool  # asks for a WebSocket
-    if_none_match: bytes  # for static files' ETags
-    raw: bytes  # every byte read, replayed to trio-websocket for an upgrade
+    path: str  # the target up to "?", not decoded: compare it exactly
+    query: str  # after "?", not decoded
+    headers: dict[str, str]  # names in lower case
+    body: bytes  # at most MAX_REQUEST_BODY bytes
+    remote: str  # "host:port"
 
 
-async def _read_head(stream: trio.SocketStream) -> _Head | None:
-    """Read an HTTP request head with h11.
+@attrs.frozen
+class HttpResponse:
+    """What a plugin answers to an ``HttpRequest``. The connection closes after it."""
 
-    None if the client closed or sent garbage (it got a 400, or 431 for a head over 16 KiB).
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+    cache: str = "no-store"  # the Cache-Control header
+
+
+class _Head(NamedTuple):
+    """A request head, and the body unless it asks for a WebSocket."""
+
+    request: HttpRequest
+    upgrade: bool  # asks for a WebSocket (then the body is not read: `raw` goes to trio-websocket)
+    raw: bytes  # every byte read
+
+
+async def _read_request(stream: trio.SocketStream, remote: str) -> _Head | None:
+    """Read an HTTP request with h11: the head, and the body (unless it is a WebSocket upgrade).
+
+    None if the client closed or sent garbage (it got a 400, 413 or 431).
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
     raw = bytearray()
-    try:
+
+    async def next_event() -> Any:
         event = conn.next_event()
         while event is h11.NEED_DATA:
             data = await stream.receive_some(RECEIVE_CHUNK)
-            if not data:
-                return None
-            raw += data
-            conn.receive_data(data)
+            conn.receive_data(data)  # b"" marks the end of the stream for h11
+            raw.extend(data)
             event = conn.next_event()
+        return event
+
+    try:
+        event = await next_event()
+        if not isinstance(event, h11.Request):
+            return None
+        method = event.method.decode("ascii", "replace")
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
+        target = event.target.decode("ascii", "replace")
+        path, _, query = target.partition("?")
+        upgrade = headers.get("upgrade", "").strip().lower() == "websocket"
+        body = bytearray()
+        while not upgrade and not isinstance(event, h11.EndOfMessage):
+            event = await next_event()
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_REQUEST_BODY:
+                    await _respond(stream, 413, b"413 request body too large\n")
+                    return None
+            elif not isinstance(event, h11.EndOfMessage):
+                return None
     except h11.RemoteProtocolError as exc:
         status = exc.error_status_hint
         await _respond(stream, status, f"{status} bad request: {exc}\n".encode())
         return None
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return None
-    if not isinstance(event, h11.Request):
-        return None
-    headers = dict(event.headers)  # h11 lower-cases names
-    return _Head(
-        method=event.method.decode("ascii", "replace"),
-        path=event.target.decode("ascii", "replace").split("?", 1)[0],
-        upgrade=headers.get(b"upgrade", b"").strip().lower() == b"websocket",
-        if_none_match=headers.get(b"if-none-match", b""),
-        raw=bytes(raw),
-    )
+    return _Head(HttpRequest(method, path, query, headers, bytes(body), remote), upgrade, bytes(raw))
 
 
 _CONTENT_TYPES: Final = {
@@ -1077,8 +1170,14 @@ class Relay:
         *,
         plugin_manager: pluggy.PluginManager | None = None,
         rng: random.Random | None = None,
+        options: argparse.Namespace | None = None,
     ) -> None:
         self.settings = settings
+        #: The parsed command line (plugins read their flags here); empty when built without one.
+        self.options = options if options is not None else argparse.Namespace()
+        #: Plugins count their own events here (``relay.counters["sessions_dropped"] += 1``);
+        #: ``statistics()`` and the metrics plugin report them.
+        self.counters: collections.Counter[str] = collections.Counter()
         self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager(settings.plugins)
         self.hook = self.pm.hook
         self.matchmaker = Matchmaker(
@@ -1088,7 +1187,9 @@ class Relay:
             rematch_cooldown=settings.rematch_cooldown,
         )
         self.port: int | None = None  # the bound port, once listening
-        self.draining = False
+        self.draining = False  # refusing new clients (drain() or shutdown())
+        self.stopping = False  # shutdown() was called: serve() returns once every client is gone
+        self._configured = False
         self._clients: dict[str, _Client] = {}
         self._closing = 0  # WebSocket tasks not finished yet (attached, or still sending their close)
         self._started = 0.0
@@ -1113,9 +1214,11 @@ class Relay:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until ``shutdown()`` has drained every client.
 
-        Reports the bound port through ``task_status.started()`` once listening.
+        Reports the bound port through ``task_status.started()`` once listening. Raises what a
+        plugin's ``relay_configure`` raises (``PluginError``: it refuses to start).
         """
         s = self.settings
+        self.configure()
         listeners = await trio.open_tcp_listeners(s.port, host=s.host)
         self.port = listeners[0].socket.getsockname()[1]
         self._started = trio.current_time()
@@ -1129,28 +1232,68 @@ class Relay:
             log.info("relay listening on %s:%d", s.host, self.port)
             task_status.started(self.port)
             await self._stopped.wait()
+            finishers = self._call_hooks("relay_shutdown", relay=self)
+            with trio.move_on_after(SHUTDOWN_TIMEOUT):
+                async with trio.open_nursery() as finishing:
+                    for finish in finishers:
+                        finishing.start_soon(self._finish_plugin, finish)
             nursery.cancel_scope.cancel()
         log.info("relay stopped")
 
-    def shutdown(self) -> None:
-        """Begin a graceful shutdown: see the module docstring. ``serve()`` returns when done."""
+    def configure(self) -> None:
+        """Let plugins configure themselves (``relay_configure``), once. ``serve()`` calls it if
+        nobody did; raises ``PluginError`` if a plugin refuses to start."""
+        if not self._configured:
+            self._configured = True
+            self.hook.relay_configure(relay=self)
+
+    def drain(self, deadline_s: float | None = None) -> None:
+        """Stop taking clients: ``/healthz`` answers 503, new WebSockets are refused, every client
+        gets a ``draining`` note, idle and queued ones are closed (1012) so they reconnect elsewhere.
+        Sessions go on; a client is closed when its session ends. ``undrain()`` takes clients again.
+        """
         if self.draining:
             return
         self.draining = True
-        log.info("draining %d clients (up to %.0f s)", len(self._clients), self.settings.drain_seconds)
-        note = _msg_draining(self.settings.drain_seconds)
+        log.info("draining %d clients", len(self._clients))
+        note = _msg_draining(deadline_s)
         for c in list(self._clients.values()):
             self._send(c, note)
             if c.peer is None:
                 self._close(c, CLOSE_RESTART, "server restarting")
+
+    def undrain(self) -> None:
+        """Take clients again after ``drain()`` (not after ``shutdown()``)."""
+        if not self.stopping:
+            self.draining = False
+            log.info("taking clients again")
+
+    def shutdown(self) -> None:
+        """Drain, give sessions ``--drain-seconds`` to end, close the rest (1012); then ``serve()``
+        lets plugins finish and returns."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.draining = False  # so that drain() below sends the shutdown's deadline
+        self.drain(self.settings.drain_seconds)
         self._drain_requested.set()
         self._check_drained()
+
+    def kick(self, client_id: str, reason: str = "kicked by an operator") -> bool:
+        """Close a client (1008); its peer gets ``peer_left``. False if no such client."""
+        c = self._clients.get(client_id)
+        if c is None:
+            return False
+        log.info("client %s: kicked", client_id)
+        self._close(c, CLOSE_POLICY, reason)
+        return True
 
     def statistics(self) -> RelayStatistics:
         mm = self.matchmaker
         return RelayStatistics(
             connections=len(self._clients),
             queued=mm.queue_size,
+            queued_with_interests=mm.queued_with_interests,
             sessions=mm.session_count,
             uptime_s=round(trio.current_time() - self._started, 3),
             draining=self.draining,
@@ -1160,6 +1303,7 @@ class Relay:
             sessions_ended=dict(self._ended),
             errors=dict(self._errors),
             closed_slow=self._closed_slow,
+            counters=dict(self.counters),
         )
 
     # -- connections: HTTP routing ----------------------------------------------------------------
@@ -1173,12 +1317,12 @@ class Relay:
             log.exception("connection from %s failed", _remote(stream))
 
     async def _route(self, stream: trio.SocketStream) -> None:
-        # One deadline for the request head and, for a WebSocket, the upgrade; lifted once accepted.
+        # One deadline for the request and, for a WebSocket, the upgrade; lifted once accepted.
         with trio.CancelScope(deadline=trio.current_time() + self.settings.handshake_timeout) as handshake:
-            head = await _read_head(stream)
+            head = await _read_request(stream, _remote(stream))
             if head is None:
                 return
-            if head.path == WS_PATH and head.upgrade:
+            if head.request.path == WS_PATH and head.upgrade:
                 if self.draining or len(self._clients) >= self.settings.max_connections:
                     why = "draining" if self.draining else "at capacity"
                     await _respond(
@@ -1189,40 +1333,40 @@ class Relay:
                 del head  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
                 await self._serve_websocket(stream, raw, handshake)
             else:
-                await self._serve_http(stream, head)
+                response = self._answer_http(head.request)
+                await _respond(
+                    stream, response.status, response.body, response.content_type,
+                    head_only=head.request.method == "HEAD", headers=response.headers, cache=response.cache,
+                )  # fmt: skip
 
-    async def _serve_http(self, stream: trio.SocketStream, head: _Head) -> None:
-        """Everything on the port that is not a WebSocket: health, the static files, 404."""
-        method, path = head.method, head.path
-        static = self._static.get(path)
+    def _answer_http(self, request: HttpRequest) -> HttpResponse:
+        """Everything on the port that is not a WebSocket: health, plugins, the static files, 404."""
+        method, path = request.method, request.path
         if path == WS_PATH:
-            await _respond(
-                stream, 426, b"426 this endpoint speaks WebSocket only\n", headers=[("Upgrade", "websocket")]
-            )
-        elif path != HEALTH_PATH and static is None:
-            await _respond(stream, 404, b"404 not found\n", head_only=method == "HEAD")
-        elif method not in ("GET", "HEAD"):
-            await _respond(stream, 405, b"405 method not allowed\n", headers=[("Allow", "GET, HEAD")])
-        elif static is not None:
-            body, content_type, etag = static
-            fresh = head.if_none_match == etag.encode()
-            headers = [("ETag", etag), *(_HTML_HEADERS if content_type.startswith("text/html") else ())]
-            await _respond(
-                stream, 304 if fresh else 200, b"" if fresh else body, content_type,
-                head_only=method == "HEAD", headers=headers, cache="no-cache",
-            )  # fmt: skip
-        else:
+            return HttpResponse(426, b"426 this endpoint speaks WebSocket only\n", headers=(("Upgrade", "websocket"),))
+        if path == HEALTH_PATH and method in ("GET", "HEAD"):
             stats = self.statistics()
-            body = _dumps(
-                {
-                    "status": "draining" if stats.draining else "ok",
-                    "connections": stats.connections,
-                    "queued": stats.queued,
-                    "sessions": stats.sessions,
-                    "uptime_s": stats.uptime_s,
-                }
-            ).encode()
-            await _respond(stream, 503 if stats.draining else 200, body, "application/json", head_only=method == "HEAD")
+            body = {
+                "status": "draining" if stats.draining else "ok",
+                "connections": stats.connections,
+                "queued": stats.queued,
+                "sessions": stats.sessions,
+                "uptime_s": stats.uptime_s,
+            }
+            return HttpResponse(503 if stats.draining else 200, _dumps(body).encode(), "application/json")
+        answer = self._call_hooks("relay_http_request", request=request)
+        if answer is not None:
+            return answer
+        static = self._static.get(path)
+        if static is None and path != HEALTH_PATH:
+            return HttpResponse(404, b"404 not found\n")
+        if method not in ("GET", "HEAD") or static is None:
+            return HttpResponse(405, b"405 method not allowed\n", headers=(("Allow", "GET, HEAD"),))
+        body, content_type, etag = static
+        headers = (("ETag", etag), *(_HTML_HEADERS if content_type.startswith("text/html") else ()))
+        if request.headers.get("if-none-match") == etag:
+            return HttpResponse(304, b"", content_type, headers, cache="no-cache")
+        return HttpResponse(200, body, content_type, headers, cache="no-cache")
 
     # -- connections: WebSocket clients -----------------------------------------------------------
 
@@ -1470,24 +1614,34 @@ class Relay:
         self._stopped.set()
 
     def _check_drained(self) -> None:
-        if self.draining and not self._closing:
+        if self.stopping and not self._closing:
             self._stopped.set()
+
+    async def _finish_plugin(self, finish: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await finish()
+        except Exception:
+            log.exception("plugin failed to finish at shutdown")
 
     def _call_hooks(self, name: str, **kwargs: Any) -> Any:
         """Call every implementation of a hook, each on its own: one that raises is logged and
-        skipped, so a plugin bug never reaches the relay or another plugin. For a ``firstresult``
-        hook, the first non-``None`` answer is returned (pluggy's order: last registered first)."""
+        skipped, so a plugin bug never reaches the relay or another plugin. A ``firstresult`` hook
+        returns the first answer that is not ``None`` (pluggy's order: last registered first);
+        others return the list of answers that are not ``None``."""
         caller = getattr(self.hook, name)
         first = caller.spec is not None and caller.spec.opts.get("firstresult")
+        results = []
         for impl in reversed(caller.get_hookimpls()):
             try:
                 result = impl.function(*[kwargs[arg] for arg in impl.argnames])
             except Exception:
                 log.exception("plugin %s failed in %s", impl.plugin_name, name)
                 continue
-            if first and result is not None:
-                return result
-        return None
+            if result is not None:
+                if first:
+                    return result
+                results.append(result)
+        return None if first else results
 
 
 ########################################################################################################
@@ -1528,17 +1682,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
-    args = _parser().parse_args(argv)
+def parse_command_line(argv: list[str], pm: pluggy.PluginManager) -> argparse.Namespace:
+    """The relay's flags and every plugin's (``relay_addoption``), parsed."""
+    parser = _parser()
+    subparsers = parser.add_subparsers(title="commands (from plugins)", metavar="COMMAND")
+    pm.hook.relay_addoption(parser=parser, subparsers=subparsers)
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
     fields = {f.name for f in attrs.fields(Settings)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["ice_servers"] = tuple(args.ice_server)
     values["plugins"] = tuple(args.plugin)
-    return Settings(**values), args
+    return Settings(**values)
 
 
 async def _run(relay: Relay) -> None:
     """Serve until a signal has drained the relay; a second signal stops it at once."""
+    relay.configure()  # a plugin refusing to start raises here, before any task exists
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -1551,20 +1713,31 @@ async def _run(relay: Relay) -> None:
             gc.freeze()  # start-up objects never die: keep the collector off them
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
-                if relay.draining:
+                if relay.stopping:
                     nursery.cancel_scope.cancel()
                 relay.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python relay.py`` / ``relay``: run the server until SIGTERM or SIGINT has drained it."""
-    settings, args = settings_from_args(argv)
+    """``python relay.py`` / ``relay``: run the server until SIGTERM or SIGINT has drained it, or
+    run a plugin's command (``relay sessions``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    early = argparse.ArgumentParser(add_help=False)  # --plugin first: plugins add flags of their own
+    early.add_argument("--plugin", action="append", default=[])
+    pm = make_plugin_manager(early.parse_known_args(argv)[0].plugin)
+    args = parse_command_line(argv, pm)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "command", None):
+        return int(args.command(args))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # each client is a file descriptor
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    relay = Relay(settings)
-    trio.run(_run, relay)
+    relay = Relay(settings_from_args(args), plugin_manager=pm, options=args)
+    try:
+        trio.run(_run, relay)
+    except PluginError as exc:
+        log.error("not starting: %s", exc)
+        return 2
     return 0
 
 

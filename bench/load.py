@@ -291,13 +291,22 @@ def rss_of(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
 
 
+RELAY = [str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", "--message-rate", "1e9",
+         "--message-burst", "1000000000", "--max-connections", "100000"]  # fmt: skip
+SERVERS = {
+    # The relay's defaults but for the per-client rate limit, and without its plugins.
+    "relay": [*RELAY, "--sessions-db", ""],
+    # The same with session persistence (SQLite, in a fresh file) and metrics (scraped every 5 s).
+    "relay+plugins": [*RELAY, "--metrics", "--sessions-db", "/tmp/bench-sessions.db"],
+    "forwarder": [str(ROOT / "bench" / "forwarder.py"), "--port", "0"],
+}
+
+
 def start_server(kind: str, core: int, logfile: Path) -> tuple[subprocess.Popen, int]:
     """Start a server pinned to `core`, its log in `logfile` (a pipe could fill and stall it)."""
-    if kind == "relay":  # production settings, but for the per-client rate limit
-        cmd = [str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", "--message-rate", "1e9",
-               "--message-burst", "1000000000", "--max-connections", "100000"]  # fmt: skip
-    else:
-        cmd = [str(ROOT / "bench" / "forwarder.py"), "--port", "0"]
+    cmd = SERVERS[kind]
+    for leftover in Path("/tmp").glob("bench-sessions.db*"):
+        leftover.unlink()
     with logfile.open("wb") as log:
         proc = subprocess.Popen(["taskset", "-c", str(core), sys.executable, *cmd], stderr=log)
     deadline = time.monotonic() + 30
@@ -308,51 +317,78 @@ def start_server(kind: str, core: int, logfile: Path) -> tuple[subprocess.Popen,
     return proc, int(match.group(1))
 
 
+async def scrape_metrics(port: int, every: float) -> None:
+    """GET /metrics now and then, as Prometheus would."""
+    while True:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some():
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and b"relay_matches_total" in data, data[:200]
+        await trio.sleep(every)
+
+
 async def measure(kind: str, args: argparse.Namespace) -> dict:
     proc, port = start_server(kind, args.server_core, Path(f"/tmp/bench-{kind}.log"))
-    relay = kind == "relay"
+    relay = kind != "forwarder"
     result: dict = {"server": kind}
     try:
-        rss0 = rss_of(proc.pid)
-        rate, idle = await handshakes(port, args.idle, relay)
-        result["handshakes_per_s"] = rate
-        await trio.sleep(0.5)
-        result["bytes_per_idle_conn"] = (rss_of(proc.pid) - rss0) / args.idle
-        for c in idle:
-            await c.stream.aclose()
-        await trio.sleep(0.5)
-        if relay:
-            result["latency_idle"] = await match_latency(port, args.latency_rounds)
-        for n in args.pairs:
-            pairs = [await open_pair(port, relay) for _ in range(n)]
-            result[f"pairs_{n}"] = await stream_pairs(pairs, args.seconds, proc.pid)
-            if relay and n == max(args.pairs):  # match latency at full load and at half of it
-                for label, rate in (
-                    ("latency_saturated", None),
-                    ("latency_half", result[f"pairs_{n}"]["msgs_per_s"] / 2),
-                ):
-                    async with trio.open_nursery() as nursery:
-                        probe: dict = {}
-
-                        async def measure_latency(probe: dict = probe) -> None:
-                            await trio.sleep(1.5)
-                            probe.update(await match_latency(port, args.latency_rounds // 2))
-
-                        nursery.start_soon(measure_latency)
-                        load = await stream_pairs(pairs, max(args.seconds, 3.0), proc.pid, rate)
-                    result[label] = probe | {"msgs_per_s": load["msgs_per_s"], "server_cpu": load["server_cpu"]}
-            for a, b in pairs:
-                await a.stream.aclose()
-                await b.stream.aclose()
-            await trio.sleep(0.5)
+        async with trio.open_nursery() as nursery:
+            if kind == "relay+plugins":
+                nursery.start_soon(scrape_metrics, port, 5.0)
+            await run_figures(result, proc, port, relay, args)
+            nursery.cancel_scope.cancel()
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     return result
 
 
-def report(relay: dict, fwd: dict, pairs: list[int]) -> str:
-    lines = ["| figure | relay | forwarder | relay / forwarder |", "|---|---:|---:|---:|"]
+async def run_figures(result: dict, proc: subprocess.Popen, port: int, relay: bool, args: argparse.Namespace) -> None:
+    if args.throughput_only:
+        for n in args.pairs:
+            pairs = [await open_pair(port, relay) for _ in range(n)]
+            result[f"pairs_{n}"] = await stream_pairs(pairs, args.seconds, proc.pid)
+        return
+    rss0 = rss_of(proc.pid)
+    rate, idle = await handshakes(port, args.idle, relay)
+    result["handshakes_per_s"] = rate
+    await trio.sleep(0.5)
+    result["bytes_per_idle_conn"] = (rss_of(proc.pid) - rss0) / args.idle
+    for c in idle:
+        await c.stream.aclose()
+    await trio.sleep(0.5)
+    if relay:
+        result["latency_idle"] = await match_latency(port, args.latency_rounds)
+    for n in args.pairs:
+        pairs = [await open_pair(port, relay) for _ in range(n)]
+        result[f"pairs_{n}"] = await stream_pairs(pairs, args.seconds, proc.pid)
+        if relay and n == max(args.pairs):  # match latency at full load and at half of it
+            for label, rate in (
+                ("latency_saturated", None),
+                ("latency_half", result[f"pairs_{n}"]["msgs_per_s"] / 2),
+            ):
+                async with trio.open_nursery() as nursery:
+                    probe: dict = {}
+
+                    async def measure_latency(probe: dict = probe) -> None:
+                        await trio.sleep(1.5)
+                        probe.update(await match_latency(port, args.latency_rounds // 2))
+
+                    nursery.start_soon(measure_latency)
+                    load = await stream_pairs(pairs, max(args.seconds, 3.0), proc.pid, rate)
+                result[label] = probe | {"msgs_per_s": load["msgs_per_s"], "server_cpu": load["server_cpu"]}
+        for a, b in pairs:
+            await a.stream.aclose()
+            await b.stream.aclose()
+        await trio.sleep(0.5)
+
+
+def report(relay: dict, fwd: dict, pairs: list[int], names: tuple[str, str]) -> str:
+    first, second = names
+    lines = [f"| figure | {first} | {second} | {first} / {second} |", "|---|---:|---:|---:|"]
     for n in pairs:
         r, f = relay[f"pairs_{n}"], fwd[f"pairs_{n}"]
         lines.append(
@@ -372,15 +408,14 @@ def report(relay: dict, fwd: dict, pairs: list[int]) -> str:
     n = max(pairs)
     for key, label in (("latency_idle", "idle"), ("latency_half", f"{n} pairs at half capacity"),
                        ("latency_saturated", f"{n} pairs at full capacity")):  # fmt: skip
-        figures = relay[key]
-        load = (
-            f" ({figures['msgs_per_s']:,.0f} msgs/s, server CPU {figures['server_cpu']:.0%})"
-            if "msgs_per_s" in figures
-            else ""
-        )
-        lines.append(
-            f"| match latency p50 / p99, {label}{load} | {figures['p50_ms']:.2f} / {figures['p99_ms']:.2f} ms | | |"
-        )
+        cells = []
+        for figures in (relay.get(key), fwd.get(key)):
+            if figures is None:
+                cells.append("")
+                continue
+            load = f" at {figures['msgs_per_s']:,.0f} msgs/s" if "msgs_per_s" in figures else ""
+            cells.append(f"{figures['p50_ms']:.2f} / {figures['p99_ms']:.2f} ms{load}")
+        lines.append(f"| match latency p50 / p99, {label} | {cells[0]} | {cells[1]} | |")
     return "\n".join(lines)
 
 
@@ -406,20 +441,40 @@ def main() -> None:
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--generator-core", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each server (median reported)")
+    parser.add_argument(
+        "--compare", nargs=2, default=["relay", "forwarder"], choices=sorted(SERVERS), metavar="SERVER",
+        help="the two servers to compare: relay, relay+plugins or forwarder (default: relay forwarder)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--throughput-only", action="store_true",
+        help="only relayed msgs/s, with the per-round ratios (for comparing small differences)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print every run's figures as JSON too")
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.generator_core})
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    runs: dict[str, list[dict]] = {"relay": [], "forwarder": []}
-    for _ in range(args.repeat):  # alternate, so a noisy moment on the machine hits both alike
-        for kind in runs:
+    first, second = args.compare
+    runs: dict[str, list[dict]] = {first: [], second: []}
+    for i in range(args.repeat):  # alternate (and flip the order), so noise hits both alike
+        for kind in (first, second) if i % 2 == 0 else (second, first):
             runs[kind].append(trio.run(measure, kind, args))
-    relay, fwd = median_of(runs["relay"]), median_of(runs["forwarder"])
     if args.json:
         print(json.dumps(runs, indent=2))
     print(f"median of {args.repeat} alternating runs; python {sys.version.split()[0]}, {os.cpu_count()} cores")
-    print(report(relay, fwd, args.pairs))
+    if args.throughput_only:
+        print(f"| relayed msgs/s | {first} | {second} | {first} / {second}: median of the rounds' ratios (range) |")
+        print("|---|---:|---:|---|")
+        for n in args.pairs:
+            a = [run[f"pairs_{n}"]["msgs_per_s"] for run in runs[first]]
+            b = [run[f"pairs_{n}"]["msgs_per_s"] for run in runs[second]]
+            ratios = sorted(x / y for x, y in zip(a, b, strict=True))
+            print(
+                f"| {n} pairs | {statistics.median(a):,.0f} | {statistics.median(b):,.0f} "
+                f"| **{statistics.median(ratios):.3f}** ({ratios[0]:.2f}-{ratios[-1]:.2f}) |"
+            )
+        return
+    print(report(median_of(runs[first]), median_of(runs[second]), args.pairs, (first, second)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ first. If neither is allowed, ``NETWORK_ISOLATION_ERROR`` says why and the brows
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import fcntl
 import json
@@ -15,7 +16,7 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -40,9 +41,9 @@ def _isolate_network() -> str | None:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
         with open("/proc/self/uid_map", "w") as f:
-            f.write(f"0 {uid} 1")
+            f.write(f"{uid} {uid} 1")  # stay yourself (PostgreSQL refuses to run as root)
         with open("/proc/self/gid_map", "w") as f:
-            f.write(f"0 {gid} 1")
+            f.write(f"{gid} {gid} 1")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # `ip link set lo up`, without iproute2
         siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
         flags = struct.unpack("16sH14s", fcntl.ioctl(s, siocgifflags, struct.pack("16sH14s", b"lo", 0, b"")))[1]
@@ -129,11 +130,19 @@ class Harness:
         return a, b, ma, mb
 
 
-async def start_relay(nursery: trio.Nursery, plugins: list[object] = (), **settings: Any) -> relay_mod.Relay:
+async def start_relay(
+    nursery: trio.Nursery, plugins: list[object] = (), options: dict[str, Any] | None = None, **settings: Any
+) -> relay_mod.Relay:
+    """A relay on 127.0.0.1 and a free port with just these plugins (no entry points), and these
+    plugin options (as if parsed from the command line)."""
     pm = relay_mod.make_plugin_manager(entry_points=False)
     for plugin in plugins:
         pm.register(plugin)
-    r = relay_mod.Relay(relay_mod.Settings(host="127.0.0.1", port=0, **settings), plugin_manager=pm)
+    r = relay_mod.Relay(
+        relay_mod.Settings(host="127.0.0.1", port=0, **settings),
+        plugin_manager=pm,
+        options=argparse.Namespace(**(options or {})),
+    )
     await nursery.start(r.serve)
     return r
 
@@ -152,18 +161,54 @@ def make_harness(nursery: trio.Nursery):
 
 
 async def http_get(
-    port: int, path: str, *, method: str = "GET", headers: str = ""
+    port: int, path: str, *, method: str = "GET", headers: str = "", body: bytes = b""
 ) -> tuple[int, dict[str, str], bytes]:
     """A raw HTTP/1.1 request over a socket: (status, headers, body)."""
+    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
     with trio.fail_after(STEP):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+            head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}{length}\r\n"
+            await stream.send_all(head.encode() + body)
             data = b""
             while chunk := await stream.receive_some():
                 data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    head_bytes, _, response_body = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     fields = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    return status, fields, body
+    return status, fields, response_body
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server (Debian's package) on 127.0.0.1 and a free port, for this session."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+    assert versions, "PostgreSQL tests need Debian's postgresql package: apt-get install postgresql"
+    bindir = versions[-1]
+    datadir = tempfile.mkdtemp(prefix="relay-pg-")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(datadir, "postgres", "postgres")
+        os.chmod(datadir, 0o700)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run(*cmd: str) -> None:
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, cwd="/")
+
+    run(f"{bindir}/initdb", "-D", datadir, "-U", "postgres", "-A", "trust", "--no-sync")
+    options = f"-h 127.0.0.1 -p {port} -k {datadir} -c fsync=off -c full_page_writes=off"
+    run(f"{bindir}/pg_ctl", "-D", datadir, "-o", options, "-l", f"{datadir}/log", "-w", "-t", "30", "start")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(f"{bindir}/pg_ctl", "-D", datadir, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(datadir, ignore_errors=True)

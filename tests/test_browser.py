@@ -64,6 +64,7 @@ class RelayProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", str(self.port)],
                 stderr=log,
+                cwd=self.log.parent,  # its session records (SQLite, on by default) stay in the test's tmp dir
             )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

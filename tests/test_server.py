@@ -41,12 +41,14 @@ class Process:
             self.log += chunk
 
 
-async def start_process(nursery: trio.Nursery, *args: str) -> Process:
+async def start_process(nursery: trio.Nursery, *args: str, cwd: Path | None = None) -> Process:
+    """`python relay.py` with the given flags; session records (on by default) go to `cwd`."""
     proc = await nursery.start(
         lambda task_status: trio.run_process(
             [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", *args],
             stderr=subprocess.PIPE,
             check=False,
+            cwd=cwd,
             task_status=task_status,
         )
     )
@@ -55,8 +57,8 @@ async def start_process(nursery: trio.Nursery, *args: str) -> Process:
     return p
 
 
-async def test_sigterm_drains_clients_with_1012_and_exits_0(nursery):
-    p = await start_process(nursery, "--drain-seconds", "1")
+async def test_sigterm_drains_clients_with_1012_and_exits_0(nursery, tmp_path):
+    p = await start_process(nursery, "--drain-seconds", "1", cwd=tmp_path)
     h = Harness(nursery, relay_mod.Relay())
     h.relay.port = p.port
     idle = await h.connect()
@@ -88,19 +90,20 @@ async def test_sigterm_drains_clients_with_1012_and_exits_0(nursery):
     assert b"Traceback" not in p.log
 
 
-async def test_sigint_with_no_clients_exits_at_once(nursery):
-    p = await start_process(nursery)
+async def test_sigint_with_no_clients_exits_at_once(nursery, tmp_path):
+    p = await start_process(nursery, cwd=tmp_path)
     p.proc.send_signal(signal.SIGINT)
     with trio.fail_after(STEP):
         await p.proc.wait()
     assert p.proc.returncode == 0
 
 
-async def test_port_from_environment(nursery):
+async def test_port_from_environment(nursery, tmp_path):
     proc = await nursery.start(
         lambda task_status: trio.run_process(
             [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1"],
             env={"PORT": "0", "PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,
             stderr=subprocess.PIPE,
             check=False,
             task_status=task_status,
@@ -116,12 +119,15 @@ async def test_port_from_environment(nursery):
 def test_cli_help_and_settings():
     out = subprocess.run([sys.executable, str(ROOT / "relay.py"), "--help"], capture_output=True, text=True, check=True)
     for flag in ("--interest-timeout", "--rematch-cooldown", "--max-message-bytes", "--max-connections",
-                 "--ice-server", "--plugin", "--drain-seconds", "--send-buffer-bytes", "--message-rate"):  # fmt: skip
-        assert flag in out.stdout
-    settings, _ = relay_mod.settings_from_args(
+                 "--ice-server", "--plugin", "--drain-seconds", "--send-buffer-bytes", "--message-rate",
+                 "--sessions-db", "--database-url", "--metrics", "--admin", "sessions"):  # fmt: skip
+        assert flag in out.stdout  # the last five come from the bundled plugins' entry points
+    args = relay_mod.parse_command_line(
         ["--interest-timeout", "3", "--ice-server", "stun:127.0.0.1:3478", "--ice-server",
-         '{"urls": ["turn:127.0.0.1:3478"], "username": "u", "credential": "c"}']
+         '{"urls": ["turn:127.0.0.1:3478"], "username": "u", "credential": "c"}'],
+        relay_mod.make_plugin_manager(entry_points=False),
     )  # fmt: skip
+    settings = relay_mod.settings_from_args(args)
     assert settings.interest_timeout == 3
     assert settings.ice_servers == (
         {"urls": "stun:127.0.0.1:3478"},
@@ -142,5 +148,7 @@ def test_fly_toml_matches_the_server():
     assert fly["kill_signal"] == "SIGTERM"
     assert fly["kill_timeout"] > relay_mod.Settings().drain_seconds + relay_mod.CLOSE_TIMEOUT
     assert (ROOT / fly["build"]["dockerfile"]).is_file()
+    assert fly["metrics"] == {"port": service["internal_port"], "path": "/metrics"}
+    assert fly["env"]["RELAY_METRICS"] == "1"  # so /metrics is served (plugins.metrics)
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["python", "relay.py"]' in dockerfile and "COPY static ./static" in dockerfile

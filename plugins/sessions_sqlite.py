@@ -1,0 +1,104 @@
+"""SQLite backend for session persistence (the embedded default): one file, WAL mode.
+
+Used by ``plugins.sessions``; see there. Writes happen in a worker thread, one batch per
+transaction; WAL keeps readers (``relay sessions``) from blocking the writer, and committed batches
+survive a crash of the relay.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from plugins.sessions import COLUMNS, SessionEvent, split
+
+SCHEMA_VERSION = 1
+MIGRATIONS = {
+    1: """
+        CREATE TABLE IF NOT EXISTS sessions (
+            session_id TEXT PRIMARY KEY,
+            initiator  TEXT NOT NULL,
+            answerer   TEXT NOT NULL,
+            interests  TEXT NOT NULL DEFAULT '[]',  -- JSON list
+            started_at REAL NOT NULL,               -- unix time
+            ended_at   REAL,
+            end_reason TEXT,                        -- next, left, disconnected
+            ended_by   TEXT                         -- client id
+        );
+        CREATE INDEX IF NOT EXISTS sessions_started_at ON sessions (started_at);
+    """,
+}
+
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a crash of the process
+            self._db = db
+        return self._db
+
+    def migrate(self) -> None:
+        db = self._connect()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(MIGRATIONS[target]):  # not executescript: it would commit
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def write(self, events: list[SessionEvent]) -> None:
+        starts, ends = split(events)
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO sessions (session_id, initiator, answerer, interests, started_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(e.session_id, e.initiator, e.answerer, json.dumps(list(e.interests)), e.at) for e in starts],
+            )
+            db.executemany(
+                "UPDATE sessions SET ended_at = ?, end_reason = ?, ended_by = ? WHERE session_id = ?",
+                [(e.at, e.reason, e.ended_by, e.session_id) for e in ends],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        rows = self._connect().execute(
+            f"SELECT {', '.join(COLUMNS)} FROM sessions ORDER BY started_at DESC LIMIT ?", (limit,)
+        )
+        return [dict(zip(COLUMNS, row, strict=True), interests=json.loads(row[3])) for row in rows]
+
+    def lengths_and_starts(self, since: float) -> tuple[list[float], list[float]]:
+        rows = self._connect().execute("SELECT started_at, ended_at FROM sessions WHERE started_at >= ?", (since,))
+        starts, lengths = [], []
+        for started, ended in rows:
+            starts.append(started)
+            if ended is not None:
+                lengths.append(ended - started)
+        return lengths, starts
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration (no semicolons inside them)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]

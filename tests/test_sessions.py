@@ -1,0 +1,258 @@
+"""Session persistence (plugins.sessions): real SQLite and PostgreSQL, a relay process that is
+killed and restarted, and a database that hangs or fails while the relay keeps working."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+import relay as relay_mod
+from plugins.sessions import SessionEvent, SessionRecorder, report
+from plugins.sessions_postgres import PostgresStore
+from plugins.sessions_sqlite import SQLiteStore
+from tests.conftest import STEP, Harness, start_relay
+from tests.test_server import start_process
+
+REASONS = ("next", "left", "disconnected")
+
+
+async def end_session(ender, other, reason: str, session_id: str) -> None:
+    if reason == "next":
+        await ender.send(type="next")
+        await ender.expect("queued")
+        await ender.send(type="leave")  # out of the queue again
+        await ender.expect("left")
+    elif reason == "left":
+        await ender.send(type="leave")
+        await ender.expect("left")
+    else:
+        await ender.ws.aclose()
+    await other.expect("peer_left", session_id=session_id, reason=reason)
+
+
+async def run_sessions(h: Harness, count: int, first: int = 0) -> dict[str, dict]:
+    """`count` sessions with mixed interests, end reasons and enders: the rows they must produce."""
+    expected = {}
+    for i in range(first, first + count):
+        interests = [f"topic{i % 3}", "common"] if i % 2 else []
+        a, b, ma, _ = await h.pair(interests=interests)
+        reason = REASONS[i % 3]
+        ender, other = (a, b) if i % 4 < 2 else (b, a)
+        await end_session(ender, other, reason, ma["session_id"])
+        expected[ma["session_id"]] = {
+            "initiator": a.id,
+            "answerer": b.id,
+            "interests": sorted(interests),
+            "end_reason": reason,
+            "ended_by": ender.id,
+        }
+        for c in (a, b):
+            await c.ws.aclose()
+    return expected
+
+
+async def rows_when(store_factory, condition, what: str) -> dict[str, dict]:
+    """Poll the database (a fresh connection each time) until `condition(rows)` holds."""
+    with trio.fail_after(STEP * 2):
+        while True:
+            store = store_factory()
+            try:
+                rows = {row["session_id"]: row for row in await trio.to_thread.run_sync(_all, store)}
+            finally:
+                store.close()
+            if condition(rows):
+                return rows
+            await trio.sleep(0.05)
+
+
+def _all(store) -> list[dict]:
+    store.migrate()
+    return store.recent(1000)
+
+
+def check(rows: dict[str, dict], expected: dict[str, dict]) -> None:
+    for session_id, want in expected.items():
+        row = rows[session_id]
+        got = {key: row[key] for key in want}
+        got["interests"] = sorted(got["interests"])
+        assert got == want, session_id
+        assert row["started_at"] <= row["ended_at"]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path):
+    """(relay flags, a factory of read connections) for each real database."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "sessions.db")
+        return ["--sessions-db", path], lambda: SQLiteStore(path)
+    url = request.getfixturevalue("postgres_url")
+    store = PostgresStore(url)
+    store.migrate()
+    store._run(lambda cur: cur.execute("DROP TABLE IF EXISTS sessions, relay_schema"))  # a clean slate
+    store.close()
+    return ["--database-url", url], lambda: PostgresStore(url)
+
+
+async def test_sessions_are_recorded_survive_a_crash_and_are_flushed_at_shutdown(nursery, tmp_path, backend):
+    flags, store = backend
+    p = await start_process(nursery, *flags, "--drain-seconds", "1", cwd=tmp_path)
+    h = Harness(nursery, relay_mod.Relay())
+    h.relay.port = p.port
+    expected = await run_sessions(h, 20)
+    _, _, ongoing, _ = await h.pair()  # still going when the relay dies
+
+    def complete(rows: dict) -> bool:
+        return all(rows.get(sid, {}).get("ended_at") for sid in expected) and ongoing["session_id"] in rows
+
+    rows = await rows_when(store, complete, "20 ended sessions")
+    check(rows, expected)
+    assert len(rows) == 21
+
+    p.proc.send_signal(signal.SIGKILL)  # a crash: what was committed stays
+    await p.proc.wait()
+    rows = await rows_when(store, lambda rows: len(rows) == 21, "the same rows after the crash")
+    check(rows, expected)
+    assert rows[ongoing["session_id"]]["ended_at"] is None  # it never ended, as far as anyone knows
+
+    p = await start_process(nursery, *flags, "--drain-seconds", "1", cwd=tmp_path)  # the schema is there already
+    h.relay.port = p.port
+    expected |= await run_sessions(h, 1, first=20)
+    a, b, active, _ = await h.pair()
+    p.proc.send_signal(signal.SIGTERM)  # graceful: the session is ended by the drain, and flushed
+    for c in (a, b):
+        await c.expect("draining")
+        assert (await c.closed()).code == 1012
+    with trio.fail_after(STEP * 2):
+        await p.proc.wait()
+    assert p.proc.returncode == 0
+    rows = await rows_when(store, lambda rows: len(rows) == 23, "23 rows")
+    check(rows, expected)
+    assert rows[active["session_id"]]["end_reason"] == "disconnected"
+    assert rows[active["session_id"]]["ended_at"] is not None
+
+
+def test_report_command(tmp_path, capsys):
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    store.migrate()
+    now = 1_800_000_000.0
+    events = []
+    for i, length in enumerate([30, 60, 90, 600]):
+        start = now - 3600 * i
+        events += [
+            SessionEvent("start", f"s{i}", start, "a", "b", ("chess",)),
+            SessionEvent("end", f"s{i}", start + length, reason="left", ended_by="a"),
+        ]
+    events.append(SessionEvent("start", "s9", now - 10, "c", "d"))
+    store.write(events)
+    text = report(store, limit=10, now=now)
+    assert "last 24 h: 5 matches (0.2 per hour), median session length 75 s" in text
+    assert "ongoing" in text and "chess" in text
+    code = relay_mod.main(["sessions", "--sessions-db", str(tmp_path / "s.db")])
+    assert code == 0 and "s9" in capsys.readouterr().out
+
+
+class GatedStore:
+    """A store in memory whose writes can hang (``gate`` closed) or fail (``down``)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self.gate = threading.Event()
+        self.gate.set()
+        self.down = False
+        self.writing = threading.Event()  # set while a write waits at the gate
+        self.failures = 0
+
+    def migrate(self) -> None:
+        pass
+
+    def write(self, events: list[SessionEvent]) -> None:
+        if self.down:
+            self.failures += 1
+            raise ConnectionError("database down")
+        self.writing.set()
+        self.gate.wait()
+        self.writing.clear()
+        for e in events:
+            if e.kind == "start":
+                self.rows[e.session_id] = {"reason": None}
+            else:
+                self.rows[e.session_id]["reason"] = e.reason
+
+    def close(self) -> None:
+        self.gate.set()
+
+
+async def relay_traffic(h: Harness, pairs: int, signals: int) -> list[str]:
+    """Sessions that start, relay signals and end: all of it must work whatever the database does."""
+    ids = []
+    for _ in range(pairs):
+        a, b, ma, _ = await h.pair()
+        for i in range(signals):
+            await a.send(type="signal", data={"i": i})
+            await b.expect("signal", data={"i": i})
+        await a.send(type="leave")
+        await a.expect("left")
+        await b.expect("peer_left")
+        ids.append(ma["session_id"])
+    return ids
+
+
+async def test_a_hanging_database_never_slows_the_relay_and_drops_are_counted(nursery):
+    store = GatedStore()
+    recorder = SessionRecorder(store, queue=4, batch=2)
+    r = await start_relay(nursery, plugins=[recorder])
+    h = Harness(nursery, r)
+    store.gate.clear()  # the database hangs
+    await relay_traffic(h, 1, 1)
+    with trio.fail_after(STEP):
+        while not store.writing.is_set():  # the writer is stuck inside the database call
+            await trio.sleep(0.01)
+    during = await relay_traffic(h, 10, 20)  # 10 sessions, 200 signals relayed meanwhile
+    assert store.writing.is_set() and store.rows == {}
+    dropped = r.statistics().counters["sessions_dropped"]
+    assert dropped == recorder.dropped > 0
+    assert dropped <= 2 * len(during)
+    store.gate.set()  # the database is back
+    after = await relay_traffic(h, 2, 1)
+    with trio.fail_after(STEP):
+        while not all(store.rows.get(sid, {}).get("reason") == "left" for sid in after):
+            await trio.sleep(0.01)
+    assert r.statistics().counters["sessions_dropped"] == dropped  # nothing more lost
+
+
+async def test_a_failing_database_is_retried_until_it_is_back(nursery):
+    store = GatedStore()
+    store.down = True
+    recorder = SessionRecorder(store)
+    r = await start_relay(nursery, plugins=[recorder])
+    ids = await relay_traffic(Harness(nursery, r), 3, 2)
+    with trio.fail_after(STEP):
+        while store.failures < 2:  # it keeps trying, backing off
+            await trio.sleep(0.05)
+    store.down = False
+    with trio.fail_after(STEP * 2):
+        while not all(store.rows.get(sid, {}).get("reason") == "left" for sid in ids):
+            await trio.sleep(0.05)
+    assert "sessions_dropped" not in r.statistics().counters
+
+
+def test_schema_migration_is_idempotent(tmp_path, postgres_url):
+    for store in (SQLiteStore(str(tmp_path / "m.db")), PostgresStore(postgres_url)):
+        store.migrate()
+        store.migrate()
+        store.write([SessionEvent("start", f"m-{type(store).__name__}", 1.0, "a", "b", ("x",))])
+        assert any(row["session_id"].startswith("m-") for row in store.recent(10_000))
+        store.close()
+
+
+def test_sqlite_file_is_in_wal_mode(tmp_path: Path):
+    import sqlite3
+
+    store = SQLiteStore(str(tmp_path / "w.db"))
+    store.migrate()
+    store.close()
+    assert sqlite3.connect(tmp_path / "w.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
