@@ -54,16 +54,19 @@ def free_port() -> int:
 class RelayProcess:
     """`python relay.py` on 127.0.0.1; can be killed and started again on the same port."""
 
-    def __init__(self, tmp: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
         self.log = tmp / f"relay-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RelayProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", str(self.port)],
+                [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                 stderr=log,
+                env=self.env,
                 cwd=self.log.parent,  # its session records (SQLite, on by default) stay in the test's tmp dir
             )
         deadline = time.monotonic() + 15
@@ -280,3 +283,32 @@ def test_demo_page_is_accessible_and_fits_a_phone(browser, relay):
         assert re.search(r"#1 in line", page.inner_text("#position"))
     finally:
         context.close()
+
+
+def test_admin_dashboard_shows_live_figures_and_drains(browser, open_page, tmp_path):
+    token = "a-long-admin-token-for-the-browser-test"
+    relay = RelayProcess(tmp_path, "--admin", env={"RELAY_ADMIN_TOKEN": token}).start()
+    try:
+        context = browser.new_context()
+        admin = context.new_page()
+        admin.set_default_timeout(TIMEOUT_MS)
+        admin.goto(f"{relay.url}/admin")
+        admin.fill("#token", "wrong")
+        admin.click("#login button")
+        admin.wait_for_selector("#message:has-text('wrong or missing token')")
+        admin.fill("#token", token)
+        admin.click("#login button")
+        admin.wait_for_selector("#figures th:has-text('connections')")
+        connections = "() => document.querySelector('#figures tr:first-child td')?.textContent"
+        assert admin.evaluate(connections) == "0"
+        visitor = open_page(relay.url)
+        start(visitor)
+        admin.wait_for_function(f"() => ({connections})() === '1'")  # refreshed without a reload
+        admin.click("#drain")
+        admin.wait_for_selector("#message:has-text('drain: done')")
+        visitor.wait_for_selector("#connection:has-text('Reconnecting')")  # closed with 1012, tries again
+        admin.wait_for_function(f"() => ({connections})() === '0'")
+        assert admin.evaluate("() => performance.getEntriesByType('navigation').length") == 1
+        context.close()
+    finally:
+        relay.kill()
