@@ -123,6 +123,7 @@ function wire(client, peer) {
     document.body.dataset.peerState = state;
   });
   peer.addEventListener("channelopen", () => chatEnabled(true));
+  peer.addEventListener("candidateerror", (e) => console.warn("ICE server error:", e.detail.errorCode, e.detail.url));
   peer.addEventListener("message", (e) => say("stranger", e.detail.text));
 }
 

@@ -154,6 +154,7 @@ export interface PeerSessionEventMap {
   channelopen: CustomEvent<Record<string, never>>;
   message: CustomEvent<{ text: string }>;
   closed: CustomEvent<{ reason: string }>;
+  candidateerror: CustomEvent<{ errorCode: number; errorText: string; url: string }>;
 }
 
 export class PeerSession extends EventTarget {
@@ -171,6 +172,8 @@ export class PeerSession extends EventTarget {
   readonly channel: RTCDataChannel | null;
   readonly sessionId: string | null;
   readonly polite: boolean;
+  /** This session's ICE server errors (the last 10), e.g. errorCode 401 for refused TURN credentials. */
+  readonly candidateErrors: { errorCode: number; errorText: string; url: string }[];
   send(text: string): boolean;
   close(): void;
   addEventListener<K extends keyof PeerSessionEventMap>(

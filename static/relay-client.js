@@ -370,7 +370,8 @@ export class RelayClient extends EventTarget {
  * - On peer_left, next, leave or a dropped connection the RTCPeerConnection is closed.
  *
  * Events (CustomEvent): `statechange` `{connectionState, iceConnectionState, signalingState}`,
- * `track` (the RTCTrackEvent), `channelopen`, `message` `{text}` (chat), `closed` `{reason}`.
+ * `track` (the RTCTrackEvent), `channelopen`, `message` `{text}` (chat), `closed` `{reason}`, and
+ * `candidateerror` `{errorCode, errorText, url}` when a STUN/TURN server refuses (401: bad credentials).
  */
 export class PeerSession extends EventTarget {
   /**
@@ -387,6 +388,8 @@ export class PeerSession extends EventTarget {
     this.pc = null;
     /** @type {RTCDataChannel | null} */
     this.channel = null;
+    /** @type {{errorCode: number, errorText: string, url: string}[]} this session's ICE server errors (last 10) */
+    this.candidateErrors = [];
     this.sessionId = null;
     this.polite = false;
     this.candidates = new CandidateQueue();
@@ -423,6 +426,7 @@ export class PeerSession extends EventTarget {
     this.sessionId = matched.session_id;
     this.polite = !matched.initiator;
     this.candidates.reset();
+    this.candidateErrors = [];
     this._makingOffer = this._ignoreOffer = this._tracksAdded = false;
     const pc = new RTCPeerConnection({ ...this.rtcConfig, iceServers: matched.ice_servers || [] });
     this.pc = pc;
@@ -444,6 +448,12 @@ export class PeerSession extends EventTarget {
       if (candidate && pc === this.pc) this.client.signal({ candidate: candidate.toJSON() });
     };
     pc.ondatachannel = ({ channel }) => this._useChannel(channel);
+    pc.onicecandidateerror = ({ errorCode, errorText, url }) => {
+      if (pc !== this.pc) return;
+      const error = { errorCode, errorText, url };
+      this.candidateErrors = [...this.candidateErrors.slice(-9), error];
+      this._emit("candidateerror", error);
+    };
     pc.onnegotiationneeded = async () => {
       if (pc !== this.pc || (this.polite && !this._tracksAdded)) return; // the answerer waits for the offer
       try {

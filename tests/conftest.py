@@ -16,7 +16,7 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -212,3 +212,53 @@ def postgres_url() -> Iterator[str]:
     finally:
         run(f"{bindir}/pg_ctl", "-D", datadir, "-m", "immediate", "-w", "stop")
         shutil.rmtree(datadir, ignore_errors=True)
+
+
+def stun_binding_answered(port: int, timeout: float = 0.2) -> bool:
+    """Whether a STUN server on 127.0.0.1:port answers a Binding request (RFC 5389) over UDP."""
+    transaction = os.urandom(12)
+    request = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + transaction
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(request, ("127.0.0.1", port))
+        try:
+            data = s.recv(2048)
+        except OSError:
+            return False
+    return data[:2] == b"\x01\x01" and data[8:20] == transaction  # Binding success, our transaction
+
+
+@pytest.fixture
+def turnserver(tmp_path) -> Iterator[Callable[[str], int]]:
+    """Start coturn (Debian's package) on 127.0.0.1 with `use-auth-secret`; returns its port.
+    Loopback peers are allowed here only because everything in the tests is on 127.0.0.1: never
+    in production (see deploy/turnserver.conf)."""
+    import shutil
+    import subprocess
+    import time
+
+    assert shutil.which("turnserver"), "TURN tests need Debian's coturn package: apt-get install coturn"
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(secret: str) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = (tmp_path / f"turnserver-{port}.log").open("wb")
+        process = subprocess.Popen(
+            ["turnserver", "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+             "--min-port=49152", "--max-port=49252", "--use-auth-secret", f"--static-auth-secret={secret}",
+             "--realm=relay-test", "--fingerprint", "--no-tls", "--no-dtls", "--no-cli", "--allow-loopback-peers",
+             "--no-multicast-peers", f"--userdb={tmp_path}/turndb-{port}", "--log-file=stdout", "--simple-log"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        processes.append(process)
+        deadline = time.monotonic() + 10
+        while not stun_binding_answered(port):
+            assert process.poll() is None and time.monotonic() < deadline, "coturn did not start"
+        return port
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)

@@ -312,3 +312,62 @@ def test_admin_dashboard_shows_live_figures_and_drains(browser, open_page, tmp_p
         context.close()
     finally:
         relay.kill()
+
+
+SELECTED_PAIR_TYPES = """async () => {
+    const pc = window.demo?.peer?.pc;
+    if (!pc) return null;
+    const stats = await pc.getStats();
+    let pair = null;
+    stats.forEach((s) => {
+        if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+    });
+    if (!pair) return null;
+    return [stats.get(pair.localCandidateId)?.candidateType, stats.get(pair.remoteCandidateId)?.candidateType];
+}"""
+
+
+def test_turn_only_connection_relays_through_coturn(open_page, tmp_path, turnserver):
+    secret = "a-turn-secret-for-the-browser-test"
+    turn_port = turnserver(secret)
+    relay = RelayProcess(
+        tmp_path, "--turn-url", f"turn:127.0.0.1:{turn_port}?transport=udp", env={"RELAY_TURN_SECRET": secret}
+    ).start()
+    try:
+        pages = [open_page(f"{relay.url}/?policy=relay") for _ in range(2)]  # iceTransportPolicy: "relay"
+        for page in pages:
+            start(page)
+        for page in pages:
+            wait_connected(page)  # connected, remote video frames decoded
+            client_id = page.evaluate("() => window.demo.client.clientId")
+            turn = page.evaluate("() => window.demo.client.session.ice_servers")[0]
+            assert turn["urls"] == [f"turn:127.0.0.1:{turn_port}?transport=udp"]
+            assert turn["username"].endswith(f":{client_id}") and turn["credential"]
+            assert page.evaluate(SELECTED_PAIR_TYPES)[0] == "relay"  # the selected pair goes through coturn
+    finally:
+        relay.kill()
+
+
+def test_turn_with_a_wrong_secret_cannot_connect(open_page, tmp_path, turnserver):
+    """The control run: same setup, but the relay signs with a secret coturn does not know."""
+    turn_port = turnserver("the-secret-coturn-knows-0123")
+    relay = RelayProcess(
+        tmp_path, "--turn-url", f"turn:127.0.0.1:{turn_port}?transport=udp",
+        env={"RELAY_TURN_SECRET": "a-secret-coturn-does-not-know"},
+    ).start()  # fmt: skip
+    try:
+        pages = [open_page(f"{relay.url}/?policy=relay") for _ in range(2)]
+        for page in pages:
+            start(page)
+        for page in pages:
+            page.wait_for_function("() => window.demo?.peer?.pc?.iceGatheringState === 'complete'")
+            errors = page.evaluate("() => window.demo.peer.candidateErrors.map((e) => e.errorCode)")
+            assert 401 in errors  # coturn refused the credential
+            candidates = page.evaluate(
+                "async () => { let n = 0; (await window.demo.peer.pc.getStats()).forEach((s) => {"
+                " if (s.type === 'local-candidate') n += 1; }); return n; }"
+            )
+            assert candidates == 0  # so no path can exist
+            assert page.evaluate("() => window.demo.peer.pc.connectionState") != "connected"
+    finally:
+        relay.kill()
