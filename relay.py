@@ -112,6 +112,8 @@ DEFAULT_PORT: Final = 8080  # listen port when neither --port nor PORT is given 
 MAX_INTERESTS: Final = 10  # interests per client
 MAX_INTEREST_CHARS: Final = 32  # characters per interest (after trimming and case-folding)
 MAX_RECENT_PEERS: Final = 16  # past peers remembered per client for the rematch cooldown
+MAX_BLOCKS: Final = 1000  # people one identity has blocked by reporting (the oldest are forgotten)
+MAX_BLOCKING_IDENTITIES: Final = 100_000  # identities with a block list kept (the oldest are forgotten)
 MAX_REQUEST_HEAD: Final = 16 * 1024  # bytes of HTTP request line + headers before 431
 MAX_REQUEST_BODY: Final = 64 * 1024  # bytes of an HTTP request body (plugins' POSTs) before 413
 RECEIVE_CHUNK: Final = 16 * 1024  # bytes asked of the socket per read while reading the HTTP head
@@ -186,7 +188,7 @@ class Ended:
     """Decision: a session ended. ``by`` ended it; the other side gets ``peer_left`` once."""
 
     session: Session
-    reason: str  # "next", "left" or "disconnected"
+    reason: str  # "next", "left", "disconnected", "reported" or "overflow"
     by: str
 
     @property
@@ -203,8 +205,10 @@ class _Member:
     """A connected client as the matchmaker sees it."""
 
     id: str
+    identity: str  # whom blocks apply to: the user id under auth, else the client id
     interests: frozenset[str] = frozenset()
     seq: int | None = None  # queue ticket while waiting (smaller = waited longer), else None
+    held: bool = False  # waiting, but away (connection lost): keeps its place, is not matched
     since: float = 0.0  # when the current wait began (join or next): the interest timer's start
     open: bool = False  # while waiting: accepts anyone (no interests, or the interest timeout passed)
     position: int = 0  # last computed queue position
@@ -220,12 +224,15 @@ class Matchmaker:
     * A client with interests accepts only clients sharing one, until it has waited
       ``interest_timeout`` seconds (counted from its join or next); then it accepts anyone. A client
       without interests accepts anyone. Two clients are *compatible* when each accepts the other.
+    * Two clients one of whom reported the other (``report``) are never compatible again.
     * A joining client is paired at once with the longest-waiting compatible client, skipping a
       client it ended a session with less than ``rematch_cooldown`` seconds ago while any other
       compatible client waits. The one that waited is the session's initiator.
     * So no two waiting clients are ever compatible: the matching is maximal. ``tick()`` keeps it so
       as interest timeouts pass; call it whenever the clock moves (the server does, every 0.1 s and
       before each join).
+    * A waiting client can be *held* (its connection dropped; it may come back): it keeps its place
+      and its wait, and nobody is paired with it until ``release``.
 
     Each waiting client sits in one heap per interest and, once it accepts anyone, in the open heap,
     all keyed by queue ticket. Entries are deleted lazily (checked against the member when they reach
@@ -251,6 +258,7 @@ class Matchmaker:
         self._by_interest: dict[str, list[_Entry]] = {}
         self._open: list[_Entry] = []
         self._deadlines: list[tuple[float, int, str]] = []  # (interest timeout, ticket, client id)
+        self._blocked: dict[str, dict[str, None]] = {}  # identity -> identities it must never meet (ordered)
         self._tickets = 0
         self._entries = 0  # heap entries, live or stale
         self._stale = 0  # heap entries known to be stale
@@ -292,19 +300,20 @@ class Matchmaker:
             m.position = position
             yield m.id, position
 
-    def waiting(self) -> Iterator[tuple[str, int, float, frozenset[str]]]:
-        """(client id, ticket, wait start, interests) of every waiting client, in queue order."""
+    def waiting(self) -> Iterator[tuple[str, int, float, frozenset[str], bool]]:
+        """(client id, ticket, wait start, interests, held) of every waiting client, in queue order."""
         for m in self._queue.values():
             assert m.seq is not None
-            yield m.id, m.seq, m.since, m.interests
+            yield m.id, m.seq, m.since, m.interests, m.held
 
     # -- moves ------------------------------------------------------------------------------------
 
-    def connect(self, client_id: str) -> None:
-        """Register a new client; it starts idle."""
+    def connect(self, client_id: str, identity: str | None = None) -> None:
+        """Register a new client; it starts idle. ``identity`` (default: the client id) is what a
+        report blocks: give the user id when clients are authenticated."""
         if client_id in self._members:
             raise ValueError(f"client {client_id!r} is already connected")
-        self._members[client_id] = _Member(client_id)
+        self._members[client_id] = _Member(client_id, identity or client_id)
 
     def join(self, client_id: str, interests: Iterable[str] = ()) -> list[Decision]:
         """Queue the client (or, if it waits already, replace its interests, keeping its place)."""
@@ -335,11 +344,55 @@ class Matchmaker:
             self._dequeue(m)
         return []
 
-    def disconnect(self, client_id: str) -> list[Decision]:
-        """Forget the client, ending its session with reason ``disconnected``."""
-        out = self.leave(client_id, "disconnected")
+    def disconnect(self, client_id: str, reason: str = "disconnected") -> list[Decision]:
+        """Forget the client, ending its session (``reason``: ``disconnected``, or ``overflow`` when
+        a held client's messages did not fit)."""
+        m = self._member(client_id)
+        out = self.leave(client_id, reason)
         del self._members[client_id]
+        if m.identity == client_id:  # a client's own blocks end with it; a user's stay
+            self._blocked.pop(client_id, None)
         return out
+
+    def report(self, client_id: str) -> list[Decision]:
+        """End the client's session (reason ``reported``) and never pair these two again."""
+        m = self._member(client_id)
+        if m.session is None:
+            raise IllegalMove("not_matched", "no session to report")
+        other = self._members[m.session.peer_of(client_id)]
+        for a, b in ((m.identity, other.identity), (other.identity, m.identity)):
+            blocked = self._blocked.pop(a, {})  # re-inserted: the most recent identities are kept
+            blocked[b] = None
+            if len(blocked) > MAX_BLOCKS:
+                del blocked[next(iter(blocked))]
+            self._blocked[a] = blocked
+            if len(self._blocked) > MAX_BLOCKING_IDENTITIES:
+                del self._blocked[next(iter(self._blocked))]
+        return [self._end(m.session, "reported", client_id)]
+
+    def hold(self, client_id: str) -> None:
+        """The client is away: if it waits, it keeps its place but is not matched until released."""
+        m = self._member(client_id)
+        if m.seq is not None and not m.held:
+            m.held = True
+            self._stale += len(m.interests) + 1  # its entries are skipped from now on
+
+    def release(self, client_id: str) -> list[Decision]:
+        """The client is back: if it was held in the queue, it may be paired again (same place)."""
+        m = self._member(client_id)
+        if not m.held:
+            return []
+        m.held = False
+        now = self._clock()
+        m.open = self._is_open(m, now)
+        self._index(m)
+        partner = self._find(m, now)
+        return [self._pair(partner, m, now)] if partner is not None else []
+
+    def blocked(self, client_id: str, other_id: str) -> bool:
+        """Whether either of the two reported the other (or the users behind them did)."""
+        a, b = self._member(client_id).identity, self._member(other_id).identity
+        return b in self._blocked.get(a, ()) or a in self._blocked.get(b, ())
 
     def tick(self) -> list[Decision]:
         """Let time pass: clients whose interest timeout ran out now accept anyone."""
@@ -350,7 +403,7 @@ class Matchmaker:
             _, seq, cid = heapq.heappop(deadlines)
             self._entries -= 1
             m = self._members.get(cid)
-            if m is None or m.seq != seq or m.open:
+            if m is None or m.seq != seq or m.open or m.held:  # a held client is re-indexed on release
                 continue
             m.open = True
             self._push(self._open, m)
@@ -369,6 +422,12 @@ class Matchmaker:
 
     def _is_open(self, m: _Member, now: float) -> bool:
         return not m.interests or now - m.since >= self.interest_timeout
+
+    def _blocks(self, m: _Member, o: _Member) -> bool:
+        blocked = self._blocked
+        return bool(blocked) and (
+            o.identity in blocked.get(m.identity, ()) or m.identity in blocked.get(o.identity, ())
+        )
 
     def _cooling(self, m: _Member, other_id: str, now: float) -> bool:
         ended = m.recent.get(other_id)
@@ -391,17 +450,24 @@ class Matchmaker:
         self._queue[m.id] = m
         self.queued_with_interests += bool(m.interests)
         m.position = len(self._queue)
+        self._index(m)
+        return Queued(m.id, m.position, len(self._queue))
+
+    def _index(self, m: _Member) -> None:
+        """Put a waiting client in its heaps: one per interest, and the open heap or the deadlines."""
         for interest in m.interests:
             self._push(self._by_interest.setdefault(interest, []), m)
         if m.open:
             self._push(self._open, m)
         else:
+            assert m.seq is not None
             heapq.heappush(self._deadlines, (m.since + self.interest_timeout, m.seq, m.id))
             self._entries += 1
-        return Queued(m.id, m.position, len(self._queue))
 
     def _update(self, m: _Member, wanted: frozenset[str]) -> Decision:
         """New interests for a waiting client: same ticket, same wait, maybe a partner now."""
+        if m.held:
+            raise IllegalMove("bad_message", "a held client cannot change its interests")
         now = self._clock()
         old, was_open = m.interests, m.open
         m.interests = wanted
@@ -452,8 +518,8 @@ class Matchmaker:
 
         An ``interest`` heap holds clients sharing it (they accept ``m`` and ``m`` accepts them);
         the open heap (``interest`` None) holds clients accepting anyone. Stale entries are dropped;
-        ``m`` itself and cooling partners are set aside and pushed back, at most
-        ``MAX_RECENT_PEERS + 1`` of them.
+        ``m`` itself, clients it blocked or that blocked it, and cooling partners are set aside and
+        pushed back: at most ``MAX_RECENT_PEERS + MAX_BLOCKS + 1`` of them.
         """
         members = self._members
         aside: list[_Entry] = []
@@ -461,14 +527,17 @@ class Matchmaker:
         while heap:
             seq, cid = heap[0]
             o = members.get(cid)
-            if o is None or o.seq != seq or (not o.open if interest is None else interest not in o.interests):
+            if o is None or o.seq != seq or o.held or (not o.open if interest is None else interest not in o.interests):
                 heapq.heappop(heap)
                 self._entries -= 1
                 if self._stale:
                     self._stale -= 1
                 continue
-            if o is m or self._cooling(m, cid, now):
-                if o is not m and not found_cool:
+            if o is m or self._blocks(m, o):
+                aside.append(heapq.heappop(heap))
+                continue
+            if self._cooling(m, cid, now):
+                if not found_cool:
                     found_cool = True
                     cool.append((seq, o))
                 aside.append(heapq.heappop(heap))
@@ -481,9 +550,10 @@ class Matchmaker:
     def _dequeue(self, m: _Member) -> None:
         del self._queue[m.id]
         self.queued_with_interests -= bool(m.interests)
-        self._stale += len(m.interests) + 1  # its interest entries, and its open or deadline entry
+        if not m.held:
+            self._stale += len(m.interests) + 1  # its interest entries, and its open or deadline entry
         m.seq = None
-        m.open = False
+        m.open = m.held = False
         self.queue_changed = True
         self._maybe_compact()
 
@@ -498,6 +568,8 @@ class Matchmaker:
         deadlines: list[tuple[float, int, str]] = []
         for m in self._queue.values():
             assert m.seq is not None
+            if m.held:
+                continue
             entry = (m.seq, m.id)
             for interest in m.interests:
                 by_interest.setdefault(interest, []).append(entry)

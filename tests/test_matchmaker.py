@@ -278,6 +278,7 @@ class NaiveMatchmaker:
         self.ended_at: dict[frozenset[str], float] = {}
         self.tickets = 0
         self.session_ids: set[str] = set()
+        self.blocks: set[frozenset[str]] = set()
 
     def accepts(self, w: dict, other: str) -> bool:
         return w["open"] or bool(self.interests[w["id"]] & self.interests[other])
@@ -288,7 +289,13 @@ class NaiveMatchmaker:
 
     def best(self, me: dict) -> dict | None:
         cands = [
-            w for w in self.waiting if w["id"] != me["id"] and self.accepts(me, w["id"]) and self.accepts(w, me["id"])
+            w
+            for w in self.waiting
+            if w["id"] != me["id"]
+            and not w.get("held")
+            and frozenset((w["id"], me["id"])) not in self.blocks
+            and self.accepts(me, w["id"])
+            and self.accepts(w, me["id"])
         ]
         fresh = [w for w in cands if not self.cooling(me["id"], w["id"])]
         pool = fresh or cands
@@ -316,6 +323,8 @@ class NaiveMatchmaker:
             raise IllegalMove("already_matched", "")
         interests = frozenset(interests)
         mine = next((w for w in self.waiting if w["id"] == cid), None)
+        if mine is not None and mine.get("held"):
+            raise IllegalMove("bad_message", "")
         if mine is not None:
             self.interests[cid] = interests
             mine["open"] = self.is_open(cid, mine["since"])
@@ -352,14 +361,35 @@ class NaiveMatchmaker:
     def disconnect(self, cid: str) -> list:
         out = self.leave(cid, "disconnected")
         self.interests.pop(cid, None)
+        self.blocks = {pair for pair in self.blocks if cid not in pair}
         return out
+
+    def report(self, cid: str) -> list:
+        if cid not in self.session:
+            raise IllegalMove("not_matched", "")
+        self.blocks.add(frozenset((cid, self.session[cid].peer_of(cid))))
+        return [self.end(cid, "reported")]
+
+    def hold(self, cid: str) -> None:
+        for w in self.waiting:
+            if w["id"] == cid:
+                w["held"] = True
+
+    def release(self, cid: str) -> list:
+        me = next((w for w in self.waiting if w["id"] == cid and w.get("held")), None)
+        if me is None:
+            return []
+        me["held"] = False
+        me["open"] = self.is_open(cid, me["since"])
+        partner = self.best(me)
+        return [self.pair(partner, me)] if partner else []
 
     def tick(self) -> list:
         out = []
         due = sorted(
             (w["since"] + self.timeout, w["seq"], w["id"])
             for w in self.waiting
-            if not w["open"] and w["since"] + self.timeout <= self.clock.now
+            if not w["open"] and not w.get("held") and w["since"] + self.timeout <= self.clock.now
         )
         for _, seq, cid in due:
             me = next((w for w in self.waiting if w["id"] == cid and w["seq"] == seq), None)
@@ -402,7 +432,7 @@ class QueueMachine(RuleBasedStateMachine):
     def both(self, name: str, *args) -> list:
         note(f"{name}{args} at t={self.clock.now - 1000:g}")
         try:
-            naive = getattr(self.ref, name)(*args)
+            naive = getattr(self.ref, name)(*args) or []
         except IllegalMove as exc:
             before = self.snapshot()
             with pytest.raises(IllegalMove) as err:
@@ -410,7 +440,7 @@ class QueueMachine(RuleBasedStateMachine):
             assert err.value.code == exc.code
             assert self.snapshot() == before  # an illegal move changes nothing
             return []
-        real = getattr(self.mm, name)(*args)
+        real = getattr(self.mm, name)(*args) or []
         note(f"  -> {real}")
         compare(real, naive)
         self.record(real)
@@ -466,6 +496,21 @@ class QueueMachine(RuleBasedStateMachine):
         self.both("disconnect", cid)
         self.connected.remove(cid)
 
+    @precondition(lambda self: self.connected)
+    @rule(data=st.data())
+    def report(self, data) -> None:
+        self.both("report", self.pick(data))
+
+    @precondition(lambda self: self.connected)
+    @rule(data=st.data())
+    def hold(self, data) -> None:
+        self.both("hold", self.pick(data))
+
+    @precondition(lambda self: self.connected)
+    @rule(data=st.data())
+    def release(self, data) -> None:
+        self.both("release", self.pick(data))
+
     @rule(seconds=st.sampled_from([0.5, 1, 3, 9.5, 10, 31]))
     def advance(self, seconds) -> None:
         self.clock.now += seconds
@@ -488,13 +533,15 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def matching_is_maximal(self) -> None:
         now, timeout = self.clock.now, self.mm.interest_timeout
-        waiting = list(self.mm.waiting())
+        waiting = [w for w in self.mm.waiting() if not w[4]]  # held clients are away: not matchable
 
         def accepts(a, b) -> bool:
             return not a[3] or now - a[2] >= timeout or bool(a[3] & b[3])
 
         for i, a in enumerate(waiting):
             for b in waiting[i + 1 :]:
+                if self.mm.blocked(a[0], b[0]):
+                    continue  # reported: never compatible
                 assert not (accepts(a, b) and accepts(b, a)), f"{a[0]} and {b[0]} both wait but are compatible"
 
     @invariant()
@@ -511,7 +558,14 @@ class QueueMachine(RuleBasedStateMachine):
 
     @invariant()
     def agrees_with_reference(self) -> None:
-        assert [cid for cid, *_ in self.mm.waiting()] == [w["id"] for w in self.ref.waiting]
+        assert [(cid, held) for cid, *_, held in self.mm.waiting()] == [
+            (w["id"], bool(w.get("held"))) for w in self.ref.waiting
+        ]
+
+    @invariant()
+    def reported_pairs_are_never_together(self) -> None:
+        for s in self.mm.sessions():
+            assert not self.mm.blocked(s.initiator, s.answerer)
 
 
 QueueMachine.TestCase.settings = settings(max_examples=1000, stateful_step_count=80, deadline=None)
