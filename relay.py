@@ -56,6 +56,7 @@ import collections
 import gc
 import hashlib
 import heapq
+import hmac
 import importlib
 import json
 import logging
@@ -80,10 +81,14 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 __all__ = [
+    "Auth",
     "Ended",
+    "HttpRequest",
+    "HttpResponse",
     "IllegalMove",
     "Matchmaker",
     "Paired",
+    "PluginError",
     "ProtocolError",
     "Queued",
     "Relay",
@@ -121,6 +126,10 @@ CLOSE_TIMEOUT: Final = 5.0  # seconds a closing client gets to take its last mes
 TICK_INTERVAL: Final = 0.1  # seconds between checks for expired interest timeouts
 POSITION_INTERVAL: Final = 1.0  # seconds between queue-position updates (at most one per client)
 SHUTDOWN_TIMEOUT: Final = 5.0  # seconds plugins get to finish (flush) once every client is gone
+FLOOD_WINDOW: Final = 10.0  # seconds over which refused (rate-limited) messages are counted
+MAX_TOKEN_CHARS: Final = 128  # characters of a resume token
+MAX_REPORT_REASON: Final = 200  # characters of a report's reason
+SWEEP_INTERVAL: Final = 10.0  # seconds between clean-ups of the per-IP table
 RECEIVE_QUEUE: Final = 1  # frames trio-websocket buffers per client before it stops reading the socket
 GC_THRESHOLDS: Final = (50_000, 20, 20)  # cyclic GC: rarer passes; a 100k-client queue made joins 4x dearer
 
@@ -623,11 +632,18 @@ class Matchmaker:
 #   {"type":"leave"}                   leave the queue or end the session (peer gets peer_left "left")
 #   {"type":"signal","data":{...}}     to the current peer, who gets {"type":"signal","data":...}
 #   {"type":"ping"}                    answered {"type":"pong"}
-# and the server sends welcome, queued, matched, signal, peer_left, left, pong, error and draining.
+#   {"type":"report","reason":"..."}   end the session and never meet this peer again
+#   {"type":"resume","token":"...","last":N}  as the first message after a reconnect: take back the
+#                                      place or session the lost connection had (within --resume-grace),
+#                                      and every signal numbered above N (signals carry "n": 1, 2, ...)
+# and the server sends welcome, queued, matched, signal, peer_left, left, pong, error, draining,
+# reported, resumed, peer_reconnecting and peer_resumed.
 # Unknown fields are ignored. Every refusal is an error message; the connection stays usable.
 
-CLIENT_TYPES: Final = frozenset({"join", "next", "leave", "signal", "ping"})
-ERROR_CODES: Final = ("bad_json", "bad_message", "unknown_type", "not_matched", "already_matched", "rate_limited")
+CLIENT_TYPES: Final = frozenset({"join", "next", "leave", "signal", "ping", "report", "resume"})
+ERROR_CODES: Final = (
+    "bad_json", "bad_message", "unknown_type", "not_matched", "already_matched", "rate_limited", "resume_failed",
+)  # fmt: skip
 CLOSE_NORMAL: Final = 1000  # an orderly end (the client closed, or nothing more to say)
 CLOSE_HEARTBEAT: Final = 1001  # "going away": no pong within --heartbeat-timeout
 CLOSE_POLICY: Final = 1008  # "policy violation": closed by an operator (kick)
@@ -660,6 +676,18 @@ def parse_message(text: str | bytes) -> dict[str, Any]:
             raise ProtocolError("bad_message", "signal needs 'data', a JSON object")
     elif kind == "join":
         msg["interests"] = parse_interests(msg.get("interests"))
+    elif kind == "resume":
+        token = msg.get("token")
+        if type(token) is not str or not 0 < len(token) <= MAX_TOKEN_CHARS:
+            raise ProtocolError("bad_message", "resume needs 'token', the resume_token of welcome or resumed")
+        last = msg.setdefault("last", 0)
+        if type(last) is not int or last < 0:
+            raise ProtocolError("bad_message", "resume's 'last' is the number of the last signal received")
+    elif kind == "report":
+        reason = msg.get("reason", "")
+        if type(reason) is not str or len(reason) > MAX_REPORT_REASON or not reason.isprintable():
+            raise ProtocolError("bad_message", f"a report's reason is text of at most {MAX_REPORT_REASON} characters")
+        msg["reason"] = reason
     elif kind not in CLIENT_TYPES:
         raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
     return msg
@@ -706,8 +734,8 @@ def _msg_matched(session: Session, client_id: str, ice_servers: list[dict[str, A
     )
 
 
-def _msg_signal(data: dict[str, Any]) -> str:
-    return _dumps({"type": "signal", "data": data})
+def _msg_signal(data: dict[str, Any], n: int) -> str:
+    return _dumps({"type": "signal", "data": data, "n": n})
 
 
 def _msg_peer_left(session_id: str, reason: str) -> str:
@@ -718,12 +746,22 @@ def _msg_error(code: str, message: str) -> str:
     return _dumps({"type": "error", "code": code, "message": message})
 
 
+def _msg_resumed(client_id: str, token: str, state: str, **details: Any) -> str:
+    return _dumps({"type": "resumed", "client_id": client_id, "resume_token": token, "state": state, **details})
+
+
+def _msg_peer(kind: str, session_id: str) -> str:
+    """peer_reconnecting or peer_resumed."""
+    return _dumps({"type": kind, "session_id": session_id})
+
+
 def _msg_draining(seconds: float | None) -> str:
     return _dumps({"type": "draining", "deadline_s": seconds})
 
 
 _PONG: Final = _dumps({"type": "pong"})
 _LEFT: Final = _dumps({"type": "left"})
+_REPORTED: Final = _dumps({"type": "reported"})
 
 
 ########################################################################################################
@@ -770,11 +808,25 @@ class HookSpecs:
         cancelled at shutdown). ``relay`` gives ``settings`` and ``statistics()``. Return nothing.
         """
 
+    @hookspec(firstresult=True)
+    def relay_authenticate(self, request: HttpRequest) -> Auth | None:
+        """Called for each WebSocket upgrade request to ``/ws``, before the WebSocket exists (after
+        the origin and per-address checks).
+
+        Return ``Auth(user_id=...)`` to accept it as that user (``subprotocol=`` to select the
+        ``Sec-WebSocket-Protocol`` value the token came in), ``Auth(refuse=401, reason=...)`` to
+        refuse it with that HTTP status, or ``None`` to leave it to others. With no answer the client
+        is accepted without a user: the relay is open unless an auth plugin is installed.
+        """
+
     @hookspec
-    def relay_client_connected(self, client_id: str, remote: str) -> None:
+    def relay_client_connected(self, client_id: str, remote: str, user_id: str | None) -> None:
         """Called when a WebSocket client has completed the handshake, before its ``welcome``.
 
-        ``remote`` is the peer address as ``host:port``. Return nothing.
+        ``remote`` is the client's address (``host:port``, or the proxy's client IP with
+        ``--trust-proxy``); ``user_id`` what ``relay_authenticate`` said, else ``None``. A
+        connection that then resumes an earlier client is reported disconnected at once (its own
+        id was never used). Return nothing.
         """
 
     @hookspec
@@ -786,19 +838,34 @@ class HookSpecs:
         """
 
     @hookspec
-    def relay_matched(self, session: Session) -> None:
+    def relay_matched(self, session: Session, users: dict[str, str | None]) -> None:
         """Called when two clients are paired, after both were sent ``matched``.
 
         ``session`` carries the id, both client ids, shared interests, the start time (trio clock)
-        and how long each side waited. Return nothing.
+        and how long each side waited; ``users`` maps each client id to its user id (``None``
+        without auth). Return nothing.
         """
 
     @hookspec
-    def relay_session_ended(self, session: Session, reason: str, ended_by: str, duration: float) -> None:
+    def relay_session_ended(
+        self, session: Session, reason: str, ended_by: str, duration: float, users: dict[str, str | None]
+    ) -> None:
         """Called once when a session ends, after the peer was sent ``peer_left``.
 
-        ``reason`` is ``"next"``, ``"left"`` or ``"disconnected"``; ``ended_by`` the client id that
-        ended it; ``duration`` its length in seconds. Return nothing.
+        ``reason`` is ``"next"``, ``"left"``, ``"disconnected"``, ``"reported"`` or ``"overflow"``
+        (a vanished client's messages did not fit); ``ended_by`` the client id that ended it;
+        ``duration`` its length in seconds; ``users`` as in ``relay_matched``. Return nothing.
+        """
+
+    @hookspec
+    def relay_report(
+        self, session: Session, reporter: str, reported: str, reason: str, users: dict[str, str | None]
+    ) -> None:
+        """Called when a client reports its peer, after the session ended and the two were blocked
+        from meeting again (per user when authenticated).
+
+        ``reporter`` and ``reported`` are client ids, ``reason`` the reporter's text (may be
+        empty), ``users`` as in ``relay_matched``. Return nothing; act (ban, review) in a task.
         """
 
     @hookspec(firstresult=True)
@@ -878,6 +945,16 @@ class Settings:
     heartbeat_timeout: float = 20.0  # seconds to wait for the pong before closing
     handshake_timeout: float = 5.0  # seconds to read the HTTP request and finish the upgrade
     drain_seconds: float = 30.0  # on SIGTERM: seconds matched clients get before the 1012 close
+    resume_grace: float = 20.0  # seconds a vanished client keeps its place or session, to resume (0: never)
+    resume_buffer_messages: int = 128  # signals kept per client for a resume; more while it is away end its session
+    resume_buffer_bytes: int = 64 * 1024  # bytes of them (and of other messages while it is away) likewise
+    joins_per_minute: int = 30  # join and next messages a client may send per minute
+    flood_limit: int = 50  # refused messages within FLOOD_WINDOW before a client is closed (1008)
+    max_connections_per_ip: int = 20  # WebSocket clients at once from one IP address; more get 429
+    connect_rate_per_ip: float = 2.0  # new WebSockets per second from one IP address, sustained
+    connect_burst_per_ip: int = 20  # new WebSockets from one IP address at once
+    allowed_origins: tuple[str, ...] = ()  # Origin headers a WebSocket may come from (empty: any), else 403
+    trust_proxy: bool = False  # take the client's address from Fly-Client-IP / X-Forwarded-For
     ice_servers: tuple[dict[str, Any], ...] = ()  # sent in matched unless a plugin answers
     static_dir: str = str(STATIC_DIR)  # files served at / (the demo); "" serves none
     plugins: tuple[str, ...] = ()  # plugin modules to load (besides the relay entry points)
@@ -899,6 +976,8 @@ class RelayStatistics:
     sessions_ended: dict[str, int]  # by reason
     errors: dict[str, int]  # error messages sent, by code
     closed_slow: int  # clients closed (1013) because their send buffer overflowed
+    away: int  # vanished clients that may still resume
+    resumed: int  # clients that resumed since start
     counters: dict[str, int]  # what plugins counted in ``Relay.counters`` (e.g. ``sessions_dropped``)
 
 
@@ -952,6 +1031,8 @@ class _Transport(trio.abc.Stream):
             return False
         self._write(_HEADERS[size] if size < 126 else _frame_header(_TEXT, size), payload)
         return True
+
+    send_signal = send_text
 
     def send_ping(self) -> None:
         self._write(_frame_header(_PING, 0), b"")
@@ -1034,43 +1115,103 @@ class _Transport(trio.abc.Stream):
             await self._stream.aclose()
 
 
-class _Client:
-    """One WebSocket connection's state. Plain slots: it is on the hot path."""
+class _AwayBuffer:
+    """Stands in for the transport of a client whose connection vanished: keeps what is sent to it,
+    in order, up to a count and a size, for the connection that resumes it."""
 
-    __slots__ = (
-        "closing",
-        "connected_at",
-        "id",
-        "peer",
-        "pinged_at",
-        "position",
-        "quiet_since",
-        "reader_scope",
-        "remote",
-        "seen",
-        "stamp",
-        "tokens",
-        "transport",
-        "ws",
+    __slots__ = ("max_bytes", "max_messages", "messages", "size")
+    received = 0
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.messages: list[str] = []
+        self.size = 0
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+
+    def send_text(self, text: str) -> bool:
+        if len(self.messages) >= self.max_messages or self.size + len(text) > self.max_bytes:
+            return False
+        self.messages.append(text)
+        self.size += len(text)
+        return True
+
+    def send_signal(self, text: str) -> bool:
+        return True  # signals wait in the client's replay ring
+
+
+class _Client:
+    """A client: who it is (id, user, peer: kept when it resumes on a new connection) and its
+    current connection. Plain slots: it is on the hot path."""
+
+    __slots__ = (  # noqa: RUF023 (grouped by meaning, not sorted)
+        "id", "secret", "user_id", "peer", "position", "connected_at", "join_tokens", "join_stamp",  # the client
+        "signals", "replay", "replay_bytes",
+        "ws", "transport", "remote", "ip", "tokens", "stamp", "closing", "reader_scope", "fresh", "floods",
+        "flood_start", "seen", "quiet_since", "pinged_at", "away_since",  # its connection
     )  # fmt: skip
 
     def __init__(
-        self, cid: str, ws: WebSocketConnection, transport: _Transport, remote: str, now: float, burst: int
+        self,
+        ws: WebSocketConnection,
+        transport: _Transport | _AwayBuffer,
+        remote: str,
+        ip: str,
+        user_id: str | None,
+        now: float,
+        settings: Settings,
     ) -> None:
-        self.id = cid
+        self.id = secrets.token_urlsafe(9)
+        self.secret = secrets.token_urlsafe(16)  # 128 bits: the private half of the resume token
+        self.user_id = user_id
+        self.peer: _Client | None = None  # the current session's other side
+        self.position = 0  # last position sent in "queued"
+        self.connected_at = now
+        self.join_tokens = float(settings.joins_per_minute)  # joins and nexts: a bucket per minute
+        self.join_stamp = now
+        self.signals = 0  # signals sent to this client: each carries its number "n"
+        self.replay: collections.deque[tuple[int, str]] = collections.deque()  # the latest, for a resume
+        self.replay_bytes = 0
         self.ws = ws
         self.transport = transport
         self.remote = remote
-        self.peer: _Client | None = None  # the current session's other side
-        self.tokens = float(burst)  # rate limit bucket
+        self.ip = ip
+        self.tokens = float(settings.message_burst)  # message rate limit bucket
         self.stamp = now
-        self.connected_at = now
         self.closing: tuple[int, str] | None = None  # (code, reason) once a close is decided
         self.reader_scope = trio.CancelScope()
-        self.position = 0  # last position sent in "queued"
+        self.fresh = True  # no message read yet: a resume is still allowed
+        self.floods = 0  # messages refused by the rate limit since flood_start
+        self.flood_start = now
         self.seen = 0  # transport.received at the heartbeat's last look
         self.quiet_since = now
         self.pinged_at: float | None = None
+        self.away_since: float | None = None  # the connection vanished; it may resume until the grace ends
+
+    @property
+    def token(self) -> str:
+        """The resume token: the public client id, and the secret compared in constant time."""
+        return f"{self.id}.{self.secret}"
+
+
+class _Address:
+    """What the relay knows of one IP address: its open WebSockets and its connection bucket."""
+
+    __slots__ = ("count", "stamp", "tokens")
+
+    def __init__(self, burst: int, now: float) -> None:
+        self.count = 0
+        self.tokens = float(burst)
+        self.stamp = now
+
+
+def _client_ip(request: HttpRequest, trust_proxy: bool) -> str:
+    """The client's IP address: the socket's, or with ``trust_proxy`` what Fly.io's proxy
+    (``Fly-Client-IP``) or another one (the first ``X-Forwarded-For``) says."""
+    if trust_proxy:
+        forwarded = request.headers.get("fly-client-ip") or request.headers.get("x-forwarded-for", "").split(",")[0]
+        if forwarded.strip():
+            return forwarded.strip()
+    return request.remote.rsplit(":", 1)[0]
 
 
 def _remote(stream: trio.SocketStream) -> str:
@@ -1116,6 +1257,16 @@ class HttpRequest:
     headers: dict[str, str]  # names in lower case
     body: bytes  # at most MAX_REQUEST_BODY bytes
     remote: str  # "host:port"
+
+
+@attrs.frozen
+class Auth:
+    """What ``relay_authenticate`` decides about a WebSocket upgrade."""
+
+    user_id: str | None = None  # accepted as this user
+    refuse: int = 0  # an HTTP status (401, 403) to refuse with; 0 accepts
+    reason: str = ""  # why, sent with the refusal
+    subprotocol: str | None = None  # the Sec-WebSocket-Protocol value to accept with
 
 
 @attrs.frozen
@@ -1263,6 +1414,8 @@ class Relay:
         self.stopping = False  # shutdown() was called: serve() returns once every client is gone
         self._configured = False
         self._clients: dict[str, _Client] = {}
+        self._away: dict[str, _Client] = {}  # vanished clients that may resume, oldest first
+        self._addresses: dict[str, _Address] = {}  # per IP address: open WebSockets, connection bucket
         self._closing = 0  # WebSocket tasks not finished yet (attached, or still sending their close)
         self._started = 0.0
         self._connections_total = 0
@@ -1271,6 +1424,7 @@ class Relay:
         self._ended: dict[str, int] = {}
         self._errors: dict[str, int] = {}
         self._closed_slow = 0
+        self._resumed = 0
         self._static = _load_static(settings.static_dir)
         self._drain_requested = trio.Event()
         self._stopped = trio.Event()
@@ -1279,6 +1433,8 @@ class Relay:
             "next": self._on_next,
             "leave": self._on_leave,
             "ping": self._on_ping,
+            "report": self._on_report,
+            "resume": self._on_resume,
         }
 
     # -- public API -------------------------------------------------------------------------------
@@ -1329,6 +1485,8 @@ class Relay:
         self.draining = True
         log.info("draining %d clients", len(self._clients))
         note = _msg_draining(deadline_s)
+        for c in list(self._away.values()):  # cannot resume here any more
+            self._detach(c)
         for c in list(self._clients.values()):
             self._send(c, note)
             if c.peer is None:
@@ -1363,7 +1521,7 @@ class Relay:
     def statistics(self) -> RelayStatistics:
         mm = self.matchmaker
         return RelayStatistics(
-            connections=len(self._clients),
+            connections=len(self._clients) - len(self._away),
             queued=mm.queue_size,
             queued_with_interests=mm.queued_with_interests,
             sessions=mm.session_count,
@@ -1375,6 +1533,8 @@ class Relay:
             sessions_ended=dict(self._ended),
             errors=dict(self._errors),
             closed_slow=self._closed_slow,
+            away=len(self._away),
+            resumed=self._resumed,
             counters=dict(self.counters),
         )
 
@@ -1395,21 +1555,52 @@ class Relay:
             if head is None:
                 return
             if head.request.path == WS_PATH and head.upgrade:
-                if self.draining or len(self._clients) >= self.settings.max_connections:
-                    why = "draining" if self.draining else "at capacity"
-                    await _respond(
-                        stream, 503, f"503 relay {why}, try again\n".encode(), headers=[("Retry-After", "5")]
-                    )
+                ip = _client_ip(head.request, self.settings.trust_proxy)
+                refusal = self._admit(head.request, ip)
+                if refusal is not None:
+                    status, reason = refusal
+                    headers = [("Retry-After", "5")] if status in (429, 503) else []
+                    await _respond(stream, status, f"{status} {reason}\n".encode(), headers=headers)
+                    return
+                auth = self._call_hooks("relay_authenticate", request=head.request) or Auth()
+                if auth.refuse:
+                    log.info("refused a WebSocket from %s: %s", ip, auth.reason)
+                    await _respond(stream, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
                     return
                 raw = head.raw
                 del head  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
-                await self._serve_websocket(stream, raw, handshake)
+                address = self._addresses[ip]
+                address.count += 1
+                try:
+                    await self._serve_websocket(stream, raw, handshake, ip, auth)
+                finally:
+                    address.count -= 1
             else:
                 response = self._answer_http(head.request)
                 await _respond(
                     stream, response.status, response.body, response.content_type,
                     head_only=head.request.method == "HEAD", headers=response.headers, cache=response.cache,
                 )  # fmt: skip
+
+    def _admit(self, request: HttpRequest, ip: str) -> tuple[int, str] | None:
+        """Whether a WebSocket may open: (status, reason) to refuse it, or None. Cheap checks first."""
+        s = self.settings
+        if self.draining or len(self._clients) >= s.max_connections:
+            return 503, "relay draining, try again" if self.draining else "relay at capacity, try again"
+        if s.allowed_origins and request.headers.get("origin") not in s.allowed_origins:
+            return 403, "origin not allowed"
+        now = trio.current_time()
+        address = self._addresses.get(ip)
+        if address is None:
+            address = self._addresses[ip] = _Address(s.connect_burst_per_ip, now)
+        address.tokens = min(s.connect_burst_per_ip, address.tokens + (now - address.stamp) * s.connect_rate_per_ip)
+        address.stamp = now
+        if address.count >= s.max_connections_per_ip:
+            return 429, "too many connections from your address"
+        if address.tokens < 1:
+            return 429, "too many new connections from your address: slow down"
+        address.tokens -= 1
+        return None
 
     def _answer_http(self, request: HttpRequest) -> HttpResponse:
         """Everything on the port that is not a WebSocket: health, plugins, the static files, 404."""
@@ -1442,21 +1633,23 @@ class Relay:
 
     # -- connections: WebSocket clients -----------------------------------------------------------
 
-    async def _serve_websocket(self, stream: trio.SocketStream, raw: bytes, handshake: trio.CancelScope) -> None:
+    async def _serve_websocket(
+        self, stream: trio.SocketStream, raw: bytes, handshake: trio.CancelScope, ip: str, auth: Auth
+    ) -> None:
         s = self.settings
-        remote = _remote(stream)
+        remote = f"{ip}:{stream.socket.getpeername()[1]}" if s.trust_proxy else _remote(stream)
         async with trio.open_nursery() as nursery:
             transport = _Transport(stream, raw, s.send_buffer_bytes, nursery)
             try:
                 request = await trio_websocket.wrap_server_stream(
                     nursery, transport, message_queue_size=RECEIVE_QUEUE, max_message_size=s.max_message_bytes
                 )
-                ws = transport.ws = await request.accept()
+                ws = transport.ws = await request.accept(subprotocol=auth.subprotocol)
                 del request
                 if ws.closed:  # the client vanished
                     return
                 handshake.deadline = math.inf
-                c = _Client(secrets.token_urlsafe(9), ws, transport, remote, trio.current_time(), s.message_burst)
+                c = _Client(ws, transport, remote, ip, auth.user_id, trio.current_time(), s)
                 self._closing += 1
                 try:
                     await self._run_client(c)
@@ -1470,7 +1663,8 @@ class Relay:
                     nursery.cancel_scope.cancel()  # trio-websocket's reader, and a flusher if one runs
 
     async def _run_client(self, c: _Client) -> None:
-        """A client's life: welcome, read loop, then the close handshake (bounded)."""
+        """A connection's life: welcome, read loop, then the close handshake (bounded). The client
+        it serves may change once, when its first message resumes an earlier one."""
         self._attach(c)
         try:
             with c.reader_scope:
@@ -1479,25 +1673,57 @@ class Relay:
             log.exception("client %s: handler failed", c.id)
             self._close(c, CLOSE_INTERNAL, "internal error")
         finally:
-            self._detach(c)
-        code, reason = c.closing or (CLOSE_NORMAL, "")
+            code, reason = c.closing or (CLOSE_NORMAL, "")
+            ws = c.ws
+            self._connection_lost(c)
         with trio.move_on_after(CLOSE_TIMEOUT):
-            await c.ws.aclose(code, reason)
+            await ws.aclose(code, reason)
 
     def _attach(self, c: _Client) -> None:
         self._clients[c.id] = c
         self._connections_total += 1
-        self.matchmaker.connect(c.id)
-        log.info("client %s connected from %s", c.id, c.remote)
-        self._call_hooks("relay_client_connected", client_id=c.id, remote=c.remote)
-        self._send(c, _msg_welcome(c.id, secrets.token_urlsafe(16)))  # 128-bit token, for resume
+        self.matchmaker.connect(c.id, identity=c.user_id)
+        log.info("client %s connected from %s%s", c.id, c.remote, f" as {c.user_id}" if c.user_id else "")
+        self._call_hooks("relay_client_connected", client_id=c.id, remote=c.remote, user_id=c.user_id)
+        self._send(c, _msg_welcome(c.id, c.token))
+
+    def _connection_lost(self, c: _Client) -> None:
+        """The connection ended. A client that vanished (no close frame, no pong) may come back:
+        it keeps its place or session for ``--resume-grace``. Any other end is final."""
+        if self._clients.get(c.id) is not c:
+            return  # already detached (kicked, expired)
+        closed = c.ws.closed
+        vanished = (closed is None or closed.code == 1006) and c.closing is None
+        if (
+            (vanished or (c.closing or (0,))[0] == CLOSE_HEARTBEAT)
+            and self.settings.resume_grace > 0
+            and not self.draining
+        ):
+            self._suspend(c)
+        else:
+            self._detach(c)
+
+    def _suspend(self, c: _Client) -> None:
+        s = self.settings
+        c.away_since = trio.current_time()
+        c.transport = _AwayBuffer(s.resume_buffer_messages, s.resume_buffer_bytes)
+        c.closing = None
+        self._away[c.id] = c
+        self.matchmaker.hold(c.id)
+        log.info("client %s: connection lost; it may resume within %.0f s", c.id, s.resume_grace)
+        if c.peer is not None:
+            session = self.matchmaker.session_of(c.id)
+            assert session is not None
+            self._send(c.peer, _msg_peer("peer_reconnecting", session.id))
 
     def _detach(self, c: _Client) -> None:
-        if self._clients.pop(c.id, None) is None:
+        if self._clients.get(c.id) is not c:
             return
+        del self._clients[c.id]
+        self._away.pop(c.id, None)
         self._apply(self.matchmaker.disconnect(c.id))
         closed = c.ws.closed
-        code = closed.code if closed is not None else None
+        code = None if c.away_since is not None or closed is None else closed.code
         duration = trio.current_time() - c.connected_at
         log.info("client %s disconnected (code %s, %.1f s)", c.id, code, duration)
         self._call_hooks("relay_client_disconnected", client_id=c.id, code=code, duration=duration)
@@ -1510,6 +1736,7 @@ class Relay:
         handlers = self._handlers
         parse = parse_message
         clock = trio.current_time
+        replay_bytes, replay_messages = self.settings.resume_buffer_bytes, self.settings.resume_buffer_messages
         while True:
             try:
                 text = await get_message()
@@ -1522,7 +1749,7 @@ class Relay:
                 tokens = burst
             if tokens < 1.0:
                 c.tokens = tokens
-                self._error(c, "rate_limited", f"more than {rate:g} messages a second: slow down")
+                self._refused(c, now)
                 continue
             c.tokens = tokens - 1.0
             try:
@@ -1532,21 +1759,54 @@ class Relay:
                     peer = c.peer
                     if peer is None:
                         raise ProtocolError("not_matched", "no peer to signal: wait for matched")
-                    # Forward the client's own text when it holds nothing but type and data.
-                    out = text if len(msg) == 2 else _msg_signal(msg["data"])
-                    if peer.closing is None and not peer.transport.send_text(out):  # type: ignore[arg-type]
+                    # Number it for the peer; splice the number into the client's own text when it
+                    # holds nothing but type and data (no JSON encoding on the relay path).
+                    n = peer.signals = peer.signals + 1
+                    if len(msg) == 2 and text[0] == "{":  # type: ignore[index]
+                        out = f'{{"n":{n},{text[1:]}'  # type: ignore[index]
+                    else:
+                        out = _msg_signal(msg["data"], n)
+                    peer.replay.append((n, out))
+                    peer.replay_bytes += len(out)
+                    if peer.replay_bytes > replay_bytes or len(peer.replay) > replay_messages:
+                        self._trim(peer)
+                    if peer.closing is None and not peer.transport.send_signal(out):
                         self._too_slow(peer)
                     self._signals += 1
                 else:
                     handlers[kind](c, msg)
             except ProtocolError as exc:
                 self._error(c, exc.code, exc.message)
+            c.fresh = False
+
+    def _refused(self, c: _Client, now: float) -> None:
+        """A message over the rate limit: an error, or, for a client that keeps flooding, the end."""
+        s = self.settings
+        if now - c.flood_start > FLOOD_WINDOW:
+            c.flood_start, c.floods = now, 0
+        c.floods += 1
+        if c.floods >= s.flood_limit:
+            log.info("client %s: flooding, closing", c.id)
+            self._close(c, CLOSE_POLICY, "flooding: too many messages")
+        else:
+            self._error(c, "rate_limited", f"more than {s.message_rate:g} messages a second: slow down")
 
     # -- message handlers (synchronous: they only decide and enqueue) -----------------------------
+
+    def _take_join(self, c: _Client) -> None:
+        """joins and nexts: at most --joins-per-minute, so nobody cycles through the whole queue."""
+        per_minute = self.settings.joins_per_minute
+        now = trio.current_time()
+        c.join_tokens = min(per_minute, c.join_tokens + (now - c.join_stamp) * per_minute / 60)
+        c.join_stamp = now
+        if c.join_tokens < 1:
+            raise ProtocolError("rate_limited", f"more than {per_minute} joins or nexts a minute: wait a moment")
+        c.join_tokens -= 1
 
     def _on_join(self, c: _Client, msg: dict[str, Any]) -> None:
         if self._refuse_while_draining(c):
             return
+        self._take_join(c)
         mm = self.matchmaker
         self._apply(mm.tick())
         self._apply(mm.join(c.id, msg["interests"]))
@@ -1554,6 +1814,7 @@ class Relay:
     def _on_next(self, c: _Client, msg: dict[str, Any]) -> None:
         if self._refuse_while_draining(c):
             return
+        self._take_join(c)
         mm = self.matchmaker
         self._apply(mm.tick())
         self._apply(mm.next(c.id))
@@ -1566,6 +1827,78 @@ class Relay:
 
     def _on_ping(self, c: _Client, msg: dict[str, Any]) -> None:
         self._send(c, _PONG)
+
+    def _on_report(self, c: _Client, msg: dict[str, Any]) -> None:
+        mm = self.matchmaker
+        session = mm.session_of(c.id)
+        decisions = mm.report(c.id)  # raises not_matched without a session
+        assert session is not None
+        reported = session.peer_of(c.id)
+        log.info("client %s reported %s", c.id, reported)
+        self._send(c, _REPORTED)
+        self._apply(decisions)
+        users = self._users(session)
+        self._call_hooks(
+            "relay_report", session=session, reporter=c.id, reported=reported, reason=msg["reason"], users=users
+        )
+
+    def _on_resume(self, c: _Client, msg: dict[str, Any]) -> None:
+        """Take back a vanished client: its id, place or session, and what was sent to it meanwhile.
+        The connection's own, unused identity ends quietly."""
+        cid, _, secret = msg["token"].partition(".")
+        x = self._away.get(cid)
+        if (
+            not c.fresh
+            or x is None
+            or not hmac.compare_digest(x.secret.encode(), secret.encode())
+            or x.user_id != c.user_id
+        ):
+            raise ProtocolError("resume_failed", "cannot resume (too late, or not yours): join again")
+        del self._away[cid]
+        mm = self.matchmaker
+        # This connection's provisional client never did anything: it ends without a trace.
+        del self._clients[c.id]
+        mm.disconnect(c.id)
+        self._call_hooks("relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
+        # It becomes the vanished client.
+        c.id, c.user_id, c.peer, c.position = x.id, x.user_id, x.peer, x.position
+        c.connected_at, c.join_tokens, c.join_stamp = x.connected_at, x.join_tokens, x.join_stamp
+        c.secret = secrets.token_urlsafe(16)  # a token is good once
+        if c.peer is not None:
+            c.peer.peer = c
+        self._clients[c.id] = c
+        self._resumed += 1
+        log.info("client %s resumed from %s", c.id, c.remote)
+        session = mm.session_of(c.id)
+        if session is not None:
+            details = {"session_id": session.id, "peer_id": session.peer_of(c.id)}
+        elif mm.state(c.id) == "queued":
+            details = {"position": c.position, "queue_size": mm.queue_size}
+        else:
+            details = {}
+        c.signals, c.replay, c.replay_bytes = x.signals, x.replay, x.replay_bytes
+        missed = [out for n, out in c.replay if n > msg["last"]]
+        if x.signals - msg["last"] > len(missed):  # some fell out of the ring: they cannot be replayed
+            c.away_since = x.away_since
+            c.transport, transport = x.transport, c.transport
+            self._overflow(c)
+            c.away_since, c.transport = None, transport
+            session, missed, details = None, [], {}
+        self._send(c, _msg_resumed(c.id, c.token, mm.state(c.id), **details))
+        for out in missed:  # in their order, then what else came while it was away
+            self._send(c, out)
+        assert isinstance(x.transport, _AwayBuffer)
+        for text in x.transport.messages:
+            self._send(c, text)
+        if c.peer is not None and session is not None:
+            self._send(c.peer, _msg_peer("peer_resumed", session.id))
+        self._apply(mm.release(c.id))
+
+    def _users(self, session: Session) -> dict[str, str | None]:
+        clients = self._clients
+        return {
+            cid: (clients[cid].user_id if cid in clients else None) for cid in (session.initiator, session.answerer)
+        }
 
     def _refuse_while_draining(self, c: _Client) -> bool:
         """While draining nobody is (re)queued: the client leaves and is closed (1012)."""
@@ -1592,21 +1925,25 @@ class Relay:
                 for c in (a, b):
                     ice = self._call_hooks("relay_ice_servers", session=s, client_id=c.id)
                     self._send(c, _msg_matched(s, c.id, list(self.settings.ice_servers) if ice is None else ice))
-                self._call_hooks("relay_matched", session=s)
+                self._call_hooks("relay_matched", session=s, users={s.initiator: a.user_id, s.answerer: b.user_id})
             elif type(d) is Ended:
                 s = d.session
+                users = self._users(s)
                 for cid in (s.initiator, s.answerer):
                     c = clients.get(cid)
                     if c is not None:
                         c.peer = None
                 notify = clients.get(d.notify)
                 if notify is not None:
-                    self._send(notify, _msg_peer_left(s.id, d.reason))
+                    # The reported side is not told it was reported: for it, the peer left.
+                    self._send(notify, _msg_peer_left(s.id, "left" if d.reason == "reported" else d.reason))
                     if self.draining:
                         self._close(notify, CLOSE_RESTART, "server restarting")
                 self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
                 duration = trio.current_time() - s.started_at
-                self._call_hooks("relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration)
+                self._call_hooks(
+                    "relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration, users=users
+                )
 
     # -- sending and closing ----------------------------------------------------------------------
 
@@ -1616,9 +1953,35 @@ class Relay:
             self._too_slow(c)
 
     def _too_slow(self, c: _Client) -> None:
+        if c.away_since is not None:
+            self._overflow(c)
+            return
         self._closed_slow += 1
         log.info("client %s: send buffer full, closing", c.id)
         self._close(c, CLOSE_TOO_SLOW, "too slow: send buffer full")
+
+    def _trim(self, c: _Client) -> None:
+        """Keep a client's replay ring in its bounds; for a vanished client, what falls out would be
+        lost, so its session ends instead."""
+        s = self.settings
+        replay = c.replay
+        while replay and (c.replay_bytes > s.resume_buffer_bytes or len(replay) > s.resume_buffer_messages):
+            c.replay_bytes -= len(replay.popleft()[1])
+        if c.away_since is not None:
+            self._overflow(c)
+
+    def _overflow(self, c: _Client) -> None:
+        """More was sent to a vanished client than it may be kept for it: rather than lose messages
+        silently, its session ends ("overflow"); when it resumes, it learns just that."""
+        session = self.matchmaker.session_of(c.id)
+        if session is None:
+            return  # nothing but a finished session's messages could pile up: drop this one
+        log.info("client %s: too much waiting while it is away, ending its session", c.id)
+        assert isinstance(c.transport, _AwayBuffer)
+        c.transport.messages.clear()
+        c.transport.size = 0
+        c.transport.send_text(_msg_peer_left(session.id, "overflow"))
+        self._apply(self.matchmaker.leave(c.id, "overflow"))
 
     def _error(self, c: _Client, code: str, message: str) -> None:
         self._errors[code] = self._errors.get(code, 0) + 1
@@ -1629,7 +1992,9 @@ class Relay:
 
         Its read loop stops at once; its own task then detaches it and closes the WebSocket.
         """
-        if c.closing is None:
+        if c.away_since is not None:  # no connection to close: it ends now
+            self._detach(c)
+        elif c.closing is None:
             c.closing = (code, reason)
             c.reader_scope.cancel()
 
@@ -1643,6 +2008,8 @@ class Relay:
             await trio.sleep(min(s.heartbeat_interval, s.heartbeat_timeout) / 2)
             now = trio.current_time()
             for c in list(self._clients.values()):
+                if c.away_since is not None:
+                    continue
                 received = c.transport.received
                 if received != c.seen:
                     c.seen, c.quiet_since, c.pinged_at = received, now, None
@@ -1655,10 +2022,27 @@ class Relay:
                     self._close(c, CLOSE_HEARTBEAT, "heartbeat timeout")
 
     async def _tick_loop(self) -> None:
-        """Expire interest timeouts on time even when nobody joins."""
+        """Expire interest timeouts on time even when nobody joins; end vanished clients whose grace
+        is over; now and then forget idle IP addresses."""
+        swept = trio.current_time()
         while True:
             await trio.sleep(TICK_INTERVAL)
+            now = trio.current_time()
             self._apply(self.matchmaker.tick())
+            while self._away:
+                c = next(iter(self._away.values()))  # the oldest: the grace is the same for all
+                assert c.away_since is not None
+                if now - c.away_since < self.settings.resume_grace:
+                    break
+                log.info("client %s: did not come back in time", c.id)
+                self._detach(c)
+            if now - swept >= SWEEP_INTERVAL:
+                swept = now
+                burst = self.settings.connect_burst_per_ip
+                rate = self.settings.connect_rate_per_ip
+                for ip, a in list(self._addresses.items()):
+                    if a.count == 0 and a.tokens + (now - a.stamp) * rate >= burst:
+                        del self._addresses[ip]
 
     async def _position_loop(self) -> None:
         """Push changed queue positions, at most one message per client per interval."""
@@ -1674,7 +2058,8 @@ class Relay:
                 c = clients[cid]
                 if c.position != position:
                     c.position = position
-                    self._send(c, _msg_queued(position, size))
+                    if c.away_since is None:
+                        self._send(c, _msg_queued(position, size))
 
     async def _drain_deadline(self) -> None:
         """Once ``shutdown()`` was called: close whoever is left after ``drain_seconds``."""
@@ -1742,6 +2127,22 @@ def _parser() -> argparse.ArgumentParser:
     opt("--heartbeat-timeout", float, "seconds to wait for a pong")
     opt("--handshake-timeout", float, "seconds allowed for the HTTP request and WebSocket upgrade")
     opt("--drain-seconds", float, "on SIGTERM, seconds sessions get to finish before the 1012 close")
+    opt("--resume-grace", float, "seconds a vanished client keeps its place or session to resume (0: never)")
+    opt("--resume-buffer-messages", int, "messages kept for a vanished client; more end its session")
+    opt("--resume-buffer-bytes", int, "bytes kept for a vanished client; more end its session")
+    opt("--joins-per-minute", int, "join and next messages a client may send per minute")
+    opt("--flood-limit", int, f"messages refused within {FLOOD_WINDOW:g} s before a client is closed (1008)")
+    opt("--max-connections-per-ip", int, "WebSocket clients at once from one IP address; more get 429")
+    opt("--connect-rate-per-ip", float, "new WebSockets per second from one IP address, sustained")
+    opt("--connect-burst-per-ip", int, "new WebSockets from one IP address at once")
+    p.add_argument(
+        "--allowed-origin", action="append", default=list(d.allowed_origins), metavar="ORIGIN",
+        help="an Origin a WebSocket may come from, e.g. https://chat.example.com (repeatable; default: any)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trust-proxy", action="store_true", default=os.environ.get("FLY_APP_NAME") is not None,
+        help="take client addresses from Fly-Client-IP / X-Forwarded-For (default: on when on Fly.io)",
+    )  # fmt: skip
     p.add_argument(
         "--ice-server", action="append", type=_ice_server, default=[], metavar="URL_OR_JSON",
         help="an ICE server for matched (repeatable): stun:host:port or a JSON RTCIceServer object",
@@ -1767,6 +2168,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["ice_servers"] = tuple(args.ice_server)
     values["plugins"] = tuple(args.plugin)
+    values["allowed_origins"] = tuple(args.allowed_origin)
     return Settings(**values)
 
 

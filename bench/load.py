@@ -3,9 +3,9 @@
     python bench/load.py                       # the figures in the README
     python bench/load.py --pairs 50 500 --seconds 5 --idle 2000
 
-For each server (relay.py with its defaults except the per-client rate limit, lifted so the
-generator can saturate it; bench/forwarder.py, the ceiling) it starts the server pinned to core 0,
-drives it from this process pinned to core 1, and reports:
+For each server (relay.py with its defaults except the per-client and per-address limits, lifted so
+the generator, from one address, can saturate it; bench/forwarder.py, the ceiling) it starts the
+server pinned to core 0, drives it from this process pinned to core 1, and reports:
 
 * relayed messages per second with N pairs streaming signaling traffic: per pair and direction, an
   SDP of ~2 KB then ten ICE candidates of ~250 B, over and over, at most WINDOW messages in flight;
@@ -292,9 +292,12 @@ def rss_of(pid: int) -> int:
 
 
 RELAY = [str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", "--message-rate", "1e9",
-         "--message-burst", "1000000000", "--max-connections", "100000"]  # fmt: skip
+         "--message-burst", "1000000000", "--max-connections", "100000", "--max-connections-per-ip", "100000",
+         "--connect-rate-per-ip", "1e9", "--connect-burst-per-ip", "100000",
+         "--joins-per-minute", "100000"]  # fmt: skip
 SERVERS = {
-    # The relay's defaults but for the per-client rate limit, and without its plugins.
+    # The relay's defaults but for the per-client and per-address limits (all the load comes from one
+    # address and saturates the relay on purpose), and without its plugins.
     "relay": [*RELAY, "--sessions-db", ""],
     # The same with session persistence (SQLite, in a fresh file) and metrics (scraped every 5 s).
     "relay+plugins": [*RELAY, "--metrics", "--sessions-db", "/tmp/bench-sessions.db"],

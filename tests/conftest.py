@@ -58,6 +58,17 @@ UPGRADE = (
     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     "Sec-WebSocket-Version: 13\r\n"
 )
+# Every test client comes from 127.0.0.1: relays in tests get per-address limits that fit that
+# (the abuse tests set real ones).
+LOOPBACK_LIMITS = {"max_connections_per_ip": 100_000, "connect_rate_per_ip": 1e6, "connect_burst_per_ip": 100_000}
+LOOPBACK_FLAGS = [
+    "--max-connections-per-ip",
+    "100000",
+    "--connect-rate-per-ip",
+    "1e6",
+    "--connect-burst-per-ip",
+    "100000",
+]
 STEP = 5.0  # seconds any single expected event may take before the test fails (never asserted as a time)
 
 
@@ -139,7 +150,7 @@ async def start_relay(
     for plugin in plugins:
         pm.register(plugin)
     r = relay_mod.Relay(
-        relay_mod.Settings(host="127.0.0.1", port=0, **settings),
+        relay_mod.Settings(host="127.0.0.1", port=0, **(LOOPBACK_LIMITS | settings)),
         plugin_manager=pm,
         options=argparse.Namespace(**(options or {})),
     )

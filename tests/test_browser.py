@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from playwright import sync_api as playwright_api
 
-from tests.conftest import NETWORK_ISOLATION_ERROR
+from tests.conftest import LOOPBACK_FLAGS, NETWORK_ISOLATION_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; `playwright install` is never used
@@ -64,7 +64,16 @@ class RelayProcess:
     def start(self) -> RelayProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+                [
+                    sys.executable,
+                    str(ROOT / "relay.py"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    *LOOPBACK_FLAGS,
+                    *self.args,
+                ],
                 stderr=log,
                 env=self.env,
                 cwd=self.log.parent,  # its session records (SQLite, on by default) stay in the test's tmp dir

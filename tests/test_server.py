@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 import relay as relay_mod
-from tests.conftest import STEP, UPGRADE, Harness, http_get
+from tests.conftest import LOOPBACK_FLAGS, STEP, UPGRADE, Harness, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ async def start_process(nursery: trio.Nursery, *args: str, cwd: Path | None = No
     """`python relay.py` with the given flags; session records (on by default) go to `cwd`."""
     proc = await nursery.start(
         lambda task_status: trio.run_process(
-            [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", *LOOPBACK_FLAGS, *args],
             stderr=subprocess.PIPE,
             check=False,
             cwd=cwd,
