@@ -125,8 +125,11 @@ class Harness:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.relay.port}{relay_mod.WS_PATH}"
 
-    async def connect(self, *, queue: int = 4) -> Client:
-        ws = await trio_websocket.connect_websocket_url(self.nursery, self.url, message_queue_size=queue)
+    async def connect(self, *, queue: int = 4, headers: dict[str, str] | None = None) -> Client:
+        extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        ws = await trio_websocket.connect_websocket_url(
+            self.nursery, self.url, message_queue_size=queue, extra_headers=extra
+        )
         client = Client(ws)
         client.welcome = await client.expect("welcome", protocol=relay_mod.PROTOCOL_VERSION)
         return client
