@@ -6,7 +6,7 @@ WORKDIR /app
 COPY pyproject.toml README.md relay.py ./
 COPY plugins ./plugins
 COPY static ./static
-RUN pip install '.[postgres]' && useradd --system --no-create-home relay \
+RUN pip install '.[postgres,auth]' && useradd --system --no-create-home relay \
     && mkdir /app/data && chown relay /app/data
 # Session records: SQLite here by default (plugins.sessions); DATABASE_URL switches to PostgreSQL.
 ENV RELAY_SESSIONS_DB=/app/data/relay-sessions.db

@@ -50,8 +50,10 @@ class SessionEvent:
     initiator: str = ""
     answerer: str = ""
     interests: tuple[str, ...] = ()
-    reason: str = ""  # "next", "left", "disconnected"
+    reason: str = ""  # "next", "left", "disconnected", "reported", "overflow"
     ended_by: str = ""  # client id
+    initiator_user: str | None = None  # user ids, under auth
+    answerer_user: str | None = None
 
 
 class SessionStore(Protocol):
@@ -80,7 +82,10 @@ def split(events: list[SessionEvent]) -> tuple[list[SessionEvent], list[SessionE
     return [e for e in events if e.kind == "start"], [e for e in events if e.kind == "end"]
 
 
-COLUMNS = ("session_id", "initiator", "answerer", "interests", "started_at", "ended_at", "end_reason", "ended_by")
+COLUMNS = (
+    "session_id", "initiator", "answerer", "interests", "started_at", "ended_at", "end_reason", "ended_by",
+    "initiator_user", "answerer_user",
+)  # fmt: skip
 
 
 class SessionRecorder:
@@ -104,9 +109,13 @@ class SessionRecorder:
         nursery.start_soon(self._writer)
 
     @relay.hookimpl
-    def relay_matched(self, session: Session) -> None:
-        interests = session.interests
-        self._put(SessionEvent("start", session.id, time.time(), session.initiator, session.answerer, interests))
+    def relay_matched(self, session: Session, users: dict[str, str | None]) -> None:
+        self._put(
+            SessionEvent(
+                "start", session.id, time.time(), session.initiator, session.answerer, session.interests,
+                initiator_user=users.get(session.initiator), answerer_user=users.get(session.answerer),
+            )
+        )  # fmt: skip
 
     @relay.hookimpl
     def relay_session_ended(self, session: Session, reason: str, ended_by: str) -> None:

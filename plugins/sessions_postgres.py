@@ -11,7 +11,7 @@ from typing import Any
 
 from plugins.sessions import COLUMNS, SessionEvent, split
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {
     1: [
         """CREATE TABLE IF NOT EXISTS sessions (
@@ -25,6 +25,10 @@ MIGRATIONS = {
             ended_by   TEXT                        -- client id
         )""",
         "CREATE INDEX IF NOT EXISTS sessions_started_at ON sessions (started_at)",
+    ],
+    2: [
+        "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS initiator_user TEXT",  # the JWT sub, under auth
+        "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS answerer_user TEXT",
     ],
 }
 
@@ -70,9 +74,12 @@ class PostgresStore:
 
         def write(cur: Any) -> None:
             cur.executemany(
-                "INSERT INTO sessions (session_id, initiator, answerer, interests, started_at)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING",
-                [(e.session_id, e.initiator, e.answerer, list(e.interests), e.at) for e in starts],
+                "INSERT INTO sessions (session_id, initiator, answerer, interests, started_at, initiator_user,"
+                " answerer_user) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING",
+                [
+                    (e.session_id, e.initiator, e.answerer, list(e.interests), e.at, e.initiator_user, e.answerer_user)
+                    for e in starts
+                ],
             )
             cur.executemany(
                 "UPDATE sessions SET ended_at = %s, end_reason = %s, ended_by = %s WHERE session_id = %s",

@@ -13,7 +13,7 @@ from typing import Any
 
 from plugins.sessions import COLUMNS, SessionEvent, split
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {
     1: """
         CREATE TABLE IF NOT EXISTS sessions (
@@ -27,6 +27,10 @@ MIGRATIONS = {
             ended_by   TEXT                         -- client id
         );
         CREATE INDEX IF NOT EXISTS sessions_started_at ON sessions (started_at);
+    """,
+    2: """
+        ALTER TABLE sessions ADD COLUMN initiator_user TEXT;  -- the JWT sub, under auth
+        ALTER TABLE sessions ADD COLUMN answerer_user TEXT;
     """,
 }
 
@@ -45,14 +49,20 @@ class SQLiteStore:
         return self._db
 
     def migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, one step per transaction. The version is read inside
+        the write lock, so two processes migrating at once (a relay and ``relay sessions``) cannot
+        both apply a step."""
         db = self._connect()
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+        while True:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _statements(MIGRATIONS[target]):  # not executescript: it would commit
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version >= SCHEMA_VERSION:
+                    db.execute("COMMIT")
+                    return
+                for statement in _statements(MIGRATIONS[version + 1]):  # not executescript: it would commit
                     db.execute(statement)
-                db.execute(f"PRAGMA user_version = {target}")
+                db.execute(f"PRAGMA user_version = {version + 1}")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -64,9 +74,20 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(
-                "INSERT OR IGNORE INTO sessions (session_id, initiator, answerer, interests, started_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(e.session_id, e.initiator, e.answerer, json.dumps(list(e.interests)), e.at) for e in starts],
+                "INSERT OR IGNORE INTO sessions (session_id, initiator, answerer, interests, started_at,"
+                " initiator_user, answerer_user) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.session_id,
+                        e.initiator,
+                        e.answerer,
+                        json.dumps(list(e.interests)),
+                        e.at,
+                        e.initiator_user,
+                        e.answerer_user,
+                    )
+                    for e in starts
+                ],
             )
             db.executemany(
                 "UPDATE sessions SET ended_at = ?, end_reason = ?, ended_by = ? WHERE session_id = ?",

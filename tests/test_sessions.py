@@ -256,3 +256,62 @@ def test_sqlite_file_is_in_wal_mode(tmp_path: Path):
     store.migrate()
     store.close()
     assert sqlite3.connect(tmp_path / "w.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_version_1_database_is_upgraded_and_keeps_its_rows(tmp_path, postgres_url):
+    import sqlite3
+
+    import plugins.sessions_postgres as pg
+    import plugins.sessions_sqlite as lite
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)  # as version 1 of the relay left it
+    for statement in lite._statements(lite.MIGRATIONS[1]):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO sessions (session_id, initiator, answerer, started_at) VALUES ('old', 'a', 'b', 1.0)")
+    db.commit()
+    db.close()
+    postgres = PostgresStore(postgres_url)
+    postgres._run(lambda cur: cur.execute("DROP TABLE IF EXISTS sessions, relay_schema"))
+    for statement in [*pg.MIGRATIONS[1], "CREATE TABLE relay_schema (version INTEGER NOT NULL)"]:
+        postgres._run(lambda cur, statement=statement: cur.execute(statement))
+    postgres._run(lambda cur: cur.execute("INSERT INTO relay_schema VALUES (1)"))
+    postgres._run(
+        lambda cur: cur.execute(
+            "INSERT INTO sessions (session_id, initiator, answerer, started_at) VALUES ('old', 'a', 'b', 1.0)"
+        )
+    )
+    for store in (SQLiteStore(str(path)), postgres):
+        store.migrate()  # to version 2: user id columns
+        store.write([SessionEvent("start", "new", 2.0, "c", "d", (), initiator_user="carol", answerer_user="dan")])
+        rows = {row["session_id"]: row for row in store.recent(10)}
+        assert rows["old"]["initiator"] == "a" and rows["old"]["initiator_user"] is None
+        assert (rows["new"]["initiator_user"], rows["new"]["answerer_user"]) == ("carol", "dan")
+        store.close()
+
+
+async def test_user_ids_are_recorded_under_auth(nursery, tmp_path):
+    import time
+
+    import jwt
+
+    from plugins.auth_jwt import JwtAuth
+
+    secret = "a-long-enough-hs256-secret-for-this-test"
+    path = str(tmp_path / "users.db")
+    r = await start_relay(nursery, plugins=[JwtAuth(secret=secret), SessionRecorder(SQLiteStore(path), gather=0)])
+    h = Harness(nursery, r)
+
+    async def as_user(name: str):
+        token = jwt.encode({"sub": name, "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+        return await h.connect(headers={"Authorization": f"Bearer {token}"})
+
+    alice, bob = await as_user("alice"), await as_user("bob")
+    await alice.send(type="join")
+    await alice.expect("queued")
+    await bob.send(type="join")
+    matched = await bob.expect("matched")
+    rows = await rows_when(lambda: SQLiteStore(path), lambda rows: matched["session_id"] in rows, "the session")
+    row = rows[matched["session_id"]]
+    assert (row["initiator"], row["initiator_user"], row["answerer_user"]) == (alice.id, "alice", "bob")
