@@ -77,7 +77,7 @@ async function start() {
       },
     });
     wire(client, peer);
-    window.demo = { client, peer }; // for tests and the curious
+    window.demo = { client, peer, resumed: 0, peerReconnected: 0 }; // for tests and the curious
   }
   setText("peer-state", "Looking for someone…");
   client.join({ interests });
@@ -108,6 +108,15 @@ function wire(client, peer) {
     if (e.detail.by === "connection") say("system", "Connection to the server lost.");
   });
   client.addEventListener("error", (e) => console.warn("relay error:", e.detail.code, e.detail.message));
+  client.addEventListener("resumed", () => {
+    window.demo.resumed += 1;
+    setText("connection", `Connected again (${new URL(client.url).host}), nothing lost`);
+  });
+  client.addEventListener("peerreconnecting", () => {
+    window.demo.peerReconnected += 1;
+    setText("peer-state", "The stranger's connection dropped. Waiting for them…");
+  });
+  client.addEventListener("peerresumed", () => setText("peer-state", "The stranger is back."));
 
   peer.addEventListener("statechange", (e) => {
     const state = e.detail.connectionState;

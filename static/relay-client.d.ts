@@ -19,6 +19,10 @@ export interface RelayClientOptions {
   pongTimeout: number;
   /** When the peer leaves, join again (the relay leaves a client idle after peer_left). Default true. */
   rejoinAfterPeerLeft: boolean;
+  /** A JWT for relays that require one (sent as the relay-jwt subprotocol), or a function returning one per connection. */
+  token: string | (() => string) | null;
+  /** Signals kept while a lost connection is being resumed. Default 100. */
+  maxQueuedSignals: number;
 }
 
 export const DEFAULTS: Readonly<RelayClientOptions>;
@@ -47,34 +51,52 @@ export interface MatchedMessage {
 export interface SignalMessage {
   type: "signal";
   data: Record<string, unknown>;
+  /** This signal's number for this client (1, 2, ...): resume asks for those after the last one seen. */
+  n: number;
+}
+
+export interface ResumedMessage {
+  type: "resumed";
+  client_id: string;
+  resume_token: string;
+  state: "idle" | "queued" | "matched";
+  session_id?: string;
+  peer_id?: string;
+  position?: number;
+  queue_size?: number;
 }
 
 export interface PeerLeftMessage {
   type: "peer_left";
   session_id: string;
-  reason: "next" | "left" | "disconnected";
+  reason: "next" | "left" | "disconnected" | "overflow";
 }
 
 export interface ErrorMessage {
   type?: "error";
-  code: "bad_json" | "bad_message" | "unknown_type" | "not_matched" | "already_matched" | "rate_limited" | "protocol";
+  code:
+    | "bad_json" | "bad_message" | "unknown_type" | "not_matched" | "already_matched" | "rate_limited"
+    | "resume_failed" | "protocol";
   message: string;
 }
 
 export interface EndedDetail {
   session_id: string;
   reason: string;
-  /** "peer": peer_left; "self": next, leave or close; "connection": the relay connection dropped. */
+  /** "peer": peer_left; "self": next, leave or close; "connection": the relay connection dropped and could not be resumed. */
   by: "peer" | "self" | "connection";
 }
 
 export interface RelayClientEventMap {
-  connected: CustomEvent<{ clientId: string; url: string }>;
+  connected: CustomEvent<{ clientId: string; url: string; resumed?: boolean }>;
   queued: CustomEvent<QueuedMessage>;
   matched: CustomEvent<MatchedMessage>;
   signal: CustomEvent<SignalMessage>;
   peerleft: CustomEvent<PeerLeftMessage>;
   ended: CustomEvent<EndedDetail>;
+  resumed: CustomEvent<ResumedMessage>;
+  peerreconnecting: CustomEvent<{ type: "peer_reconnecting"; session_id: string }>;
+  peerresumed: CustomEvent<{ type: "peer_resumed"; session_id: string }>;
   reconnecting: CustomEvent<{ attempt: number; delay: number; url: string }>;
   disconnected: CustomEvent<{ code: number; reason: string; willReconnect: boolean }>;
   error: CustomEvent<ErrorMessage>;
@@ -124,6 +146,8 @@ export class RelayClient extends EventTarget {
   readonly state: "idle" | "queued" | "matched";
   readonly clientId: string | null;
   readonly resumeToken: string | null;
+  /** The number of the last signal received. */
+  readonly lastSignal: number;
   readonly session: MatchedMessage | null;
   readonly url: string | null;
   join(options?: { interests?: string[] }): void;

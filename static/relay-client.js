@@ -26,6 +26,8 @@ export const DEFAULTS = Object.freeze({
   pingInterval: 25000, // ms: a quiet connection sends a ping this often...
   pongTimeout: 10000, // ms: ...and is given up as dead if nothing arrives in this time
   rejoinAfterPeerLeft: true, // when the peer leaves, queue up again for the next person
+  token: null, // a JWT for relays that require one (or a function returning one, called per connection)
+  maxQueuedSignals: 100, // signals kept while the connection is being resumed
 });
 
 /**
@@ -118,7 +120,10 @@ export class CandidateQueue {
  * - `signal`: the relay's `signal` message: `{data}` from the peer.
  * - `peerleft`: the relay's `peer_left` message: `{session_id, reason}`.
  * - `ended`: any end of the current session: `{session_id, reason, by}` with `by` "peer" (peer_left),
- *   "self" (next, leave, close) or "connection" (the connection to the relay dropped).
+ *   "self" (next, leave, close) or "connection" (the connection dropped and could not be resumed).
+ * - `resumed`: the relay's `resumed` message: the connection came back and kept its place or session
+ *   (the RTCPeerConnection never noticed); signals missed meanwhile follow.
+ * - `peerreconnecting` / `peerresumed`: the peer's connection vanished / came back (the call goes on).
  * - `reconnecting`: `{attempt, delay, url}`: the next attempt, in `delay` ms.
  * - `disconnected`: `{code, reason, willReconnect}`: the WebSocket closed.
  * - `error`: the relay's `error` message `{code, message}`, or `{code: "protocol", message}` when the
@@ -144,11 +149,15 @@ export class RelayClient extends EventTarget {
     /** "idle" | "queued" | "matched": where the relay has this client */
     this.state = "idle";
     this.clientId = null;
-    this.resumeToken = null; // kept for resuming a dropped connection (a later protocol addition)
+    this.resumeToken = null; // sent in `resume` after a lost connection
+    this.lastSignal = 0; // the number ("n") of the last signal received: resume asks for the rest
     this.session = null; // the current `matched` message, while matched
     this.url = null; // the URL of the open connection
     this._wantMatch = false; // join/next called, and no leave since: re-join after a reconnect
     this._attempt = 0; // consecutive failed attempts, for the backoff
+    this._resumable = false; // the relay may still hold this client: try resume before anything else
+    this._resuming = null; // the new connection's welcome, while its resume is pending (the fallback)
+    this._outbox = []; // signals sent while the connection was being resumed
     this._ws = null;
     this._timer = null;
     this._pingTimer = null;
@@ -170,20 +179,23 @@ export class RelayClient extends EventTarget {
   next() {
     this._wantMatch = true;
     this._endSession("next", "self");
-    this._send({ type: "next" });
+    if (!this._send({ type: "next" })) this._resumable = false; // the relay will not know: start afresh
   }
 
   /** Leave the queue or the session; stay connected, idle. */
   leave() {
     this._wantMatch = false;
     this._endSession("left", "self");
-    this._send({ type: "leave" });
+    if (!this._send({ type: "leave" })) this._resumable = false;
   }
 
   /** Send `data` (a JSON-able object) to the current peer. Returns false if it could not be sent. */
   signal(data) {
     if (this.state !== "matched") return false;
-    return this._send({ type: "signal", data });
+    if (this.connection === "open" && !this._resuming) return this._send({ type: "signal", data });
+    if (!this._resumable || this._outbox.length >= this.options.maxQueuedSignals) return false;
+    this._outbox.push({ type: "signal", data }); // sent once the session is resumed
+    return true;
   }
 
   /** Close for good: no reconnect. */
@@ -218,7 +230,8 @@ export class RelayClient extends EventTarget {
     const url = this.rotation.current;
     let ws;
     try {
-      ws = new this._WebSocket(url);
+      const token = typeof this.options.token === "function" ? this.options.token() : this.options.token;
+      ws = token ? new this._WebSocket(url, ["relay-jwt", token]) : new this._WebSocket(url);
     } catch (err) {
       // A malformed URL: count it as a failed attempt.
       this._failed();
@@ -259,15 +272,50 @@ export class RelayClient extends EventTarget {
     if (msg.protocol !== PROTOCOL) {
       this._emit("error", { code: "protocol", message: `relay speaks protocol ${msg.protocol}, not ${PROTOCOL}` });
     }
-    this.clientId = msg.client_id;
-    this.resumeToken = msg.resume_token;
     this.url = url;
     this.connection = "open";
     this._attempt = 0;
     this.rotation.succeeded();
     this._startKeepalive();
-    this._emit("connected", { clientId: this.clientId, url });
+    if (this._resumable && this.resumeToken) {
+      // The relay may still hold our place or session: ask for it (and for the signals we missed).
+      this._resuming = msg;
+      this._send({ type: "resume", token: this.resumeToken, last: this.lastSignal });
+      return;
+    }
+    this._start(msg);
+  }
+
+  _start(welcome) {
+    // A new client on the relay: its own id, and (if we want one) a fresh match.
+    this.clientId = welcome.client_id;
+    this.resumeToken = welcome.resume_token;
+    this.lastSignal = 0;
+    this._resumable = true;
+    this._outbox = [];
+    this._emit("connected", { clientId: this.clientId, url: this.url });
     if (this._wantMatch) this._send({ type: "join", interests: this.interests });
+  }
+
+  _resumed(msg) {
+    this._resuming = null;
+    this.clientId = msg.client_id;
+    this.resumeToken = msg.resume_token;
+    this._emit("connected", { clientId: this.clientId, url: this.url, resumed: true });
+    this._emit("resumed", msg);
+    if (msg.state === "matched" && this.session && msg.session_id === this.session.session_id) {
+      this.state = "matched";
+      for (const queued of this._outbox.splice(0)) this._send(queued);
+      return;
+    }
+    this._outbox = [];
+    if (this.session) this._endSession("disconnected", "connection"); // it ended while we were away
+    if (msg.state === "queued") {
+      this.state = "queued";
+      this._emit("queued", { type: "queued", position: msg.position, queue_size: msg.queue_size });
+    } else if (msg.state === "idle" && this._wantMatch) {
+      this._send({ type: "join", interests: this.interests });
+    }
   }
 
   _handle(msg) {
@@ -282,14 +330,36 @@ export class RelayClient extends EventTarget {
         this._emit("matched", msg);
         break;
       case "signal":
+        if (msg.n) this.lastSignal = msg.n;
         if (this.state === "matched") this._emit("signal", msg);
         break;
-      case "peer_left":
+      case "peer_left": {
+        const current = this.session && this.session.session_id === msg.session_id;
         this._emit("peerleft", msg);
         this._endSession(msg.reason, "peer");
-        if (this.options.rejoinAfterPeerLeft && this._wantMatch) this._send({ type: "join", interests: this.interests });
+        if (current && this.options.rejoinAfterPeerLeft && this._wantMatch) {
+          this._send({ type: "join", interests: this.interests });
+        }
+        break;
+      }
+      case "resumed":
+        this._resumed(msg);
+        break;
+      case "peer_reconnecting":
+        this._emit("peerreconnecting", msg);
+        break;
+      case "peer_resumed":
+        this._emit("peerresumed", msg);
         break;
       case "error":
+        if (msg.code === "resume_failed" && this._resuming) {
+          // Too late, or the relay restarted: start afresh on this connection.
+          const welcome = this._resuming;
+          this._resuming = null;
+          if (this.session) this._endSession("disconnected", "connection");
+          this._start(welcome);
+          break;
+        }
         this._emit("error", msg);
         break;
       default: // pong, left, draining, and anything newer: nothing to do
@@ -311,7 +381,9 @@ export class RelayClient extends EventTarget {
   }
 
   _dropped(event) {
-    this._endSession("disconnected", "connection");
+    // Keep the session: the next connection asks to resume it. Only if that fails does it end.
+    if (!this._resumable) this._endSession("disconnected", "connection");
+    this._resuming = null;
     this.connection = "reconnecting";
     this._emit("disconnected", { code: event.code, reason: event.reason, willReconnect: !this._closed });
     this._schedule();
@@ -438,7 +510,13 @@ export class PeerSession extends EventTarget {
         signalingState: pc.signalingState,
       });
     };
-    pc.onconnectionstatechange = pc.oniceconnectionstatechange = pc.onsignalingstatechange = report;
+    pc.onconnectionstatechange = pc.onsignalingstatechange = report;
+    pc.oniceconnectionstatechange = () => {
+      report();
+      // The network changed under the call (a phone switched to mobile data): the initiator
+      // restarts ICE, which renegotiates through the relay.
+      if (pc === this.pc && pc.iceConnectionState === "failed" && !this.polite) pc.restartIce();
+    };
     pc.ontrack = (event) => {
       if (pc !== this.pc) return;
       this.onTrack?.(event);

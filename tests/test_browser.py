@@ -380,3 +380,82 @@ def test_turn_with_a_wrong_secret_cannot_connect(open_page, tmp_path, turnserver
             assert page.evaluate("() => window.demo.peer.pc.connectionState") != "connected"
     finally:
         relay.kill()
+
+
+class CuttableProxy:
+    """A TCP proxy to the relay (threads and sockets) whose connections can all vanish at once:
+    no WebSocket close frame, just the TCP connection gone — like a phone switching networks."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.sockets.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_a_vanished_connection_resumes_and_the_call_goes_on(relay, open_page):
+    proxy = CuttableProxy(relay.port)
+    try:
+        a = open_page(f"{relay.url}/?relay=ws://127.0.0.1:{proxy.port}/ws")  # a's signaling goes through the proxy
+        b = open_page(relay.url)
+        start(a)
+        start(b)
+        wait_connected(a)
+        wait_connected(b)
+        session = session_id(a)
+        a.evaluate("() => { window.firstPc = window.demo.peer.pc; }")
+        proxy.cut()  # a's WebSocket vanishes
+        a.wait_for_function("() => window.demo.resumed === 1")  # it came back and took its session back
+        b.wait_for_function("() => window.demo.peerReconnected === 1")  # b was told, and waited
+        b.wait_for_selector("#peer-state:has-text('is back')")
+        assert session_id(a) == session_id(b) == session  # the same match
+        assert a.evaluate("() => window.demo.peer.pc === window.firstPc")  # the call itself never stopped
+        frames = frames_decoded(b)
+        deadline = time.monotonic() + 10
+        while frames_decoded(b) <= frames:  # video still flows
+            assert time.monotonic() < deadline, "no new frames after the resume"
+            time.sleep(0.1)
+        chat(a, b, "still here")
+        assert a.evaluate("() => performance.getEntriesByType('navigation').length") == 1
+    finally:
+        proxy.close()

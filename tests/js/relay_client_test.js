@@ -46,8 +46,9 @@ class FakeTimers {
 function fakeWebSocketClass() {
   return class FakeWebSocket {
     static instances = [];
-    constructor(url) {
+    constructor(url, protocols) {
       this.url = url;
+      this.protocols = protocols;
       this.readyState = 0;
       this.sent = [];
       FakeWebSocket.instances.push(this);
@@ -61,7 +62,8 @@ function fakeWebSocketClass() {
     welcome() {
       this.readyState = 1;
       this.onopen?.({});
-      this.receive({ type: "welcome", protocol: 1, client_id: `c${FakeWebSocket.instances.length}`, resume_token: "t" });
+      const id = `c${FakeWebSocket.instances.length}`;
+      this.receive({ type: "welcome", protocol: 1, client_id: id, resume_token: `${id}.secret` });
     }
     receive(msg) {
       this.onmessage({ data: JSON.stringify(msg) });
@@ -79,7 +81,9 @@ function makeClient(urls, extra = {}) {
   const timers = new FakeTimers();
   const events = [];
   const client = new RelayClient(urls, { WebSocket: WS, timers, random: () => 0.5, ...extra });
-  for (const type of ["connected", "queued", "matched", "ended", "reconnecting", "disconnected", "peerleft"]) {
+  const types = ["connected", "queued", "matched", "ended", "reconnecting", "disconnected", "peerleft", "resumed",
+    "peerreconnecting", "peerresumed", "signal"];
+  for (const type of types) {
     client.addEventListener(type, (e) => events.push([type, e.detail]));
   }
   return { client, WS, timers, events, last: () => WS.instances.at(-1) };
@@ -157,22 +161,59 @@ const tests = {
     equal(last().url, "ws://a/ws", "the preferred URL first again");
   },
 
-  client_rejoins_with_the_same_interests_after_a_reconnect() {
+  client_resumes_after_a_lost_connection_and_keeps_its_session() {
     const { client, timers, events, last } = makeClient("ws://a/ws", { interests: ["music"] });
     last().welcome();
     client.join();
-    equal(last().sent, [{ type: "join", interests: ["music"] }]);
+    last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: true, interests: ["music"], ice_servers: [] });
+    last().receive({ type: "signal", n: 7, data: { x: 1 } });
+    last().drop(); // vanished
+    assert(!events.some(([t]) => t === "ended"), "the session is not given up yet");
+    assert(client.signal({ late: true }), "a signal while reconnecting is kept");
+    timers.fireNext();
+    last().welcome();
+    equal(last().sent, [{ type: "resume", token: "c1.secret", last: 7 }], "resume first, with what it saw last");
+    last().receive({ type: "resumed", client_id: "c1", resume_token: "c1.next", state: "matched", session_id: "s1", peer_id: "p" });
+    equal(last().sent.slice(1), [{ type: "signal", data: { late: true } }], "then what was kept");
+    equal([client.state, client.clientId, client.resumeToken], ["matched", "c1", "c1.next"]);
+    assert(!events.some(([t]) => t === "ended"), "the session went on");
+    last().receive({ type: "signal", n: 8, data: { missed: true } });
+    equal(client.lastSignal, 8);
+  },
+
+  client_starts_afresh_when_the_resume_is_refused() {
+    const { client, timers, events, last } = makeClient("ws://a/ws", { interests: ["music"] });
+    last().welcome();
+    client.join();
     last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: true, interests: ["music"], ice_servers: [] });
     last().drop();
+    timers.fireNext();
+    last().welcome();
+    last().receive({ type: "error", code: "resume_failed", message: "cannot resume" });
     equal(
       events.filter(([t]) => t === "ended").map(([, d]) => d),
       [{ session_id: "s1", reason: "disconnected", by: "connection" }],
-      "the lost session ends locally",
+      "the lost session ends only now",
     );
-    timers.fireNext();
+    equal(last().sent.at(-1), { type: "join", interests: ["music"] }, "joined again on the new connection");
+    equal(client.clientId, "c2", "as the new connection's client");
+    assert(!events.some(([t, d]) => t === "error"), "a refused resume is not an error to show");
+  },
+
+  client_tells_about_the_peer_reconnecting() {
+    const { client, events, last } = makeClient("ws://a/ws");
     last().welcome();
-    equal(last().sent, [{ type: "join", interests: ["music"] }], "joined again on the new connection");
-    equal(client.state, "idle", "until the relay answers");
+    client.join();
+    last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: false, interests: [], ice_servers: [] });
+    last().receive({ type: "peer_reconnecting", session_id: "s1" });
+    last().receive({ type: "peer_resumed", session_id: "s1" });
+    equal(events.filter(([t]) => t.startsWith("peer")).map(([t]) => t), ["peerreconnecting", "peerresumed"]);
+  },
+
+  client_sends_its_token_as_a_subprotocol() {
+    const { last } = makeClient("ws://a/ws", { token: () => "eyJ.token.sig" });
+    equal(last().protocols, ["relay-jwt", "eyJ.token.sig"]);
+    equal(makeClient("ws://a/ws").last().protocols, undefined, "no token, no subprotocol");
   },
 
   client_does_not_rejoin_after_leave_and_stops_on_close() {
@@ -183,7 +224,8 @@ const tests = {
     last().drop();
     timers.fireNext();
     last().welcome();
-    equal(last().sent, [], "no join after leave");
+    last().receive({ type: "resumed", client_id: "c1", resume_token: "c1.n", state: "idle" });
+    equal(last().sent.map((m) => m.type), ["resume"], "no join after leave");
     client.close();
     equal(timers.pending(), [], "no timer left");
     const count = WS.instances.length;
@@ -199,7 +241,7 @@ const tests = {
     last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: false, interests: [], ice_servers: [] });
     client.next();
     last().receive({ type: "signal", data: { late: true } }); // from the old peer, sent before our next
-    assert(!events.some(([t, d]) => t === "signal"), "a signal of an ended session is dropped");
+    assert(!events.some(([t]) => t === "signal"), "a signal of an ended session is dropped");
     last().receive({ type: "queued", position: 1, queue_size: 1 });
     last().receive({ type: "matched", session_id: "s2", peer_id: "q", initiator: true, interests: [], ice_servers: [] });
     last().receive({ type: "peer_left", session_id: "s2", reason: "left" });
