@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +17,7 @@ from pathlib import Path
 import pytest
 from playwright import sync_api as playwright_api
 
-from tests.conftest import LOOPBACK_FLAGS, NETWORK_ISOLATION_ERROR
+from tests.conftest import NETWORK_ISOLATION_ERROR, RelayProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; `playwright install` is never used
@@ -43,63 +40,6 @@ def _isolated() -> None:
     if NETWORK_ISOLATION_ERROR:
         pytest.fail(f"browser tests need a loopback-only network namespace: {NETWORK_ISOLATION_ERROR}")
     assert os.path.exists(CHROMIUM), "browser tests need Debian's chromium: apt-get install chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RelayProcess:
-    """`python relay.py` on 127.0.0.1; can be killed and started again on the same port."""
-
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.log = tmp / f"relay-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RelayProcess:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "relay.py"),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    *LOOPBACK_FLAGS,
-                    *self.args,
-                ],
-                stderr=log,
-                env=self.env,
-                cwd=self.log.parent,  # its session records (SQLite, on by default) stay in the test's tmp dir
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                assert self.proc.poll() is None, self.log.read_text()
-                time.sleep(0.05)
-        raise AssertionError(f"relay did not start: {self.log.read_text()}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
 
 @pytest.fixture
