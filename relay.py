@@ -131,7 +131,6 @@ MAX_TOKEN_CHARS: Final = 128  # characters of a resume token
 MAX_REPORT_REASON: Final = 200  # characters of a report's reason
 SWEEP_INTERVAL: Final = 10.0  # seconds between clean-ups of the per-IP table
 RECEIVE_QUEUE: Final = 1  # frames trio-websocket buffers per client before it stops reading the socket
-GC_THRESHOLDS: Final = (50_000, 20, 20)  # cyclic GC: rarer passes; a 100k-client queue made joins 4x dearer
 
 ########################################################################################################
 # Exceptions
@@ -2183,8 +2182,10 @@ async def _run(relay: Relay) -> None:
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve_then_stop)
-            gc.set_threshold(*GC_THRESHOLDS)
-            gc.freeze()  # start-up objects never die: keep the collector off them
+            # Start-up objects never die: keep the cyclic collector off them. (Its thresholds stay
+            # Python's: lazier ones made joins cheaper in a huge queue, but let the garbage cycles of
+            # closed connections pile up: +13 MiB per soak round, see bench/soak.py.)
+            gc.freeze()
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
                 if relay.stopping:
