@@ -33,6 +33,11 @@ Read top to bottom, this file is:
    the kernel refuses is kept (in order, up to ``--send-buffer-bytes``) and drained by a flusher task
    started on demand; a client whose buffer overflows is closed with 1013. So relaying a signal never
    waits for the peer, and a slow reader can only hurt itself. One task pings quiet clients.
+   Before an upgrade: the origin, per-address caps and rates, then the auth hook (401 before any
+   WebSocket exists). A connection that *vanishes* leaves its client suspended for
+   ``--resume-grace``: held in the queue or kept in its session, with messages for it kept (bounded)
+   and the last relayed signals in a small numbered ring, so that ``resume`` on a new connection
+   replays exactly what was missed.
 
 Plugins (pluggy, project name ``relay``; ``docs/plugins.md``) add flags and commands, configure
 themselves, start tasks, see connects, matches, session ends and disconnects, answer HTTP requests
@@ -945,8 +950,8 @@ class Settings:
     handshake_timeout: float = 5.0  # seconds to read the HTTP request and finish the upgrade
     drain_seconds: float = 30.0  # on SIGTERM: seconds matched clients get before the 1012 close
     resume_grace: float = 20.0  # seconds a vanished client keeps its place or session, to resume (0: never)
-    resume_buffer_messages: int = 128  # signals kept per client for a resume; more while it is away end its session
-    resume_buffer_bytes: int = 64 * 1024  # bytes of them (and of other messages while it is away) likewise
+    resume_buffer_messages: int = 64  # signals kept per client for a resume; more while it is away end its session
+    resume_buffer_bytes: int = 16 * 1024  # bytes of them (one side of a negotiation is ~10 KB) likewise
     joins_per_minute: int = 30  # join and next messages a client may send per minute
     flood_limit: int = 50  # refused messages within FLOOD_WINDOW before a client is closed (1008)
     max_connections_per_ip: int = 20  # WebSocket clients at once from one IP address; more get 429
@@ -2134,9 +2139,11 @@ def _parser() -> argparse.ArgumentParser:
     opt("--max-connections-per-ip", int, "WebSocket clients at once from one IP address; more get 429")
     opt("--connect-rate-per-ip", float, "new WebSockets per second from one IP address, sustained")
     opt("--connect-burst-per-ip", int, "new WebSockets from one IP address at once")
+    origins = [o.strip() for o in os.environ.get("RELAY_ALLOWED_ORIGINS", "").split(",") if o.strip()]
     p.add_argument(
-        "--allowed-origin", action="append", default=list(d.allowed_origins), metavar="ORIGIN",
-        help="an Origin a WebSocket may come from, e.g. https://chat.example.com (repeatable; default: any)",
+        "--allowed-origin", action="append", default=origins, metavar="ORIGIN",
+        help="an Origin a WebSocket may come from, e.g. https://chat.example.com (repeatable; "
+        "env RELAY_ALLOWED_ORIGINS, comma-separated; default: any)",
     )  # fmt: skip
     p.add_argument(
         "--trust-proxy", action="store_true", default=os.environ.get("FLY_APP_NAME") is not None,

@@ -150,5 +150,8 @@ def test_fly_toml_matches_the_server():
     assert (ROOT / fly["build"]["dockerfile"]).is_file()
     assert fly["metrics"] == {"port": service["internal_port"], "path": "/metrics"}
     assert fly["env"]["RELAY_METRICS"] == "1"  # so /metrics is served (plugins.metrics)
+    assert fly["env"]["RELAY_ALLOWED_ORIGINS"].startswith("https://")  # only these pages may connect
+    args = relay_mod.parse_command_line([], relay_mod.make_plugin_manager(entry_points=False))
+    assert args.allowed_origin == []  # locally: off by default
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["python", "relay.py"]' in dockerfile and "COPY static ./static" in dockerfile
