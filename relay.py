@@ -1173,7 +1173,7 @@ class _Client:
         self.join_tokens = float(settings.joins_per_minute)  # joins and nexts: a bucket per minute
         self.join_stamp = now
         self.signals = 0  # signals sent to this client: each carries its number "n"
-        self.replay: collections.deque[tuple[int, str]] = collections.deque()  # the latest, for a resume
+        self.replay: list[tuple[int, str]] = []  # the latest, for a resume (a list: ~550 bytes less than a deque)
         self.replay_bytes = 0
         self.ws = ws
         self.transport = transport
@@ -1969,8 +1969,13 @@ class Relay:
         lost, so its session ends instead."""
         s = self.settings
         replay = c.replay
-        while replay and (c.replay_bytes > s.resume_buffer_bytes or len(replay) > s.resume_buffer_messages):
-            c.replay_bytes -= len(replay.popleft()[1])
+        drop = 0
+        while drop < len(replay) and (
+            c.replay_bytes > s.resume_buffer_bytes or len(replay) - drop > s.resume_buffer_messages
+        ):
+            c.replay_bytes -= len(replay[drop][1])
+            drop += 1
+        del replay[:drop]
         if c.away_since is not None:
             self._overflow(c)
 
