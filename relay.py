@@ -68,6 +68,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import secrets
 import signal
@@ -1005,6 +1006,9 @@ def _frame_header(opcode: int, size: int) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, size)
 
 
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after a request head, as h11 finds it
+
+
 class _Transport(trio.abc.Stream):
     """A client's socket. trio-websocket reads and writes through it; the relay writes frames into it
     without awaiting, which is what makes relaying a signal cheap and never blocking.
@@ -1012,13 +1016,19 @@ class _Transport(trio.abc.Stream):
     Every write goes to the kernel at once (non-blocking ``writev``). What does not fit waits in
     ``_pending``, in order, and a flusher task started on demand drains it as the socket becomes
     writable; the relay's own frames may fill it up to ``limit`` bytes (then the client is too slow).
-    Reads first return the request head the HTTP router already read, and count as signs of life.
+    Reads first return the request head the HTTP router already read; then nothing until the
+    handshake is accepted (``opened``), so that frames a client sends right behind its request reach
+    the WebSocket (trio-websocket would leave them unparsed until more bytes came); then the socket.
+    Reads that return data count as signs of life.
     """
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes, limit: int, nursery: trio.Nursery) -> None:
+    def __init__(self, stream: trio.SocketStream, raw: bytes, limit: int, nursery: trio.Nursery) -> None:
         self._stream = stream
         self._fd = stream.socket.fileno()  # -1 from close on: a closed fd's number gets reused
-        self._prefix = prefix
+        blank = _HEAD_END.search(raw)  # h11 parsed a head: it ends there
+        end = blank.end() if blank else len(raw)
+        self._head, self._early = raw[:end], raw[end:]  # the request; bytes already read behind it
+        self._opening: trio.Event | None = trio.Event()  # set by `opened`; None from the first read after
         self._limit = limit
         self._nursery = nursery
         self._pending = bytearray()  # bytes the kernel has not taken yet; non-empty iff a flusher runs
@@ -1075,14 +1085,32 @@ class _Transport(trio.abc.Stream):
             pending.clear()
             self._drained.set()
 
+    def opened(self, ws: WebSocketConnection) -> None:
+        """The handshake is accepted: reads may go on."""
+        self.ws = ws
+        if self._opening is not None:
+            self._opening.set()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            await trio.lowlevel.checkpoint()
-            return data
+        if self._opening is not None:
+            return await self._receive_opening(max_bytes)
         data = await self._stream.receive_some(max_bytes)
         self.received += 1
         return data
+
+    async def _receive_opening(self, max_bytes: int | None) -> bytes:
+        assert self._opening is not None
+        if self._head:
+            data, self._head = self._head, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        await self._opening.wait()
+        self._opening = None
+        if self._early:
+            data, self._early = self._early, b""
+            self.received += 1
+            return data
+        return await self.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """trio-websocket's writes (handshake, pongs, close frames): same order, no limit."""
@@ -1648,7 +1676,8 @@ class Relay:
                 request = await trio_websocket.wrap_server_stream(
                     nursery, transport, message_queue_size=RECEIVE_QUEUE, max_message_size=s.max_message_bytes
                 )
-                ws = transport.ws = await request.accept(subprotocol=auth.subprotocol)
+                ws = await request.accept(subprotocol=auth.subprotocol)
+                transport.opened(ws)
                 del request
                 if ws.closed:  # the client vanished
                     return

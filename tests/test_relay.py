@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 import trio_websocket
 
@@ -390,6 +391,29 @@ async def test_handler_bug_closes_only_that_client_with_1011(harness: Harness, c
     await bystander.send(type="join")  # the server is unharmed
     await bystander.expect("queued")
     assert any("handler failed" in r.message and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("writes", ["one", "two"])
+async def test_frames_sent_right_behind_the_upgrade_request_are_answered(harness: Harness, writes: str):
+    """A client may send frames before the 101 arrives (RFC 6455 lets it). They must be read at once,
+    whether they came in the same segment as the request head or just after it."""
+    request = f"GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE}\r\n".encode()
+    payload = b'{"type":"ping"}'
+    frame = bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload  # masked with key 0
+    stream = await trio.open_tcp_stream("127.0.0.1", harness.relay.port)
+    if writes == "one":
+        await stream.send_all(request + frame)
+    else:
+        await stream.send_all(request)
+        await stream.send_all(frame)
+    data = b""
+    with trio.fail_after(STEP):  # (before the fix, the pong waited for the next heartbeat: 20 s)
+        while b"pong" not in data:
+            chunk = await stream.receive_some()
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 101") and data.index(b"welcome") < data.index(b"pong")
+    await stream.aclose()
 
 
 async def test_invalid_utf8_closes_1007(harness: Harness):
