@@ -1092,13 +1092,14 @@ class _Transport(trio.abc.Stream):
             self._opening.set()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._opening is not None:
-            return await self._receive_opening(max_bytes)
+        if self._opening is not None and (data := await self._receive_opening()):
+            return data
         data = await self._stream.receive_some(max_bytes)
         self.received += 1
         return data
 
-    async def _receive_opening(self, max_bytes: int | None) -> bytes:
+    async def _receive_opening(self) -> bytes:
+        """The head; then, once opened, the bytes read behind it. b"": read the socket now."""
         assert self._opening is not None
         if self._head:
             data, self._head = self._head, b""
@@ -1106,11 +1107,9 @@ class _Transport(trio.abc.Stream):
             return data
         await self._opening.wait()
         self._opening = None
-        if self._early:
-            data, self._early = self._early, b""
-            self.received += 1
-            return data
-        return await self.receive_some(max_bytes)
+        data, self._early = self._early, b""
+        self.received += bool(data)
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """trio-websocket's writes (handshake, pongs, close frames): same order, no limit."""
