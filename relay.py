@@ -63,6 +63,7 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import ipaddress
 import json
 import logging
 import math
@@ -81,6 +82,7 @@ from typing import Any, Final, NamedTuple, TypeAlias
 
 import attrs
 import h11
+import orjson
 import pluggy
 import trio
 import trio_websocket
@@ -106,6 +108,7 @@ __all__ = [
     "main",
     "parse_interests",
     "parse_message",
+    "serve_http",
 ]
 
 log = logging.getLogger("relay")
@@ -135,7 +138,9 @@ SHUTDOWN_TIMEOUT: Final = 5.0  # seconds plugins get to finish (flush) once ever
 FLOOD_WINDOW: Final = 10.0  # seconds over which refused (rate-limited) messages are counted
 MAX_TOKEN_CHARS: Final = 128  # characters of a resume token
 MAX_REPORT_REASON: Final = 200  # characters of a report's reason
-SWEEP_INTERVAL: Final = 10.0  # seconds between clean-ups of the per-IP table
+SWEEP_INTERVAL: Final = 10.0  # seconds between clean-ups of the per-address and per-user tables
+FD_RESERVE: Final = 64  # file descriptors kept free of sockets (files, databases, plugins) under --max-sockets
+FLY_PROXIES: Final = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")  # trusted on Fly.io (see README)
 RECEIVE_QUEUE: Final = 1  # frames trio-websocket buffers per client before it stops reading the socket
 
 ########################################################################################################
@@ -659,8 +664,12 @@ CLOSE_INTERNAL: Final = 1011  # a bug in the relay while serving this client (lo
 CLOSE_RESTART: Final = 1012  # the relay is shutting down, after a "draining" message: reconnect
 CLOSE_TOO_SLOW: Final = 1013  # "try again later": the client did not read its messages fast enough
 
-_loads = json.loads
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_loads = orjson.loads  # strict JSON: no NaN or Infinity, no lone surrogates, numbers that fit a double, depth 1024
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON text; everything the relay sends is built by this or spliced from parsed input."""
+    return orjson.dumps(value).decode()
 
 
 def parse_message(text: str | bytes) -> dict[str, Any]:
@@ -672,7 +681,7 @@ def parse_message(text: str | bytes) -> dict[str, Any]:
         raise ProtocolError("bad_message", "binary frames are not supported: send JSON text")
     try:
         msg = _loads(text)
-    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
+    except ValueError:  # also NaN, Infinity, lone surrogates ("\ud800"), 1e999, nesting over 1024
         raise ProtocolError("bad_json", "message is not valid JSON") from None
     if type(msg) is not dict or type(kind := msg.get("type")) is not str:
         raise ProtocolError("bad_message", "a message must be a JSON object with a string 'type'")
@@ -828,8 +837,8 @@ class HookSpecs:
     def relay_client_connected(self, client_id: str, remote: str, user_id: str | None) -> None:
         """Called when a WebSocket client has completed the handshake, before its ``welcome``.
 
-        ``remote`` is the client's address (``host:port``, or the proxy's client IP with
-        ``--trust-proxy``); ``user_id`` what ``relay_authenticate`` said, else ``None``. A
+        ``remote`` is the client's address (``host:port``; behind a ``--trusted-proxy``, the
+        client IP it named); ``user_id`` what ``relay_authenticate`` said, else ``None``. A
         connection that then resumes an earlier client is reported disconnected at once (its own
         id was never used). Return nothing.
         """
@@ -921,6 +930,14 @@ def make_plugin_manager(modules: Iterable[str] = (), *, entry_points: bool = Tru
 ########################################################################################################
 
 
+def _network(value: str) -> str:
+    """One ``--trusted-proxy``: an IP network (``10.0.0.0/8``) or address."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP network or address: {value!r}") from None
+
+
 def _ice_server(value: str) -> dict[str, Any]:
     """One ``--ice-server``: a URL (``stun:host:3478``) or a JSON RTCIceServer object."""
     if value.lstrip().startswith("{"):
@@ -954,12 +971,19 @@ class Settings:
     resume_buffer_messages: int = 64  # signals kept per client for a resume; more while it is away end its session
     resume_buffer_bytes: int = 16 * 1024  # bytes of them (one side of a negotiation is ~10 KB) likewise
     joins_per_minute: int = 30  # join and next messages a client may send per minute
+    joins_per_minute_per_ip: int = 300  # joins and nexts per minute from one IP address, all its connections
+    joins_per_minute_per_user: int = 60  # joins and nexts per minute from one user (under auth), all its connections
+    bytes_per_second_per_ip: int = 256 * 1024  # bytes of messages per second from one IP address, sustained
+    bytes_burst_per_ip: int = 1024 * 1024  # bytes of messages from one IP address at once
     flood_limit: int = 50  # refused messages within FLOOD_WINDOW before a client is closed (1008)
-    max_connections_per_ip: int = 20  # WebSocket clients at once from one IP address; more get 429
+    max_sockets: int = 0  # TCP connections open at once, HTTP included (0: the file-descriptor limit less FD_RESERVE)
+    max_connections_per_ip: int = 20  # TCP connections open at once from one IP address, from accept on; more get 429
     connect_rate_per_ip: float = 2.0  # new WebSockets per second from one IP address, sustained
     connect_burst_per_ip: int = 20  # new WebSockets from one IP address at once
     allowed_origins: tuple[str, ...] = ()  # Origin headers a WebSocket may come from (empty: any), else 403
-    trust_proxy: bool = False  # take the client's address from Fly-Client-IP / X-Forwarded-For
+    trusted_proxies: tuple[str, ...] = ()  # networks (CIDR) of proxies whose client-address header is believed
+    proxy_header: str = "x-forwarded-for"  # where a trusted proxy writes the client's address (or fly-client-ip)
+    proxy_hops: int = 1  # with X-Forwarded-For, the entry this far from the right (1: the one the proxy appended)
     ice_servers: tuple[dict[str, Any], ...] = ()  # sent in matched unless a plugin answers
     static_dir: str = str(STATIC_DIR)  # files served at / (the demo); "" serves none
     plugins: tuple[str, ...] = ()  # plugin modules to load (besides the relay entry points)
@@ -970,6 +994,7 @@ class RelayStatistics:
     """A snapshot of the relay, read by ``/healthz`` and metrics plugins."""
 
     connections: int  # WebSocket clients connected now
+    sockets: int  # TCP connections open now (WebSockets, HTTP requests, handshakes)
     queued: int  # clients waiting for a match
     queued_with_interests: int  # of those, the ones with interests
     sessions: int  # sessions in progress
@@ -1175,9 +1200,9 @@ class _Client:
     current connection. Plain slots: it is on the hot path."""
 
     __slots__ = (  # noqa: RUF023 (grouped by meaning, not sorted)
-        "id", "secret", "user_id", "peer", "position", "connected_at", "join_tokens", "join_stamp",  # the client
+        "id", "secret", "user_id", "peer", "position", "connected_at", "joins",  # the client
         "signals", "replay", "replay_bytes",
-        "ws", "transport", "remote", "ip", "tokens", "stamp", "closing", "reader_scope", "fresh", "floods",
+        "ws", "transport", "remote", "address", "tokens", "stamp", "closing", "reader_scope", "fresh", "floods",
         "flood_start", "seen", "quiet_since", "pinged_at", "away_since",  # its connection
     )  # fmt: skip
 
@@ -1186,7 +1211,7 @@ class _Client:
         ws: WebSocketConnection,
         transport: _Transport | _AwayBuffer,
         remote: str,
-        ip: str,
+        address: _Address,
         user_id: str | None,
         now: float,
         settings: Settings,
@@ -1197,15 +1222,14 @@ class _Client:
         self.peer: _Client | None = None  # the current session's other side
         self.position = 0  # last position sent in "queued"
         self.connected_at = now
-        self.join_tokens = float(settings.joins_per_minute)  # joins and nexts: a bucket per minute
-        self.join_stamp = now
+        self.joins = _Bucket(settings.joins_per_minute, now)  # joins and nexts, per minute
         self.signals = 0  # signals sent to this client: each carries its number "n"
         self.replay: list[tuple[int, str]] = []  # the latest, for a resume (a list: ~550 bytes less than a deque)
         self.replay_bytes = 0
         self.ws = ws
         self.transport = transport
         self.remote = remote
-        self.ip = ip
+        self.address = address  # its IP address's sockets and budgets
         self.tokens = float(settings.message_burst)  # message rate limit bucket
         self.stamp = now
         self.closing: tuple[int, str] | None = None  # (code, reason) once a close is decided
@@ -1224,37 +1248,79 @@ class _Client:
         return f"{self.id}.{self.secret}"
 
 
-class _Address:
-    """What the relay knows of one IP address: its open WebSockets and its connection bucket."""
+class _Bucket:
+    """A token bucket: refilled at ``rate`` tokens a second, up to ``size``."""
 
-    __slots__ = ("count", "stamp", "tokens")
+    __slots__ = ("stamp", "tokens")
 
-    def __init__(self, burst: int, now: float) -> None:
-        self.count = 0
-        self.tokens = float(burst)
+    def __init__(self, size: float, now: float) -> None:
+        self.tokens = float(size)
         self.stamp = now
 
+    def level(self, rate: float, size: float, now: float) -> float:
+        """Refill for the time passed since the last look; the tokens there are now."""
+        tokens = self.tokens + (now - self.stamp) * rate
+        self.tokens = tokens = size if tokens > size else tokens
+        self.stamp = now
+        return tokens
 
-def _client_ip(request: HttpRequest, trust_proxy: bool) -> str:
-    """The client's IP address: the socket's, or with ``trust_proxy`` what Fly.io's proxy
-    (``Fly-Client-IP``) or another one (the first ``X-Forwarded-For``) says."""
-    if trust_proxy:
-        forwarded = request.headers.get("fly-client-ip") or request.headers.get("x-forwarded-for", "").split(",")[0]
-        if forwarded.strip():
-            return forwarded.strip()
-    return request.remote.rsplit(":", 1)[0]
+    def take(self, n: float, rate: float, size: float, now: float) -> bool:
+        """Spend ``n`` tokens if there are that many."""
+        if self.level(rate, size, now) < n:
+            return False
+        self.tokens -= n
+        return True
 
 
-def _remote(stream: trio.SocketStream) -> str:
+class _Address:
+    """What the relay knows of one IP address: its open TCP connections and its budgets, which
+    outlive its connections (a bot that reconnects keeps its spent budget)."""
+
+    __slots__ = ("bytes", "connects", "count", "joins")
+
+    def __init__(self, s: Settings, now: float) -> None:
+        self.count = 0  # TCP connections open now (HTTP included), counted from accept
+        self.connects = _Bucket(s.connect_burst_per_ip, now)  # new WebSockets
+        self.joins = _Bucket(s.joins_per_minute_per_ip, now)  # joins and nexts, per minute
+        self.bytes = _Bucket(s.bytes_burst_per_ip, now)  # bytes of messages received
+
+    def idle(self, s: Settings, now: float) -> bool:
+        """No connection and every budget full: it can be forgotten."""
+        return (
+            self.count == 0
+            and self.connects.level(s.connect_rate_per_ip, s.connect_burst_per_ip, now) >= s.connect_burst_per_ip
+            and self.joins.level(s.joins_per_minute_per_ip / 60, s.joins_per_minute_per_ip, now)
+            >= s.joins_per_minute_per_ip
+            and self.bytes.level(s.bytes_per_second_per_ip, s.bytes_burst_per_ip, now) >= s.bytes_burst_per_ip
+        )
+
+
+def _peer(stream: trio.SocketStream) -> tuple[str, int] | None:
+    """The socket's remote (host, port); None once the connection is gone (a reset right after accept)."""
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
-        return "?"
-    return f"{host}:{port}"
+        return None
+    if host.startswith("::ffff:") and "." in host:  # an IPv4 client of a dual-stack listener
+        host = host[7:]
+    return host, port
 
 
-async def _respond(
-    stream: trio.abc.SendStream,
+def _forwarded_ip(headers: dict[str, str], header: str, hops: int) -> str | None:
+    """The client's address as a trusted proxy wrote it: ``X-Forwarded-For``'s entry ``hops`` from the
+    right (each proxy appends the address it got the connection from; entries further left are the
+    client's to write), or a header the proxy sets itself (``Fly-Client-IP``). None if it is not an IP."""
+    value = headers.get(header, "")
+    if header == "x-forwarded-for":
+        entries = value.split(",")
+        value = entries[-hops] if len(entries) >= hops else ""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return None
+
+
+def _response(
     status: int,
     body: bytes,
     content_type: str = "text/plain; charset=utf-8",
@@ -1262,8 +1328,8 @@ async def _respond(
     head_only: bool = False,
     headers: Iterable[tuple[str, str]] = (),
     cache: str = "no-store",
-) -> None:
-    """Send a whole HTTP/1.1 response; the connection closes after it."""
+) -> bytes:
+    """A whole HTTP/1.1 response; the connection closes after it."""
     lines = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         f"Content-Type: {content_type}",
@@ -1273,9 +1339,28 @@ async def _respond(
         "Connection: close",
         *(f"{name}: {value}" for name, value in headers),
     ]
-    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+
+
+async def _respond(stream: trio.abc.SendStream, status: int, body: bytes, *args: Any, **kwargs: Any) -> None:
+    """Send a whole response (``_response``'s arguments), waiting at most ``CLOSE_TIMEOUT``."""
     with trio.move_on_after(CLOSE_TIMEOUT):
-        await stream.send_all(data)
+        await stream.send_all(_response(status, body, *args, **kwargs))
+
+
+def _refuse_now(stream: trio.SocketStream, status: int, reason: str) -> None:
+    """Answer a connection the relay will not serve without waiting for it: one non-blocking read of
+    what it already sent (closing with unread bytes would reset the connection, and the answer with
+    it), one non-blocking write of the answer; the caller closes it."""
+    fd = stream.socket.fileno()
+    try:
+        os.read(fd, MAX_REQUEST_HEAD)
+    except OSError:
+        pass
+    try:
+        os.write(fd, _response(status, f"{status} {reason}\n".encode(), headers=[("Retry-After", "5")]))
+    except OSError:
+        pass
 
 
 @attrs.frozen
@@ -1285,9 +1370,10 @@ class HttpRequest:
     method: str
     path: str  # the target up to "?", not decoded: compare it exactly
     query: str  # after "?", not decoded
-    headers: dict[str, str]  # names in lower case
+    headers: dict[str, str]  # names in lower case; a header sent several times is joined with ", "
     body: bytes  # at most MAX_REQUEST_BODY bytes
-    remote: str  # "host:port"
+    remote: str  # "host:port" of the TCP connection (a proxy's, behind one)
+    ip: str = ""  # the client's IP address: the connection's, or what a --trusted-proxy says
 
 
 @attrs.frozen
@@ -1311,6 +1397,21 @@ class HttpResponse:
     cache: str = "no-store"  # the Cache-Control header
 
 
+_NO_AUTH: Final = Auth()  # no auth plugin answered: open
+_AUTH_FAILED: Final = Auth(refuse=401, reason="authentication failed")  # an auth plugin raised: refused
+_RETRY: Final = (("Retry-After", "5"),)  # sent with 429 and 503
+
+
+def _socket_cap(setting: int) -> int:
+    """The cap on open TCP connections: ``--max-sockets``, kept ``FD_RESERVE`` below the process's
+    file-descriptor limit so that accepting never fails for want of one (0: as many as that allows)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    ceiling = (setting or 1_000_000) if limit == resource.RLIM_INFINITY else max(limit - FD_RESERVE, 1)
+    if setting and setting > ceiling:
+        log.warning("--max-sockets %d is above the file-descriptor limit %d: using %d", setting, limit, ceiling)
+    return min(setting, ceiling) if setting else ceiling
+
+
 class _Head(NamedTuple):
     """A request head, and the body unless it asks for a WebSocket."""
 
@@ -1319,8 +1420,11 @@ class _Head(NamedTuple):
     raw: bytes  # every byte read
 
 
-async def _read_request(stream: trio.SocketStream, remote: str) -> _Head | None:
+async def _read_request(
+    stream: trio.SocketStream, remote: str, client_ip: Callable[[dict[str, str]], str]
+) -> _Head | None:
     """Read an HTTP request with h11: the head, and the body (unless it is a WebSocket upgrade).
+    ``client_ip`` tells the client's address from the headers.
 
     None if the client closed or sent garbage (it got a 400, 413 or 431).
     """
@@ -1340,8 +1444,15 @@ async def _read_request(stream: trio.SocketStream, remote: str) -> _Head | None:
         event = await next_event()
         if not isinstance(event, h11.Request):
             return None
+        blank = _HEAD_END.search(raw)  # h11 limits a head that arrives in pieces; this, one that came whole
+        if blank is None or blank.end() > MAX_REQUEST_HEAD:
+            await _respond(stream, 431, b"431 request head too large\n")
+            return None
         method = event.method.decode("ascii", "replace")
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
         target = event.target.decode("ascii", "replace")
         path, _, query = target.partition("?")
         upgrade = headers.get("upgrade", "").strip().lower() == "websocket"
@@ -1361,7 +1472,37 @@ async def _read_request(stream: trio.SocketStream, remote: str) -> _Head | None:
         return None
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return None
-    return _Head(HttpRequest(method, path, query, headers, bytes(body), remote), upgrade, bytes(raw))
+    request = HttpRequest(method, path, query, headers, bytes(body), remote, client_ip(headers))
+    return _Head(request, upgrade, bytes(raw))
+
+
+async def serve_http(
+    listeners: list[trio.SocketListener],
+    answer: Callable[[HttpRequest], HttpResponse | None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve plain HTTP on listeners of a plugin's own (``plugins.metrics``' private port): each
+    request is read with the relay's limits (400, 413, 431; ``CLOSE_TIMEOUT`` to send it) and
+    answered by ``answer`` (``None``: 404), one request per connection. Runs until cancelled."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        peer = _peer(stream) or ("?", 0)
+        try:
+            async with stream:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    head = await _read_request(stream, f"{peer[0]}:{peer[1]}", lambda headers: peer[0])
+                    if head is None:
+                        return
+                    r = answer(head.request) or HttpResponse(404, b"404 not found\n")
+                    await _respond(
+                        stream, r.status, r.body, r.content_type, head_only=head.request.method == "HEAD",
+                        headers=r.headers, cache=r.cache,
+                    )  # fmt: skip
+        except Exception:
+            log.exception("HTTP request from %s failed", peer)
+
+    await trio.serve_listeners(handle, listeners, task_status=task_status)
 
 
 _CONTENT_TYPES: Final = {
@@ -1446,7 +1587,11 @@ class Relay:
         self._configured = False
         self._clients: dict[str, _Client] = {}
         self._away: dict[str, _Client] = {}  # vanished clients that may resume, oldest first
-        self._addresses: dict[str, _Address] = {}  # per IP address: open WebSockets, connection bucket
+        self._addresses: dict[str, _Address] = {}  # per IP address: open connections, budgets
+        self._user_joins: dict[str, _Bucket] = {}  # per user id (under auth): joins and nexts per minute
+        self._proxies = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies)
+        self._sockets = 0  # TCP connections open now
+        self.max_sockets = settings.max_sockets  # the cap serve() enforces (set from the descriptor limit)
         self._closing = 0  # WebSocket tasks not finished yet (attached, or still sending their close)
         self._started = 0.0
         self._connections_total = 0
@@ -1459,6 +1604,8 @@ class Relay:
         self._static = _load_static(settings.static_dir)
         self._drain_requested = trio.Event()
         self._stopped = trio.Event()
+        self._too_many = f"more than {settings.message_rate:g} messages a second: slow down"
+        self._too_much = f"more than {settings.bytes_per_second_per_ip} bytes a second from your address: slow down"
         self._handlers: dict[str, Callable[[_Client, dict[str, Any]], None]] = {
             "join": self._on_join,
             "next": self._on_next,
@@ -1478,6 +1625,7 @@ class Relay:
         """
         s = self.settings
         self.configure()
+        self.max_sockets = _socket_cap(s.max_sockets)
         listeners = await trio.open_tcp_listeners(s.port, host=s.host)
         self.port = listeners[0].socket.getsockname()[1]
         self._started = trio.current_time()
@@ -1488,7 +1636,7 @@ class Relay:
             nursery.start_soon(self._position_loop)
             nursery.start_soon(self._drain_deadline)
             await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
-            log.info("relay listening on %s:%d", s.host, self.port)
+            log.info("relay listening on %s:%d (at most %d connections at once)", s.host, self.port, self.max_sockets)
             task_status.started(self.port)
             await self._stopped.wait()
             finishers = self._call_hooks("relay_shutdown", relay=self)
@@ -1553,6 +1701,7 @@ class Relay:
         mm = self.matchmaker
         return RelayStatistics(
             connections=len(self._clients) - len(self._away),
+            sockets=self._sockets,
             queued=mm.queue_size,
             queued_with_interests=mm.queued_with_interests,
             sessions=mm.session_count,
@@ -1572,66 +1721,132 @@ class Relay:
     # -- connections: HTTP routing ----------------------------------------------------------------
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        """Serve one TCP connection. Nothing raised here may reach the server's nursery."""
+        """Serve one TCP connection. Nothing raised here may reach the server's nursery.
+
+        Every connection counts from accept on: against ``max_sockets`` (so the relay never runs out
+        of file descriptors) and against its address's ``--max-connections-per-ip`` (a proxy's
+        connections count for the client it names, once the request head has said who that is).
+        """
+        peer = _peer(stream)
+        counted: _Address | None = None
+        self._sockets += 1
         try:
             async with stream:
-                await self._route(stream)
+                if peer is None:
+                    return  # reset before it was looked at
+                if self._sockets > self.max_sockets:
+                    _refuse_now(stream, 503, "relay at capacity, try again")
+                    return
+                if not self._trusted(peer[0]):
+                    counted = self._count(peer[0])
+                    if counted.count > self.settings.max_connections_per_ip:
+                        _refuse_now(stream, 429, "too many connections from your address")
+                        return
+                await self._route(stream, peer, counted)
         except Exception:
-            log.exception("connection from %s failed", _remote(stream))
+            log.exception("connection from %s failed", peer)
+        finally:
+            self._sockets -= 1
+            if counted is not None:
+                counted.count -= 1
 
-    async def _route(self, stream: trio.SocketStream) -> None:
+    def _trusted(self, host: str) -> bool:
+        """Whether ``host`` is a --trusted-proxy, whose headers say who the client is."""
+        if not self._proxies:
+            return False
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._proxies)
+
+    def _count(self, ip: str) -> _Address:
+        """One more open connection from ``ip``; the caller takes it off again."""
+        address = self._addresses.get(ip)
+        if address is None:
+            address = self._addresses[ip] = _Address(self.settings, trio.current_time())
+        address.count += 1
+        return address
+
+    async def _route(self, stream: trio.SocketStream, peer: tuple[str, int], address: _Address | None) -> None:
+        """Read the request and answer it; ``address`` is None for a trusted proxy's connection."""
+        s = self.settings
+        host = peer[0]
+        if address is None:
+
+            def client_ip(headers: dict[str, str]) -> str:
+                forwarded = _forwarded_ip(headers, s.proxy_header, s.proxy_hops)
+                return forwarded if forwarded is not None else host  # a proxy that did not say: itself
+
+        else:
+
+            def client_ip(headers: dict[str, str]) -> str:
+                return host
+
         # One deadline for the request and, for a WebSocket, the upgrade; lifted once accepted.
-        with trio.CancelScope(deadline=trio.current_time() + self.settings.handshake_timeout) as handshake:
-            head = await _read_request(stream, _remote(stream))
+        with trio.CancelScope(deadline=trio.current_time() + s.handshake_timeout) as handshake:
+            head = await _read_request(stream, f"{host}:{peer[1]}", client_ip)
             if head is None:
                 return
-            if head.request.path == WS_PATH and head.upgrade:
-                ip = _client_ip(head.request, self.settings.trust_proxy)
-                refusal = self._admit(head.request, ip)
-                if refusal is not None:
-                    status, reason = refusal
-                    headers = [("Retry-After", "5")] if status in (429, 503) else []
-                    await _respond(stream, status, f"{status} {reason}\n".encode(), headers=headers)
-                    return
-                auth = self._call_hooks("relay_authenticate", request=head.request) or Auth()
-                if auth.refuse:
-                    log.info("refused a WebSocket from %s: %s", ip, auth.reason)
-                    await _respond(stream, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
-                    return
-                raw = head.raw
-                del head  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
-                address = self._addresses[ip]
-                address.count += 1
-                try:
-                    await self._serve_websocket(stream, raw, handshake, ip, auth)
-                finally:
-                    address.count -= 1
-            else:
-                response = self._answer_http(head.request)
-                await _respond(
-                    stream, response.status, response.body, response.content_type,
-                    head_only=head.request.method == "HEAD", headers=response.headers, cache=response.cache,
-                )  # fmt: skip
+            if address is not None:
+                await self._dispatch(stream, head, address, handshake)
+                return
+            address = self._count(head.request.ip)  # the proxy's client counts from here on
+            try:
+                if address.count > s.max_connections_per_ip:
+                    await _respond(stream, 429, b"429 too many connections from your address\n", headers=_RETRY)
+                else:
+                    await self._dispatch(stream, head, address, handshake)
+            finally:
+                address.count -= 1
 
-    def _admit(self, request: HttpRequest, ip: str) -> tuple[int, str] | None:
+    async def _dispatch(
+        self, stream: trio.SocketStream, head: _Head, address: _Address, handshake: trio.CancelScope
+    ) -> None:
+        request = head.request
+        if request.path != WS_PATH or not head.upgrade:
+            response = self._answer_http(request)
+            await _respond(
+                stream, response.status, response.body, response.content_type,
+                head_only=request.method == "HEAD", headers=response.headers, cache=response.cache,
+            )  # fmt: skip
+            return
+        refusal = self._admit(request, address)
+        if refusal is not None:
+            status, reason = refusal
+            await _respond(stream, status, f"{status} {reason}\n".encode(), headers=_RETRY if status != 403 else ())
+            return
+        auth = self._authenticate(request)
+        if auth.refuse:
+            log.info("refused a WebSocket from %s: %s", request.ip, auth.reason)
+            await _respond(stream, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
+            return
+        raw = head.raw
+        remote = request.remote if request.ip == request.remote.rsplit(":", 1)[0] else request.ip
+        del head, request  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
+        await self._serve_websocket(stream, raw, handshake, address, auth, remote)
+
+    def _admit(self, request: HttpRequest, address: _Address) -> tuple[int, str] | None:
         """Whether a WebSocket may open: (status, reason) to refuse it, or None. Cheap checks first."""
         s = self.settings
         if self.draining or len(self._clients) >= s.max_connections:
             return 503, "relay draining, try again" if self.draining else "relay at capacity, try again"
         if s.allowed_origins and request.headers.get("origin") not in s.allowed_origins:
             return 403, "origin not allowed"
-        now = trio.current_time()
-        address = self._addresses.get(ip)
-        if address is None:
-            address = self._addresses[ip] = _Address(s.connect_burst_per_ip, now)
-        address.tokens = min(s.connect_burst_per_ip, address.tokens + (now - address.stamp) * s.connect_rate_per_ip)
-        address.stamp = now
-        if address.count >= s.max_connections_per_ip:
-            return 429, "too many connections from your address"
-        if address.tokens < 1:
+        if not address.connects.take(1, s.connect_rate_per_ip, s.connect_burst_per_ip, trio.current_time()):
             return 429, "too many new connections from your address: slow down"
-        address.tokens -= 1
         return None
+
+    def _authenticate(self, request: HttpRequest) -> Auth:
+        """Ask the auth hooks. Fails closed: a hook that raises, or answers with something that is not
+        an ``Auth``, refuses the connection (401, logged); no answer at all accepts it."""
+        auth = self._call_hooks("relay_authenticate", request=request, on_error=_AUTH_FAILED)
+        if auth is None:
+            return _NO_AUTH
+        if not isinstance(auth, Auth):
+            log.error("an auth plugin answered %r, not an Auth: refusing", type(auth).__name__)
+            return _AUTH_FAILED
+        return auth
 
     def _answer_http(self, request: HttpRequest) -> HttpResponse:
         """Everything on the port that is not a WebSocket: health, plugins, the static files, 404."""
@@ -1665,10 +1880,10 @@ class Relay:
     # -- connections: WebSocket clients -----------------------------------------------------------
 
     async def _serve_websocket(
-        self, stream: trio.SocketStream, raw: bytes, handshake: trio.CancelScope, ip: str, auth: Auth
-    ) -> None:
+        self, stream: trio.SocketStream, raw: bytes, handshake: trio.CancelScope, address: _Address, auth: Auth,
+        remote: str,
+    ) -> None:  # fmt: skip
         s = self.settings
-        remote = f"{ip}:{stream.socket.getpeername()[1]}" if s.trust_proxy else _remote(stream)
         async with trio.open_nursery() as nursery:
             transport = _Transport(stream, raw, s.send_buffer_bytes, nursery)
             try:
@@ -1681,7 +1896,7 @@ class Relay:
                 if ws.closed:  # the client vanished
                     return
                 handshake.deadline = math.inf
-                c = _Client(ws, transport, remote, ip, auth.user_id, trio.current_time(), s)
+                c = _Client(ws, transport, remote, address, auth.user_id, trio.current_time(), s)
                 self._closing += 1
                 try:
                     await self._run_client(c)
@@ -1769,6 +1984,8 @@ class Relay:
         parse = parse_message
         clock = trio.current_time
         replay_bytes, replay_messages = self.settings.resume_buffer_bytes, self.settings.resume_buffer_messages
+        address_bytes = c.address.bytes
+        byte_rate, byte_burst = self.settings.bytes_per_second_per_ip, self.settings.bytes_burst_per_ip
         while True:
             try:
                 text = await get_message()
@@ -1781,7 +1998,11 @@ class Relay:
                 tokens = burst
             if tokens < 1.0:
                 c.tokens = tokens
-                self._refused(c, now)
+                self._refused(c, now, self._too_many)
+                continue
+            if not address_bytes.take(len(text), byte_rate, byte_burst, now):
+                c.tokens = tokens
+                self._refused(c, now, self._too_much)
                 continue
             c.tokens = tokens - 1.0
             try:
@@ -1811,8 +2032,8 @@ class Relay:
                 self._error(c, exc.code, exc.message)
             c.fresh = False
 
-    def _refused(self, c: _Client, now: float) -> None:
-        """A message over the rate limit: an error, or, for a client that keeps flooding, the end."""
+    def _refused(self, c: _Client, now: float, why: str) -> None:
+        """A message over a rate limit: an error, or, for a client that keeps flooding, the end."""
         s = self.settings
         if now - c.flood_start > FLOOD_WINDOW:
             c.flood_start, c.floods = now, 0
@@ -1821,19 +2042,29 @@ class Relay:
             log.info("client %s: flooding, closing", c.id)
             self._close(c, CLOSE_POLICY, "flooding: too many messages")
         else:
-            self._error(c, "rate_limited", f"more than {s.message_rate:g} messages a second: slow down")
+            self._error(c, "rate_limited", why)
 
     # -- message handlers (synchronous: they only decide and enqueue) -----------------------------
 
     def _take_join(self, c: _Client) -> None:
-        """joins and nexts: at most --joins-per-minute, so nobody cycles through the whole queue."""
-        per_minute = self.settings.joins_per_minute
+        """joins and nexts: at most so many a minute per connection, per IP address and per user (the
+        last two across reconnects), so that nobody cycles through the whole queue. All or nothing."""
+        s = self.settings
+        budgets = [
+            (c.joins, s.joins_per_minute, ""),
+            (c.address.joins, s.joins_per_minute_per_ip, " from your address"),
+        ]
+        if c.user_id is not None:
+            user = self._user_joins.get(c.user_id)
+            if user is None:
+                user = self._user_joins[c.user_id] = _Bucket(s.joins_per_minute_per_user, trio.current_time())
+            budgets.append((user, s.joins_per_minute_per_user, " for your account"))
         now = trio.current_time()
-        c.join_tokens = min(per_minute, c.join_tokens + (now - c.join_stamp) * per_minute / 60)
-        c.join_stamp = now
-        if c.join_tokens < 1:
-            raise ProtocolError("rate_limited", f"more than {per_minute} joins or nexts a minute: wait a moment")
-        c.join_tokens -= 1
+        for bucket, per_minute, whose in budgets:
+            if bucket.level(per_minute / 60, per_minute, now) < 1:
+                raise ProtocolError("rate_limited", f"more than {per_minute} joins or nexts a minute{whose}: wait")
+        for bucket, _, _ in budgets:
+            bucket.tokens -= 1
 
     def _on_join(self, c: _Client, msg: dict[str, Any]) -> None:
         if self._refuse_while_draining(c):
@@ -1894,7 +2125,7 @@ class Relay:
         self._call_hooks("relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
         # It becomes the vanished client.
         c.id, c.user_id, c.peer, c.position = x.id, x.user_id, x.peer, x.position
-        c.connected_at, c.join_tokens, c.join_stamp = x.connected_at, x.join_tokens, x.join_stamp
+        c.connected_at, c.joins = x.connected_at, x.joins
         c.secret = secrets.token_urlsafe(16)  # a token is good once
         if c.peer is not None:
             c.peer.peer = c
@@ -2075,11 +2306,19 @@ class Relay:
                 self._detach(c)
             if now - swept >= SWEEP_INTERVAL:
                 swept = now
-                burst = self.settings.connect_burst_per_ip
-                rate = self.settings.connect_rate_per_ip
-                for ip, a in list(self._addresses.items()):
-                    if a.count == 0 and a.tokens + (now - a.stamp) * rate >= burst:
-                        del self._addresses[ip]
+                self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the addresses and users with nothing open and nothing spent: the tables stay as
+        small as the traffic of the last minute."""
+        s = self.settings
+        for ip, a in list(self._addresses.items()):
+            if a.idle(s, now):
+                del self._addresses[ip]
+        per_minute = s.joins_per_minute_per_user
+        for user, bucket in list(self._user_joins.items()):
+            if bucket.level(per_minute / 60, per_minute, now) >= per_minute:
+                del self._user_joins[user]
 
     async def _position_loop(self) -> None:
         """Push changed queue positions, at most one message per client per interval."""
@@ -2117,11 +2356,13 @@ class Relay:
         except Exception:
             log.exception("plugin failed to finish at shutdown")
 
-    def _call_hooks(self, name: str, **kwargs: Any) -> Any:
+    def _call_hooks(self, name: str, *, on_error: Any = None, **kwargs: Any) -> Any:
         """Call every implementation of a hook, each on its own: one that raises is logged and
-        skipped, so a plugin bug never reaches the relay or another plugin. A ``firstresult`` hook
-        returns the first answer that is not ``None`` (pluggy's order: last registered first);
-        others return the list of answers that are not ``None``."""
+        skipped, so a plugin bug never reaches the relay or another plugin; but when ``on_error`` is
+        given (a security decision: fail closed), the first that raises makes the answer
+        ``on_error``. A ``firstresult`` hook returns the first answer that is not ``None``
+        (pluggy's order: last registered first); others return the list of answers that are not
+        ``None``."""
         caller = getattr(self.hook, name)
         first = caller.spec is not None and caller.spec.opts.get("firstresult")
         results = []
@@ -2130,6 +2371,8 @@ class Relay:
                 result = impl.function(*[kwargs[arg] for arg in impl.argnames])
             except Exception:
                 log.exception("plugin %s failed in %s", impl.plugin_name, name)
+                if on_error is not None:
+                    return on_error
                 continue
             if result is not None:
                 if first:
@@ -2168,8 +2411,13 @@ def _parser() -> argparse.ArgumentParser:
     opt("--resume-buffer-messages", int, "messages kept for a vanished client; more end its session")
     opt("--resume-buffer-bytes", int, "bytes kept for a vanished client; more end its session")
     opt("--joins-per-minute", int, "join and next messages a client may send per minute")
+    opt("--joins-per-minute-per-ip", int, "joins and nexts per minute from one IP address, across its connections")
+    opt("--joins-per-minute-per-user", int, "joins and nexts per minute from one user (under auth)")
+    opt("--bytes-per-second-per-ip", int, "bytes of messages per second from one IP address, sustained")
+    opt("--bytes-burst-per-ip", int, "bytes of messages from one IP address at once")
     opt("--flood-limit", int, f"messages refused within {FLOOD_WINDOW:g} s before a client is closed (1008)")
-    opt("--max-connections-per-ip", int, "WebSocket clients at once from one IP address; more get 429")
+    opt("--max-sockets", int, "TCP connections open at once, HTTP included (0: the file-descriptor limit less 64)")
+    opt("--max-connections-per-ip", int, "TCP connections open at once from one IP address; more get 429")
     opt("--connect-rate-per-ip", float, "new WebSockets per second from one IP address, sustained")
     opt("--connect-burst-per-ip", int, "new WebSockets from one IP address at once")
     origins = [o.strip() for o in os.environ.get("RELAY_ALLOWED_ORIGINS", "").split(",") if o.strip()]
@@ -2178,10 +2426,19 @@ def _parser() -> argparse.ArgumentParser:
         help="an Origin a WebSocket may come from, e.g. https://chat.example.com (repeatable; "
         "env RELAY_ALLOWED_ORIGINS, comma-separated; default: any)",
     )  # fmt: skip
+    on_fly = os.environ.get("FLY_APP_NAME") is not None
+    proxies = [c.strip() for c in os.environ.get("RELAY_TRUSTED_PROXIES", "").split(",") if c.strip()]
     p.add_argument(
-        "--trust-proxy", action="store_true", default=os.environ.get("FLY_APP_NAME") is not None,
-        help="take client addresses from Fly-Client-IP / X-Forwarded-For (default: on when on Fly.io)",
+        "--trusted-proxy", action="append", type=_network, default=proxies or (list(FLY_PROXIES) if on_fly else []),
+        metavar="CIDR", help="a proxy network (e.g. 10.0.0.0/8) whose --proxy-header is believed (repeatable; env "
+        "RELAY_TRUSTED_PROXIES, comma-separated; default: none, or Fly.io's private ranges on Fly.io)",
     )  # fmt: skip
+    p.add_argument(
+        "--proxy-header", choices=("x-forwarded-for", "fly-client-ip"), type=str.lower,
+        default="fly-client-ip" if on_fly else d.proxy_header,
+        help="the header a trusted proxy writes the client's address in (default: %(default)s)",
+    )  # fmt: skip
+    opt("--proxy-hops", int, "with X-Forwarded-For: take the entry this far from the right (trusted proxies in a row)")
     p.add_argument(
         "--ice-server", action="append", type=_ice_server, default=[], metavar="URL_OR_JSON",
         help="an ICE server for matched (repeatable): stun:host:port or a JSON RTCIceServer object",
@@ -2208,6 +2465,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     values["ice_servers"] = tuple(args.ice_server)
     values["plugins"] = tuple(args.plugin)
     values["allowed_origins"] = tuple(args.allowed_origin)
+    values["trusted_proxies"] = tuple(args.trusted_proxy)
     return Settings(**values)
 
 
@@ -2233,6 +2491,18 @@ async def _run(relay: Relay) -> None:
                 relay.shutdown()
 
 
+def _raise_fd_limit() -> None:
+    """Each client is a file descriptor: raise the soft limit to the hard one, and say so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("file descriptors: could not raise the soft limit %d to the hard limit %d: %s", soft, hard, exc)
+            return
+    log.info("file descriptors: soft limit %d (was %d), hard limit %d", hard, soft, hard)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python relay.py`` / ``relay``: run the server until SIGTERM or SIGINT has drained it, or
     run a plugin's command (``relay sessions``)."""
@@ -2244,9 +2514,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "command", None):
         return int(args.command(args))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:  # each client is a file descriptor
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _raise_fd_limit()
     relay = Relay(settings_from_args(args), plugin_manager=pm, options=args)
     try:
         trio.run(_run, relay)
@@ -2257,4 +2525,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script this file is `__main__`; plugins `import relay`. Run the `relay` module's main so
+    # that there is one copy of every class (a second copy's PluginError or Auth is another class).
+    import relay
+
+    sys.exit(relay.main())

@@ -294,7 +294,8 @@ def rss_of(pid: int) -> int:
 RELAY = [str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", "--message-rate", "1e9",
          "--message-burst", "1000000000", "--max-connections", "100000", "--max-connections-per-ip", "100000",
          "--connect-rate-per-ip", "1e9", "--connect-burst-per-ip", "100000",
-         "--joins-per-minute", "100000"]  # fmt: skip
+         "--joins-per-minute", "100000", "--joins-per-minute-per-ip", "100000000",
+         "--bytes-per-second-per-ip", "100000000000", "--bytes-burst-per-ip", "100000000000"]  # fmt: skip
 SERVERS = {
     # The relay's defaults but for the per-client and per-address limits (all the load comes from one
     # address and saturates the relay on purpose), and without its plugins.

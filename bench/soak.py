@@ -127,7 +127,8 @@ def rss(pid: int) -> int:
 def start_relay(log: Path, grace: float) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", "--sessions-db", "",
            "--resume-grace", str(grace), "--max-connections-per-ip", "100000", "--connect-rate-per-ip", "1e6",
-           "--connect-burst-per-ip", "100000"]  # fmt: skip
+           "--connect-burst-per-ip", "100000", "--joins-per-minute-per-ip", "100000000",
+           "--bytes-per-second-per-ip", "100000000000", "--bytes-burst-per-ip", "100000000000"]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stderr=out)
     deadline = time.monotonic() + 30

@@ -8,7 +8,10 @@
 - ``POST /admin/api/kick`` with ``{"client_id": "..."}``: close that client (1008).
 
 Every ``/admin/api/`` request needs ``Authorization: Bearer <RELAY_ADMIN_TOKEN>``, compared in
-constant time; without it or with a wrong one: 401. ``--admin`` without a token refuses to start.
+constant time; without it or with a wrong one: 401. An address that gets ``MAX_FAILURES`` 401s within
+``FAILURE_WINDOW`` seconds gets 429 for every ``/admin/api/`` request until the window has passed,
+right token or not, so the token cannot be guessed at speed. ``--admin`` without a token refuses
+to start.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import os
 from typing import Any
 
 import attrs
+import trio
 
 import relay
 from relay import HttpRequest, HttpResponse, PluginError, Relay
 
 PREFIX = "/admin"
 MIN_TOKEN_LENGTH = 16  # characters; shorter tokens are refused at start-up
+MAX_FAILURES = 10  # 401s one address may get within FAILURE_WINDOW before it is refused with 429
+FAILURE_WINDOW = 60.0  # seconds
+MAX_TRACKED = 10_000  # addresses whose failures are remembered (the oldest are forgotten)
 
 _PAGE = b"""<!doctype html>
 <html lang="en">
@@ -142,6 +149,7 @@ class Admin:
     def __init__(self, relay_: Relay, token: str) -> None:
         self.relay = relay_
         self._token = token.encode()
+        self._failures: dict[str, tuple[float, int]] = {}  # address -> (window start, 401s in it)
 
     def _authorized(self, request: HttpRequest) -> bool:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -157,7 +165,20 @@ class Admin:
             return HttpResponse(200, _SCRIPT, "text/javascript; charset=utf-8")
         if not path.startswith(PREFIX + "/api/"):
             return None
+        now = trio.current_time()
+        start, failures = self._failures.get(request.ip, (now, 0))
+        if now - start >= FAILURE_WINDOW:
+            start, failures = now, 0
+        if failures >= MAX_FAILURES:
+            retry = str(int(start + FAILURE_WINDOW - now) + 1)
+            return HttpResponse(
+                429, b'{"error": "too many wrong tokens"}', "application/json", (("Retry-After", retry),)
+            )
         if not self._authorized(request):
+            self._failures.pop(request.ip, None)  # re-inserted last: the oldest are forgotten first
+            self._failures[request.ip] = (start, failures + 1)
+            if len(self._failures) > MAX_TRACKED:
+                del self._failures[next(iter(self._failures))]
             return HttpResponse(
                 401, b'{"error": "unauthorized"}', "application/json", headers=(("WWW-Authenticate", "Bearer"),)
             )

@@ -15,6 +15,12 @@ the client's user id: session records carry it and reports block per user. A mis
 refused with 401 and the reason, before any WebSocket exists. JWKS keys are fetched in a worker
 thread at start-up and refreshed by a task every ``--jwks-refresh`` seconds (sooner when a token
 names an unknown key), never on the connection path.
+
+A token is checked with exactly one key and one algorithm: its ``alg`` must be allowed, and the key
+is the JWKS key of that algorithm's family (RSA for RS*/PS*, EC of the matching curve for ES*, OKP for
+EdDSA) with the token's ``kid`` (without a ``kid``: the only key of that family), whose own ``alg``,
+if it declares one, is the token's. Every failure, whatever raised it, is a 401: this plugin never
+lets an error through as "no answer" (and the relay refuses when an auth hook raises anyway).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import parse_qs
 
+import attrs
 import trio
 
 import relay
@@ -38,6 +45,23 @@ SUBPROTOCOL = "relay-jwt"  # offered with the token as the second value of Sec-W
 JWKS_TIMEOUT = 10.0  # seconds for one JWKS fetch
 UNKNOWN_KEY_REFETCH = 30.0  # seconds at least between fetches caused by unknown key ids
 MAX_TOKEN_CHARS = 8192  # longer "tokens" are refused before any parsing
+# JWKS key type (kty) each algorithm needs, and for EC the curve
+FAMILIES = {
+    "RS256": ("RSA", None), "RS384": ("RSA", None), "RS512": ("RSA", None),
+    "PS256": ("RSA", None), "PS384": ("RSA", None), "PS512": ("RSA", None),
+    "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "ES512": ("EC", "P-521"), "EdDSA": ("OKP", None),
+}  # fmt: skip
+
+
+@attrs.frozen
+class _Key:
+    """One JWKS key, with what decides which tokens it may check."""
+
+    kid: str
+    kty: str
+    crv: str | None
+    alg: str | None  # the algorithm the key declares, if any
+    key: Any  # the key object PyJWT verifies with
 
 
 def _token_of(request: HttpRequest) -> tuple[str | None, str | None]:
@@ -80,7 +104,7 @@ class JwtAuth:
             raise PluginError("auth: the 'none' algorithm is never accepted")
         self.leeway = leeway
         self.refresh = refresh
-        self._keys: dict[str, Any] = {}  # JWKS key id -> key
+        self._keys: list[_Key] = []  # from the JWKS
         self._fetched_at = -1e9
         self._refetch = trio.Event()
 
@@ -96,9 +120,14 @@ class JwtAuth:
         assert self.jwks_url is not None
         with urllib.request.urlopen(self.jwks_url, timeout=JWKS_TIMEOUT) as response:  # an operator-given URL
             data = json.load(response)
-        keys = {}
-        for key in jwt.PyJWKSet.from_dict(data).keys:
-            keys[key.key_id or ""] = key.key
+        keys = []
+        for jwk in data.get("keys", []) if isinstance(data, dict) else []:
+            try:
+                key = jwt.PyJWK.from_dict(jwk).key
+            except Exception as exc:  # a key of a type PyJWT does not know, or broken: skip it
+                log.warning("auth: skipping JWKS key %r: %s", jwk.get("kid") if isinstance(jwk, dict) else jwk, exc)
+                continue
+            keys.append(_Key(str(jwk.get("kid") or ""), jwk.get("kty"), jwk.get("crv"), jwk.get("alg"), key))
         self._keys = keys
         log.info("auth: %d key(s) from %s", len(keys), self.jwks_url)
 
@@ -131,11 +160,17 @@ class JwtAuth:
         if len(token) > MAX_TOKEN_CHARS:
             return Auth(refuse=401, reason="token too long")
         try:
-            key = self._secret if self._secret else self._jwks_key(token)
+            alg = jwt.get_unverified_header(token).get("alg")
+            if alg not in self.algorithms:
+                raise jwt.InvalidAlgorithmError(alg)
+            key = self._secret if self._secret else self._jwks_key(token, alg)
             claims = jwt.decode(
-                token, key, algorithms=self.algorithms, audience=self.audience, issuer=self.issuer,
+                token, key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
                 leeway=self.leeway, options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
             )  # fmt: skip
+            user_id = claims["sub"]
+            if not isinstance(user_id, str) or not user_id:
+                raise jwt.MissingRequiredClaimError("sub")
         except jwt.ExpiredSignatureError:
             return Auth(refuse=401, reason="token expired")
         except jwt.ImmatureSignatureError:
@@ -152,20 +187,26 @@ class JwtAuth:
             return Auth(refuse=401, reason="token not signed by a known key")
         except jwt.InvalidTokenError:
             return Auth(refuse=401, reason="malformed token")
-        return Auth(user_id=str(claims["sub"]), subprotocol=subprotocol)
+        except Exception as exc:  # anything else (a key of the wrong type, a library bug): refused all the same
+            log.info("auth: token refused: %s: %s", type(exc).__name__, exc)
+            return Auth(refuse=401, reason="malformed token")
+        return Auth(user_id=user_id, subprotocol=subprotocol)
 
-    def _jwks_key(self, token: str) -> Any:
+    def _jwks_key(self, token: str, alg: str) -> Any:
+        """The one JWKS key that may check a token signed with ``alg``, or LookupError."""
         import jwt
 
-        kid = jwt.get_unverified_header(token).get("kid") or ""
-        key = self._keys.get(kid)
-        if key is None and len(self._keys) == 1 and not kid:
-            key = next(iter(self._keys.values()))
-        if key is None:
-            if trio.current_time() - self._fetched_at > UNKNOWN_KEY_REFETCH:
-                self._refetch.set()  # maybe the issuer rotated its keys: look again soon
-            raise LookupError(kid)
-        return key
+        kid = jwt.get_unverified_header(token).get("kid")
+        kty, crv = FAMILIES.get(alg, (None, None))
+        keys = [
+            k for k in self._keys
+            if k.kty == kty and (crv is None or k.crv == crv) and k.alg in (None, alg) and (kid is None or k.kid == kid)
+        ]  # fmt: skip
+        if len(keys) == 1:
+            return keys[0].key
+        if not keys and kid is not None and trio.current_time() - self._fetched_at > UNKNOWN_KEY_REFETCH:
+            self._refetch.set()  # maybe the issuer rotated its keys: look again soon
+        raise LookupError(kid)  # none, or several and no kid to choose
 
 
 @relay.hookimpl

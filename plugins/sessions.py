@@ -8,9 +8,14 @@ event on a bounded ``trio`` memory channel (``send_nowait``). A task of this plu
 it in batches (gathered for up to ``GATHER`` seconds) and writes each batch in one transaction, in a
 worker thread. If the database is slow
 or down, matching and relaying go on: events wait on the channel up to ``--sessions-queue``, then
-further ones are dropped, counted (``sessions_dropped``, also in ``/metrics``) and logged; the
-writer retries with backoff and resumes when the database is back. On a graceful shutdown the
-channel is flushed before the relay exits.
+further ones are dropped, counted (``sessions_dropped``, also in ``/metrics``, present from the
+start at 0) and logged; the writer retries with backoff and resumes when the database is back. On a
+graceful shutdown the channel is flushed before the relay exits; whatever the flush deadline leaves
+unwritten (a database that is locked, frozen or unwritable) is logged and counted as dropped too.
+
+Each row records the node that wrote it (``FLY_MACHINE_ID``, else the host name). At start-up, rows
+of this node still "ongoing" were left by a crash: they are ended with the reason ``crashed`` (at
+the time of the restart, an upper bound).
 
 ``relay sessions`` (or ``python relay.py sessions``) prints recent sessions and simple statistics.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import statistics
 import time
 from collections.abc import Iterable
@@ -54,6 +60,7 @@ class SessionEvent:
     ended_by: str = ""  # client id
     initiator_user: str | None = None  # user ids, under auth
     answerer_user: str | None = None
+    node: str = ""  # the relay that recorded it (starts)
 
 
 class SessionStore(Protocol):
@@ -66,6 +73,9 @@ class SessionStore(Protocol):
     def write(self, events: list[SessionEvent]) -> None:
         """Apply the events in one transaction: a "start" inserts a row, an "end" completes it
         (``split`` orders them)."""
+
+    def end_crashed(self, node: str, at: float) -> int:
+        """End the rows ``node`` left ongoing (reason ``crashed``, at ``at``); how many there were."""
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The latest sessions, newest first, as dicts with the columns below."""
@@ -84,15 +94,23 @@ def split(events: list[SessionEvent]) -> tuple[list[SessionEvent], list[SessionE
 
 COLUMNS = (
     "session_id", "initiator", "answerer", "interests", "started_at", "ended_at", "end_reason", "ended_by",
-    "initiator_user", "answerer_user",
+    "initiator_user", "answerer_user", "node",
 )  # fmt: skip
+
+
+def node_name() -> str:
+    """This machine's name in session records: Fly.io's machine id, else the host name."""
+    return os.environ.get("FLY_MACHINE_ID") or socket.gethostname()
 
 
 class SessionRecorder:
     """The plugin object: turns hook calls into events and writes them from its own task."""
 
-    def __init__(self, store: SessionStore, *, queue: int = QUEUE, batch: int = BATCH, gather: float = GATHER) -> None:
+    def __init__(
+        self, store: SessionStore, *, queue: int = QUEUE, batch: int = BATCH, gather: float = GATHER, node: str = ""
+    ) -> None:
         self.store = store
+        self.node = node or node_name()
         self.batch = batch
         self.gather = gather
         self._tx, self._rx = trio.open_memory_channel[SessionEvent](queue)
@@ -106,6 +124,7 @@ class SessionRecorder:
     @relay.hookimpl
     def relay_startup(self, relay: Relay, nursery: trio.Nursery) -> None:
         self._relay = relay
+        relay.counters["sessions_dropped"] += self.dropped  # present from the start, at 0
         nursery.start_soon(self._writer)
 
     @relay.hookimpl
@@ -113,7 +132,7 @@ class SessionRecorder:
         self._put(
             SessionEvent(
                 "start", session.id, time.time(), session.initiator, session.answerer, session.interests,
-                initiator_user=users.get(session.initiator), answerer_user=users.get(session.answerer),
+                initiator_user=users.get(session.initiator), answerer_user=users.get(session.answerer), node=self.node,
             )
         )  # fmt: skip
 
@@ -132,43 +151,66 @@ class SessionRecorder:
         try:
             self._tx.send_nowait(event)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):  # full, or writer gone
-            self.dropped += 1
-            if self._relay is not None:
-                self._relay.counters["sessions_dropped"] += 1
+            self._drop(1)
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("session database behind: %d events dropped so far", self.dropped)
 
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        if self._relay is not None:
+            self._relay.counters["sessions_dropped"] += count
+
     async def _writer(self) -> None:
+        batch: list[SessionEvent] = []
         try:
             await self._retry(self.store.migrate)
-            async with self._rx:
-                while True:
-                    try:
-                        batch = [await self._rx.receive()]
-                    except trio.EndOfChannel:
-                        return
-                    # Gather for a moment: each write is a hand-off to a thread, which then competes
-                    # with the relay for the GIL; one per match doubled match latency under load.
-                    with trio.move_on_after(self.gather):
-                        while len(batch) < self.batch:
-                            try:
-                                batch.append(await self._rx.receive())
-                            except trio.EndOfChannel:
-                                break
-                    await self._retry(self.store.write, batch)
-                    self.written += len(batch)
+            crashed = await self._retry(self.store.end_crashed, self.node, time.time())
+            if crashed:
+                log.warning("%d session(s) left ongoing by a crash of node %s: ended as 'crashed'", crashed, self.node)
+            while True:
+                try:
+                    batch = [await self._rx.receive()]
+                except trio.EndOfChannel:
+                    return
+                # Gather for a moment: each write is a hand-off to a thread, which then competes
+                # with the relay for the GIL; one per match doubled match latency under load.
+                with trio.move_on_after(self.gather):
+                    while len(batch) < self.batch:
+                        try:
+                            batch.append(await self._rx.receive())
+                        except trio.EndOfChannel:
+                            break
+                await self._retry(self.store.write, batch)
+                self.written += len(batch)
+                batch = []
         finally:
+            lost = len(batch) + self._unread()  # cancelled: the shutdown's deadline passed, or a crash
+            if lost:
+                self._drop(lost)
+                log.error("session database: %d event(s) not written (the database did not answer in time)", lost)
             self._done.set()
             with trio.CancelScope(deadline=trio.current_time() + 2, shield=True):
                 await trio.to_thread.run_sync(self.store.close, abandon_on_cancel=True)
 
-    async def _retry(self, operation: Any, *args: Any) -> None:
+    def _unread(self) -> int:
+        """Take what is left on the channel, and close it; how many events that was."""
+        count = 0
+        while True:
+            try:
+                self._rx.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            count += 1
+        self._rx.close()
+        return count
+
+    async def _retry(self, operation: Any, *args: Any) -> Any:
         """Run a blocking store operation in a thread until it succeeds (backing off on errors)."""
         delay = RETRY_MIN
         failing = False
         while True:
             try:
-                await trio.to_thread.run_sync(operation, *args, abandon_on_cancel=True)
+                result = await trio.to_thread.run_sync(operation, *args, abandon_on_cancel=True)
             except Exception as exc:
                 if not failing:
                     log.error("session database failed (%s: %s); retrying", type(exc).__name__, exc)
@@ -178,7 +220,7 @@ class SessionRecorder:
                 continue
             if failing:
                 log.info("session database back")
-            return
+            return result
 
 
 # -- configuration and the `relay sessions` command ---------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 from plugins.sessions import COLUMNS, SessionEvent, split
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = {
     1: [
         """CREATE TABLE IF NOT EXISTS sessions (
@@ -29,6 +29,10 @@ MIGRATIONS = {
     2: [
         "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS initiator_user TEXT",  # the JWT sub, under auth
         "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS answerer_user TEXT",
+    ],
+    3: [
+        "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS node TEXT",  # the relay that recorded it
+        "CREATE INDEX IF NOT EXISTS sessions_ongoing ON sessions (node) WHERE ended_at IS NULL",
     ],
 }
 
@@ -75,9 +79,18 @@ class PostgresStore:
         def write(cur: Any) -> None:
             cur.executemany(
                 "INSERT INTO sessions (session_id, initiator, answerer, interests, started_at, initiator_user,"
-                " answerer_user) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING",
+                " answerer_user, node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING",
                 [
-                    (e.session_id, e.initiator, e.answerer, list(e.interests), e.at, e.initiator_user, e.answerer_user)
+                    (
+                        e.session_id,
+                        e.initiator,
+                        e.answerer,
+                        list(e.interests),
+                        e.at,
+                        e.initiator_user,
+                        e.answerer_user,
+                        e.node,
+                    )
                     for e in starts
                 ],
             )
@@ -87,6 +100,17 @@ class PostgresStore:
             )
 
         self._run(write)
+
+    def end_crashed(self, node: str, at: float) -> int:
+        def end(cur: Any) -> int:
+            cur.execute(
+                "UPDATE sessions SET ended_at = %s, end_reason = 'crashed'"
+                " WHERE ended_at IS NULL AND (node = %s OR node IS NULL)",
+                (at, node),
+            )
+            return cur.rowcount
+
+        return self._run(end)
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         def recent(cur: Any) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from plugins.sessions import COLUMNS, SessionEvent, split
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = {
     1: """
         CREATE TABLE IF NOT EXISTS sessions (
@@ -31,6 +31,10 @@ MIGRATIONS = {
     2: """
         ALTER TABLE sessions ADD COLUMN initiator_user TEXT;  -- the JWT sub, under auth
         ALTER TABLE sessions ADD COLUMN answerer_user TEXT;
+    """,
+    3: """
+        ALTER TABLE sessions ADD COLUMN node TEXT;  -- the relay that recorded it
+        CREATE INDEX IF NOT EXISTS sessions_ongoing ON sessions (node) WHERE ended_at IS NULL;
     """,
 }
 
@@ -75,7 +79,7 @@ class SQLiteStore:
         try:
             db.executemany(
                 "INSERT OR IGNORE INTO sessions (session_id, initiator, answerer, interests, started_at,"
-                " initiator_user, answerer_user) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " initiator_user, answerer_user, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         e.session_id,
@@ -85,6 +89,7 @@ class SQLiteStore:
                         e.at,
                         e.initiator_user,
                         e.answerer_user,
+                        e.node,
                     )
                     for e in starts
                 ],
@@ -97,6 +102,14 @@ class SQLiteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def end_crashed(self, node: str, at: float) -> int:
+        cursor = self._connect().execute(
+            "UPDATE sessions SET ended_at = ?, end_reason = 'crashed'"
+            " WHERE ended_at IS NULL AND (node = ? OR node IS NULL)",
+            (at, node),
+        )
+        return cursor.rowcount
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         rows = self._connect().execute(

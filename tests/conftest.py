@@ -65,15 +65,15 @@ UPGRADE = (
 )
 # Every test client comes from 127.0.0.1: relays in tests get per-address limits that fit that
 # (the abuse tests set real ones).
-LOOPBACK_LIMITS = {"max_connections_per_ip": 100_000, "connect_rate_per_ip": 1e6, "connect_burst_per_ip": 100_000}
-LOOPBACK_FLAGS = [
-    "--max-connections-per-ip",
-    "100000",
-    "--connect-rate-per-ip",
-    "1e6",
-    "--connect-burst-per-ip",
-    "100000",
-]
+LOOPBACK_LIMITS = {
+    "max_connections_per_ip": 100_000,
+    "connect_rate_per_ip": 1e6,
+    "connect_burst_per_ip": 100_000,
+    "joins_per_minute_per_ip": 1_000_000,
+    "bytes_per_second_per_ip": 1 << 30,
+    "bytes_burst_per_ip": 1 << 30,
+}
+LOOPBACK_FLAGS = [f"--{name.replace('_', '-')}={value}" for name, value in LOOPBACK_LIMITS.items()]
 STEP = 5.0  # seconds any single expected event may take before the test fails (never asserted as a time)
 
 

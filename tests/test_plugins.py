@@ -34,7 +34,8 @@ async def test_metrics_parse_and_match_what_happened(nursery):
     store = GatedStore()
     store.gate.clear()  # persistence hangs: its drops must show up in the metrics
     r = await start_relay(
-        nursery, plugins=[plugins.metrics, SessionRecorder(store, queue=1, batch=1)], options={"metrics": True},
+        nursery, plugins=[plugins.metrics, SessionRecorder(store, queue=1, batch=1)],
+        options={"metrics": True, "metrics_port": 0},
         message_rate=1, message_burst=20,
     )  # fmt: skip
     h = Harness(nursery, r)
@@ -64,7 +65,7 @@ async def test_metrics_parse_and_match_what_happened(nursery):
         await b.send(type="ping")
     replies = [(await b.recv())["type"] for _ in range(25)]
 
-    status, headers, body = await http_get(r.port, "/metrics")
+    status, headers, body = await http_get(r.pm.get_plugin("metrics-registry").port, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain; version=")
     m = samples(body.decode())
     rate_limited = replies.count("error")
@@ -118,7 +119,8 @@ def test_main_exits_2_when_a_plugin_refuses_to_start(monkeypatch, tmp_path):
     assert relay_mod.main(["--admin", "--host", "127.0.0.1", "--port", "0"]) == 2
 
 
-async def test_admin_api_needs_the_token(nursery, admin_token):
+async def test_admin_api_needs_the_token(nursery, admin_token, monkeypatch):
+    monkeypatch.setattr(plugins.admin, "MAX_FAILURES", 100)  # 12 wrong tokens here (test_security: the throttle)
     r = await start_relay(nursery, plugins=[plugins.admin], options={"admin": True})
     status, headers, body = await http_get(r.port, "/admin")
     assert status == 200 and b"relay admin" in body and TOKEN.encode() not in body  # the page holds no data

@@ -14,7 +14,7 @@ import relay as relay_mod
 from plugins.sessions import SessionEvent, SessionRecorder, report
 from plugins.sessions_postgres import PostgresStore
 from plugins.sessions_sqlite import SQLiteStore
-from tests.conftest import STEP, Harness, start_relay
+from tests.conftest import STEP, Harness, http_get, start_relay
 from tests.test_server import start_process
 
 REASONS = ("next", "left", "disconnected")
@@ -120,6 +120,9 @@ async def test_sessions_are_recorded_survive_a_crash_and_are_flushed_at_shutdown
 
     p = await start_process(nursery, *flags, "--drain-seconds", "1", cwd=tmp_path)  # the schema is there already
     h.relay.port = p.port
+    rows = await rows_when(store, lambda rows: rows[ongoing["session_id"]]["ended_at"], "the crashed session ended")
+    assert rows[ongoing["session_id"]]["end_reason"] == "crashed"  # ended at the restart, by the node that made it
+    assert rows[ongoing["session_id"]]["node"] and rows[ongoing["session_id"]]["ended_by"] is None
     expected |= await run_sessions(h, 1, first=20)
     a, b, active, _ = await h.pair()
     p.proc.send_signal(signal.SIGTERM)  # graceful: the session is ended by the drain, and flushed
@@ -133,6 +136,35 @@ async def test_sessions_are_recorded_survive_a_crash_and_are_flushed_at_shutdown
     check(rows, expected)
     assert rows[active["session_id"]]["end_reason"] == "disconnected"
     assert rows[active["session_id"]]["ended_at"] is not None
+
+
+async def test_records_the_shutdown_could_not_write_are_logged_and_counted(nursery, tmp_path):
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    p = await start_process(
+        nursery, "--sessions-db", str(path), "--drain-seconds", "0", "--metrics", "--metrics-port", "0", cwd=tmp_path
+    )
+    private = int((await p.read_until(rb"metrics: /metrics on port (\d+)")).group(1))
+    h = Harness(nursery, relay_mod.Relay())
+    h.relay.port = p.port
+    await run_sessions(h, 1)
+    rows = await rows_when(lambda: SQLiteStore(str(path)), lambda rows: len(rows) == 1, "the first session")
+    lock = sqlite3.connect(path, timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")  # the database is locked from now on (another process, a backup...)
+    try:
+        await run_sessions(h, 3, first=1)  # 6 events that cannot be written
+        status, _, body = await http_get(private, "/metrics")
+        assert status == 200 and b"relay_sessions_dropped_total 0.0" in body  # the counter is there, at 0
+        p.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(relay_mod.SHUTDOWN_TIMEOUT + STEP * 2):
+            await p.proc.wait()
+        await p.read_until(rb"6 event\(s\) not written")
+        assert p.proc.returncode == 0
+    finally:
+        lock.rollback()
+        lock.close()
+    assert len(rows) == 1
 
 
 def test_report_command(tmp_path, capsys):
@@ -168,6 +200,9 @@ class GatedStore:
 
     def migrate(self) -> None:
         pass
+
+    def end_crashed(self, node: str, at: float) -> int:
+        return 0
 
     def write(self, events: list[SessionEvent]) -> None:
         if self.down:
@@ -237,7 +272,7 @@ async def test_a_failing_database_is_retried_until_it_is_back(nursery):
     with trio.fail_after(STEP * 2):
         while not all(store.rows.get(sid, {}).get("reason") == "left" for sid in ids):
             await trio.sleep(0.05)
-    assert "sessions_dropped" not in r.statistics().counters
+    assert r.statistics().counters["sessions_dropped"] == 0  # there from the start, and nothing lost
 
 
 def test_schema_migration_is_idempotent(tmp_path, postgres_url):

@@ -100,7 +100,8 @@ async def test_the_secret_never_appears_in_messages_logs_or_metrics(nursery, mon
     admin_token = "admin-token-long-enough-0123"
     monkeypatch.setenv("RELAY_TURN_SECRET", f"{SECRET},an-older-secret-456789")
     monkeypatch.setenv("RELAY_ADMIN_TOKEN", admin_token)
-    options = {"turn_host": "127.0.0.1", "turn_url": [], "turn_ttl": 3600.0, "metrics": True, "admin": True}
+    options = {"turn_host": "127.0.0.1", "turn_url": [], "turn_ttl": 3600.0, "metrics": True, "metrics_port": 0}
+    options["admin"] = True
     r = await start_relay(nursery, plugins=[plugins.turn, plugins.metrics, plugins.admin], options=options)
     h = Harness(nursery, r)
     seen: list[str] = []
@@ -112,12 +113,12 @@ async def test_the_secret_never_appears_in_messages_logs_or_metrics(nursery, mon
     seen.append(json.dumps(await b.recv()))
     await a.send(type="next")
     seen.append(json.dumps(await b.recv()))
-    for path, headers in [
-        ("/metrics", ""),
-        ("/healthz", ""),
-        ("/admin/api/status", f"Authorization: Bearer {admin_token}\r\n"),
+    for port, path, headers in [
+        (r.pm.get_plugin("metrics-registry").port, "/metrics", ""),
+        (r.port, "/healthz", ""),
+        (r.port, "/admin/api/status", f"Authorization: Bearer {admin_token}\r\n"),
     ]:
-        status, _, body = await http_get(r.port, path, headers=headers)
+        status, _, body = await http_get(port, path, headers=headers)
         assert status == 200
         seen.append(body.decode())
     seen.append(caplog.text)
