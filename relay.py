@@ -57,6 +57,8 @@ reconnect and re-join). Scale-out across machines is a plugin's job.
 from __future__ import annotations
 
 import argparse
+import base64
+import codecs
 import collections
 import gc
 import hashlib
@@ -85,8 +87,11 @@ import h11
 import orjson
 import pluggy
 import trio
-import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection
+
+try:
+    from websockets.speedups import apply_mask as _apply_mask  # C: 20-30x a pure-Python XOR
+except ImportError:  # a platform without websockets' compiled speedups
+    from websockets.utils import apply_mask as _apply_mask
 
 __all__ = [
     "Auth",
@@ -141,7 +146,8 @@ MAX_REPORT_REASON: Final = 200  # characters of a report's reason
 SWEEP_INTERVAL: Final = 10.0  # seconds between clean-ups of the per-address and per-user tables
 FD_RESERVE: Final = 64  # file descriptors kept free of sockets (files, databases, plugins) under --max-sockets
 FLY_PROXIES: Final = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")  # trusted on Fly.io (see README)
-RECEIVE_QUEUE: Final = 1  # frames trio-websocket buffers per client before it stops reading the socket
+RECEIVE_BYTES: Final = 64 * 1024  # bytes asked of a WebSocket's socket per read
+MAX_FRAGMENTS: Final = 64  # frames one WebSocket message may come in; more closes 1009
 
 ########################################################################################################
 # Exceptions
@@ -663,22 +669,16 @@ CLOSE_TOO_BIG: Final = 1009  # a frame over --max-message-bytes (trio-websocket 
 CLOSE_INTERNAL: Final = 1011  # a bug in the relay while serving this client (logged)
 CLOSE_RESTART: Final = 1012  # the relay is shutting down, after a "draining" message: reconnect
 CLOSE_TOO_SLOW: Final = 1013  # "try again later": the client did not read its messages fast enough
+_FAIL_CODES: Final = frozenset((CLOSE_PROTOCOL_ERROR, CLOSE_BAD_DATA, CLOSE_TOO_BIG, CLOSE_TOO_SLOW))  # not waited for
 
 _loads = orjson.loads  # strict JSON: no NaN or Infinity, no lone surrogates, numbers that fit a double, depth 1024
+_dumps = orjson.dumps  # compact UTF-8 JSON: what the relay sends is built by this, or spliced from parsed input
 
 
-def _dumps(value: Any) -> str:
-    """Compact JSON text; everything the relay sends is built by this or spliced from parsed input."""
-    return orjson.dumps(value).decode()
-
-
-def parse_message(text: str | bytes) -> dict[str, Any]:
-    """Decode one client frame and check what the relay reads of it; raise ``ProtocolError``.
-
-    A ``join``'s ``interests`` are replaced by their parsed form (``parse_interests``).
+def parse_message(text: bytes) -> dict[str, Any]:
+    """Decode one client text message (UTF-8 JSON) and check what the relay reads of it; raise
+    ``ProtocolError``. A ``join``'s ``interests`` are replaced by their parsed form (``parse_interests``).
     """
-    if type(text) is not str:
-        raise ProtocolError("bad_message", "binary frames are not supported: send JSON text")
     try:
         msg = _loads(text)
     except ValueError:  # also NaN, Infinity, lone surrogates ("\ud800"), 1e999, nesting over 1024
@@ -725,17 +725,17 @@ def parse_interests(value: object) -> frozenset[str]:
     return frozenset(out)
 
 
-def _msg_welcome(client_id: str, resume_token: str) -> str:
+def _msg_welcome(client_id: str, resume_token: str) -> bytes:
     return _dumps(
         {"type": "welcome", "protocol": PROTOCOL_VERSION, "client_id": client_id, "resume_token": resume_token}
     )
 
 
-def _msg_queued(position: int, queue_size: int) -> str:
+def _msg_queued(position: int, queue_size: int) -> bytes:
     return _dumps({"type": "queued", "position": position, "queue_size": queue_size})
 
 
-def _msg_matched(session: Session, client_id: str, ice_servers: list[dict[str, Any]]) -> str:
+def _msg_matched(session: Session, client_id: str, ice_servers: list[dict[str, Any]]) -> bytes:
     return _dumps(
         {
             "type": "matched",
@@ -748,34 +748,237 @@ def _msg_matched(session: Session, client_id: str, ice_servers: list[dict[str, A
     )
 
 
-def _msg_signal(data: dict[str, Any], n: int) -> str:
+def _msg_signal(data: dict[str, Any], n: int) -> bytes:
     return _dumps({"type": "signal", "data": data, "n": n})
 
 
-def _msg_peer_left(session_id: str, reason: str) -> str:
+def _msg_peer_left(session_id: str, reason: str) -> bytes:
     return _dumps({"type": "peer_left", "session_id": session_id, "reason": reason})
 
 
-def _msg_error(code: str, message: str) -> str:
+def _msg_error(code: str, message: str) -> bytes:
     return _dumps({"type": "error", "code": code, "message": message})
 
 
-def _msg_resumed(client_id: str, token: str, state: str, **details: Any) -> str:
+def _msg_resumed(client_id: str, token: str, state: str, **details: Any) -> bytes:
     return _dumps({"type": "resumed", "client_id": client_id, "resume_token": token, "state": state, **details})
 
 
-def _msg_peer(kind: str, session_id: str) -> str:
+def _msg_peer(kind: str, session_id: str) -> bytes:
     """peer_reconnecting or peer_resumed."""
     return _dumps({"type": kind, "session_id": session_id})
 
 
-def _msg_draining(seconds: float | None) -> str:
+def _msg_draining(seconds: float | None) -> bytes:
     return _dumps({"type": "draining", "deadline_s": seconds})
 
 
 _PONG: Final = _dumps({"type": "pong"})
 _LEFT: Final = _dumps({"type": "left"})
 _REPORTED: Final = _dumps({"type": "reported"})
+
+
+########################################################################################################
+# WebSocket frames (RFC 6455, the server's side), sans I/O: held against wsproto by tests/test_frames.py
+########################################################################################################
+
+OP_CONTINUATION: Final = 0x0  # frame opcodes
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+OP_CLOSE: Final = 0x8
+OP_PING: Final = 0x9
+OP_PONG: Final = 0xA
+_OPCODES: Final = frozenset((OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+_REMOTE_CLOSE_CODES: Final = frozenset((1000, 1001, 1002, 1003, *range(1007, 1014), *range(3000, 5000)))
+_ACCEPT_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's suffix for Sec-WebSocket-Accept
+
+
+class WebSocketError(Exception):
+    """A client broke RFC 6455 (or a limit): its connection closes with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class FrameParser:
+    """The reading half of a WebSocket server: bytes from a client in, whole messages out.
+
+    ``feed(data)`` returns the events that ``data`` completes, in order, as ``(opcode, payload)``:
+    ``OP_TEXT`` (a whole message, valid UTF-8, as bytes), ``OP_BINARY``, ``OP_PING``, ``OP_PONG`` and
+    ``OP_CLOSE`` (its payload: a valid code and UTF-8 reason, or empty), after which nothing more is
+    read. A client that breaks the protocol raises ``WebSocketError``: 1002 for a malformed frame
+    (reserved bits or opcodes, unmasked, a fragmented or long control frame, a stray or missing
+    continuation, a length not in its shortest form, a bad close code), 1007 for text that is not
+    UTF-8, 1009 for a message over ``max_size`` bytes or in more than ``MAX_FRAGMENTS`` frames. What
+    an incomplete frame has sent so far waits here; a frame's length is checked from its header, so
+    nothing larger than ``max_size`` plus a header is ever held.
+    """
+
+    __slots__ = ("_buffer", "_decoder", "_fragments", "_opcode", "_parts", "_size", "closed", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.closed = False  # a close frame came: nothing after it is read
+        self._buffer = b""  # the start of a frame not complete yet
+        self._opcode = 0  # the opcode of a fragmented message under way, else 0
+        self._parts: list[bytes] = []  # its fragments so far
+        self._size = 0  # and their bytes
+        self._fragments = 0
+        self._decoder: Any = None  # an incremental UTF-8 decoder for fragmented text
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buffer = self._buffer + data if self._buffer else data
+        events: list[tuple[int, bytes]] = []
+        pos, end = 0, len(buffer)
+        while end - pos >= 2 and not self.closed:
+            b0, b1 = buffer[pos], buffer[pos + 1]
+            opcode, length, start = b0 & 0x0F, b1 & 0x7F, pos + 2
+            # The header's checks, in wsproto's order (so that the two agree on the close code)
+            if opcode not in _OPCODES:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, f"invalid opcode {opcode:#x}")
+            control = opcode >= OP_CLOSE
+            if control and not b0 & 0x80:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+            if control and length > 125:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "control frame over 125 bytes")
+            if length == 126:
+                if end - start < 2:
+                    break
+                length, start = int.from_bytes(buffer[start : start + 2], "big"), start + 2
+                if length < 126:
+                    raise WebSocketError(CLOSE_PROTOCOL_ERROR, "payload length not in its shortest form")
+            elif length == 127:
+                if end - start < 8:
+                    break
+                length, start = int.from_bytes(buffer[start : start + 8], "big"), start + 8
+                if length < 65536 or length >> 63:
+                    raise WebSocketError(CLOSE_PROTOCOL_ERROR, "payload length not in its shortest form")
+            if b0 & 0x70:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bit set (no extension was agreed)")
+            if not b1 & 0x80:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unmasked frame from a client")
+            if not control and self._size + length > self.max_size:
+                raise WebSocketError(CLOSE_TOO_BIG, f"message over {self.max_size} bytes")
+            if end - start < 4 + length:
+                break
+            payload = _apply_mask(buffer[start + 4 : start + 4 + length], buffer[start : start + 4])
+            pos = start + 4 + length
+            if control:
+                if opcode == OP_CLOSE:
+                    _check_close(payload)
+                    self.closed = True
+                events.append((opcode, payload))
+            else:
+                message = self._message(opcode, b0 & 0x80, payload)
+                if message is not None:
+                    events.append(message)
+        self._buffer = buffer[pos:] if pos < end and not self.closed else b""
+        return events
+
+    def _message(self, opcode: int, fin: int, payload: bytes) -> tuple[int, bytes] | None:
+        """A data frame: a whole message, or a fragment kept until the last one comes."""
+        if opcode == OP_CONTINUATION:
+            if not self._opcode:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "continuation frame without a message")
+        elif self._opcode:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a new message before the last one ended")
+        elif fin:  # the usual case: a message in one frame
+            if opcode == OP_TEXT:
+                _check_utf8(payload)
+            return opcode, payload
+        else:
+            self._opcode = opcode
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == OP_TEXT else None
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS:
+            raise WebSocketError(CLOSE_TOO_BIG, f"message in over {MAX_FRAGMENTS} frames")
+        if self._decoder is not None:
+            try:
+                self._decoder.decode(payload, bool(fin))
+            except UnicodeDecodeError:
+                raise WebSocketError(CLOSE_BAD_DATA, "text that is not UTF-8") from None
+        self._parts.append(payload)
+        self._size += len(payload)
+        if not fin:
+            return None
+        message = (self._opcode, b"".join(self._parts))
+        self._opcode, self._parts, self._size, self._fragments, self._decoder = 0, [], 0, 0, None
+        return message
+
+
+def _check_utf8(payload: bytes) -> None:
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        raise WebSocketError(CLOSE_BAD_DATA, "text that is not UTF-8") from None
+
+
+def _check_close(payload: bytes) -> None:
+    """A close frame's payload: empty, or a code a peer may send and a UTF-8 reason."""
+    if not payload:
+        return
+    if len(payload) == 1 or int.from_bytes(payload[:2], "big") not in _REMOTE_CLOSE_CODES:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close frame with an invalid code")
+    try:
+        payload[2:].decode()
+    except UnicodeDecodeError:
+        raise WebSocketError(CLOSE_BAD_DATA, "close reason that is not UTF-8") from None
+
+
+def close_code(payload: bytes) -> int:
+    """The code of a (checked) close frame's payload: 1005 when it has none."""
+    return int.from_bytes(payload[:2], "big") if payload else 1005
+
+
+def _frame_header(opcode: int, size: int) -> bytes:
+    """The header of an unmasked, final server frame carrying ``size`` payload bytes."""
+    if size < 126:
+        return bytes((0x80 | opcode, size))
+    if size < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, size)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, size)
+
+
+_TEXT_HEADERS: Final = [bytes((0x80 | OP_TEXT, n)) for n in range(126)]  # headers of short text frames, made once
+
+
+def _close_payload(code: int, reason: str) -> bytes:
+    """A close frame's payload: the code and as much of the reason as fits (whole characters)."""
+    return struct.pack("!H", code) + reason.encode()[:123].decode("utf-8", "ignore").encode()
+
+
+def accept_key(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` value answering a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _ACCEPT_GUID).digest()).decode("ascii")
+
+
+def handshake_refusal(method: str, headers: dict[str, str]) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
+    """Why an upgrade request to ``/ws`` is not a WebSocket handshake the relay accepts (RFC 6455
+    4.2.1), as (HTTP status, reason, headers), or None."""
+    if method != "GET":
+        return 405, "a WebSocket handshake is a GET", (("Allow", "GET"),)
+    if "upgrade" not in [token.strip().lower() for token in headers.get("connection", "").split(",")]:
+        return 400, "a WebSocket handshake needs 'Connection: Upgrade'", ()
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        return 426, "this relay speaks WebSocket version 13", (("Sec-WebSocket-Version", "13"),)
+    try:
+        key = base64.b64decode(headers.get("sec-websocket-key", "").strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        return 400, "a WebSocket handshake needs a Sec-WebSocket-Key of 16 bytes in base64", ()
+    return None
+
+
+def _switching_protocols(key: str, subprotocol: str | None) -> bytes:
+    """The handshake's answer: 101, the accept key, the subprotocol chosen (no extensions: no compression)."""
+    protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key.strip())}\r\n{protocol}\r\n"
+    ).encode("latin-1")
 
 
 ########################################################################################################
@@ -1016,67 +1219,67 @@ class RelayStatistics:
 ########################################################################################################
 
 
-_TEXT: Final = 0x1  # WebSocket opcodes the relay writes itself
-_CLOSE: Final = 0x8
-_PING: Final = 0x9
-_HEADERS: Final = [bytes((0x80 | _TEXT, n)) for n in range(126)]  # text frame headers for short payloads
-
-
-def _frame_header(opcode: int, size: int) -> bytes:
-    """The header of an unmasked, final server frame carrying ``size`` payload bytes."""
-    if size < 126:
-        return bytes((0x80 | opcode, size))
-    if size < 65536:
-        return struct.pack("!BBH", 0x80 | opcode, 126, size)
-    return struct.pack("!BBQ", 0x80 | opcode, 127, size)
-
-
 _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after a request head, as h11 finds it
 
 
-class _Transport(trio.abc.Stream):
-    """A client's socket. trio-websocket reads and writes through it; the relay writes frames into it
-    without awaiting, which is what makes relaying a signal cheap and never blocking.
+class _Transport:
+    """A client's WebSocket connection: the socket, its frame parser, and every write to it.
 
-    Every write goes to the kernel at once (non-blocking ``writev``). What does not fit waits in
-    ``_pending``, in order, and a flusher task started on demand drains it as the socket becomes
-    writable; the relay's own frames may fill it up to ``limit`` bytes (then the client is too slow).
-    Reads first return the request head the HTTP router already read; then nothing until the
-    handshake is accepted (``opened``), so that frames a client sends right behind its request reach
-    the WebSocket (trio-websocket would leave them unparsed until more bytes came); then the socket.
-    Reads that return data count as signs of life.
+    Writes never wait: each frame goes to the kernel at once (one non-blocking ``writev``); what it
+    does not take waits in ``_pending``, in order, drained by a flusher task started only then. Every
+    frame written for the client, messages, pongs, pings and close frames alike, fits in ``limit``
+    bytes of pending data or is refused (the client is too slow: 1013). Reads are done by the
+    connection's own task (``receive``); reads that return data count as signs of life.
     """
 
-    def __init__(self, stream: trio.SocketStream, raw: bytes, limit: int, nursery: trio.Nursery) -> None:
+    __slots__ = (
+        "_drained", "_fd", "_nursery", "_pending", "_stream", "_waiting", "close_received", "close_sent", "ended",
+        "limit", "parser", "received",
+    )  # fmt: skip
+
+    def __init__(self, stream: trio.SocketStream, limit: int, max_message: int, nursery: trio.Nursery) -> None:
         self._stream = stream
         self._fd = stream.socket.fileno()  # -1 from close on: a closed fd's number gets reused
-        blank = _HEAD_END.search(raw)  # h11 parsed a head: it ends there
-        end = blank.end() if blank else len(raw)
-        self._head, self._early = raw[:end], raw[end:]  # the request; bytes already read behind it
-        self._opening: trio.Event | None = trio.Event()  # set by `opened`; None from the first read after
-        self._limit = limit
-        self._nursery = nursery
+        self._nursery = nursery  # where a flusher runs when one is needed
         self._pending = bytearray()  # bytes the kernel has not taken yet; non-empty iff a flusher runs
-        self._drained = trio.Event()
-        self._close_sent = False
-        self.ws: WebSocketConnection | None = None  # set once accepted
+        self._drained: trio.Event | None = None  # set when _pending empties (while a flusher runs)
+        self._waiting = False  # the last read emptied the socket: wait for more before reading again
+        self.limit = limit
+        self.parser = FrameParser(max_message)
+        self.close_sent: int | None = None  # the code of the close frame the relay sent
+        self.close_received: int | None = None  # the code of the client's close frame
+        self.ended = False  # the connection dropped (end of stream, or reset)
         self.received = 0  # reads that returned data: the heartbeat watches it move
 
-    def send_text(self, text: str) -> bool:
+    # -- writing (from any task, never waiting) ---------------------------------------------------
+
+    def send_text(self, payload: bytes) -> bool:
         """Write one text frame now. False (and nothing written) if the client is too slow."""
-        payload = text.encode()
         size = len(payload)
-        if self._pending and len(self._pending) + size > self._limit:
+        if self._pending and len(self._pending) + size > self.limit:
             return False
-        self._write(_HEADERS[size] if size < 126 else _frame_header(_TEXT, size), payload)
+        self._write(_TEXT_HEADERS[size] if size < 126 else _frame_header(OP_TEXT, size), payload)
         return True
 
     send_signal = send_text
 
-    def send_ping(self) -> None:
-        self._write(_frame_header(_PING, 0), b"")
+    def send_control(self, opcode: int, payload: bytes = b"") -> bool:
+        """Write a ping, pong or close frame now, within the same bound."""
+        if self._pending and len(self._pending) + len(payload) + 2 > self.limit:
+            return False
+        if opcode == OP_CLOSE:
+            self.close_sent = close_code(payload)
+        self._write(_frame_header(opcode, len(payload)), payload)
+        return True
 
-    def _write(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
+    def send_ping(self) -> bool:
+        return self.send_control(OP_PING)
+
+    def send_raw(self, data: bytes) -> None:
+        """The handshake's answer (nothing is pending yet)."""
+        self._write(b"", data)
+
+    def _write(self, header: bytes, payload: bytes | bytearray) -> None:
         pending = self._pending
         if pending or self._fd < 0:
             if self._fd >= 0:
@@ -1090,7 +1293,7 @@ class _Transport(trio.abc.Stream):
         except OSError:  # reset or broken: the read side sees it and ends the connection
             return
         if sent < len(header) + len(payload):  # the kernel buffer is full: keep the rest, in order
-            pending += (header + bytes(payload))[sent:]
+            pending += (header + payload)[sent:]
             self._drained = trio.Event()
             self._nursery.start_soon(self._flush)
 
@@ -1108,67 +1311,84 @@ class _Transport(trio.abc.Stream):
             pass
         finally:
             pending.clear()
-            self._drained.set()
+            if self._drained is not None:
+                self._drained.set()
 
-    def opened(self, ws: WebSocketConnection) -> None:
-        """The handshake is accepted: reads may go on."""
-        self.ws = ws
-        if self._opening is not None:
-            self._opening.set()
+    # -- reading (the connection's task only) -----------------------------------------------------
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._opening is not None and (data := await self._receive_opening()):
-            return data
-        data = await self._stream.receive_some(max_bytes)
-        self.received += 1
-        return data
+    async def receive(self) -> bytes:
+        """The next bytes the client sent; b"" once the connection has ended (closed or reset).
 
-    async def _receive_opening(self) -> bytes:
-        """The head; then, once opened, the bytes read behind it. b"": read the socket now."""
-        assert self._opening is not None
-        if self._head:
-            data, self._head = self._head, b""
+        One ``read`` per wake-up: after a read that emptied the socket, wait until it is readable
+        before reading again (rather than read, get nothing, then wait). A checkpoint either way.
+        """
+        if self._waiting:
+            await trio.lowlevel.wait_readable(self._fd)
+        else:
             await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = os.read(self._fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._fd)
+                continue
+            except OSError:  # reset
+                data = b""
+            if not data:
+                self.ended = True
+                return b""
+            self._waiting = len(data) < RECEIVE_BYTES
+            self.received += 1
             return data
-        await self._opening.wait()
-        self._opening = None
-        data, self._early = self._early, b""
-        self.received += bool(data)
-        return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """trio-websocket's writes (handshake, pongs, close frames): same order, no limit."""
-        if self._fd < 0:
-            raise trio.ClosedResourceError("connection closed")
-        if data[:1] == b"\x88":  # trio-websocket writes each frame whole: this one is a close frame
-            self._close_sent = True
-        self._write(b"", data)
-        await trio.lowlevel.checkpoint()
+    # -- the end ----------------------------------------------------------------------------------
 
-    async def wait_send_all_might_not_block(self) -> None:
-        if self._pending:
-            await self._drained.wait()
-        await trio.lowlevel.checkpoint()
+    def discard_unread(self) -> None:
+        """Read away, without waiting, what the client has sent and nobody will read."""
+        for _ in range(64):
+            try:
+                if len(os.read(self._fd, RECEIVE_BYTES)) < RECEIVE_BYTES:
+                    return
+            except OSError:
+                return
 
     async def aclose(self) -> None:
         """Give what is pending ``CLOSE_TIMEOUT`` seconds to go out, then close the socket."""
-        if self._fd < 0:
-            await trio.lowlevel.checkpoint()
-            return
-        closed = self.ws.closed if self.ws is not None else None
-        if closed is not None and closed.code != 1006 and not self._close_sent:
-            # wsproto reports a bad frame (invalid UTF-8: 1007, protocol error: 1002) as if the client
-            # had closed, and trio-websocket then closes without a word: tell the client why.
-            payload = struct.pack("!H", closed.code) + (closed.reason or "").encode()[:120]
-            self._write(_frame_header(_CLOSE, len(payload)), payload)
         try:
-            if self._pending:
+            if self._pending and self._drained is not None:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._drained.wait()
         finally:
             self._fd = -1  # never written to again, whatever reuses the number
             self._pending.clear()
             await self._stream.aclose()
+
+
+async def _close_handshake(transport: _Transport, code: int, reason: str) -> None:
+    """End a WebSocket within ``CLOSE_TIMEOUT``. If the client closed first, its code is echoed. Else
+    the relay's close frame goes out, and, for an orderly close, the client's answer (or the end of
+    its connection) is awaited, messages it still sends being dropped; a client that broke the
+    protocol or a limit is not waited for (RFC 6455's "fail the connection"). A connection that
+    dropped gets nothing."""
+    if transport.ended:
+        return
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        if transport.close_received is not None:
+            echo = transport.close_received
+            transport.send_control(OP_CLOSE, b"" if echo == 1005 else struct.pack("!H", echo))
+            return
+        transport.send_control(OP_CLOSE, _close_payload(code, reason))
+        if code in _FAIL_CODES:
+            transport.discard_unread()  # so that closing sends a FIN, not a reset that could lose the close frame
+            return
+        while not transport.parser.closed:
+            data = await transport.receive()
+            if not data:
+                return
+            try:
+                transport.parser.feed(data)
+            except WebSocketError:
+                return
 
 
 class _AwayBuffer:
@@ -1179,19 +1399,19 @@ class _AwayBuffer:
     received = 0
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self.messages: list[str] = []
+        self.messages: list[bytes] = []
         self.size = 0
         self.max_messages = max_messages
         self.max_bytes = max_bytes
 
-    def send_text(self, text: str) -> bool:
+    def send_text(self, text: bytes) -> bool:
         if len(self.messages) >= self.max_messages or self.size + len(text) > self.max_bytes:
             return False
         self.messages.append(text)
         self.size += len(text)
         return True
 
-    def send_signal(self, text: str) -> bool:
+    def send_signal(self, text: bytes) -> bool:
         return True  # signals wait in the client's replay ring
 
 
@@ -1202,13 +1422,12 @@ class _Client:
     __slots__ = (  # noqa: RUF023 (grouped by meaning, not sorted)
         "id", "secret", "user_id", "peer", "position", "connected_at", "joins",  # the client
         "signals", "replay", "replay_bytes",
-        "ws", "transport", "remote", "address", "tokens", "stamp", "closing", "reader_scope", "fresh", "floods",
+        "transport", "remote", "address", "tokens", "stamp", "closing", "reader_scope", "fresh", "floods",
         "flood_start", "seen", "quiet_since", "pinged_at", "away_since",  # its connection
     )  # fmt: skip
 
     def __init__(
         self,
-        ws: WebSocketConnection,
         transport: _Transport | _AwayBuffer,
         remote: str,
         address: _Address,
@@ -1226,7 +1445,6 @@ class _Client:
         self.signals = 0  # signals sent to this client: each carries its number "n"
         self.replay: list[tuple[int, str]] = []  # the latest, for a resume (a list: ~550 bytes less than a deque)
         self.replay_bytes = 0
-        self.ws = ws
         self.transport = transport
         self.remote = remote
         self.address = address  # its IP address's sockets and budgets
@@ -1604,6 +1822,8 @@ class Relay:
         self._static = _load_static(settings.static_dir)
         self._drain_requested = trio.Event()
         self._stopped = trio.Event()
+        self._nursery: trio.Nursery  # the server's root nursery (serve()): flushers run there
+        self._replay_messages = settings.resume_buffer_messages
         self._too_many = f"more than {settings.message_rate:g} messages a second: slow down"
         self._too_much = f"more than {settings.bytes_per_second_per_ip} bytes a second from your address: slow down"
         self._handlers: dict[str, Callable[[_Client, dict[str, Any]], None]] = {
@@ -1630,6 +1850,7 @@ class Relay:
         self.port = listeners[0].socket.getsockname()[1]
         self._started = trio.current_time()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             self._call_hooks("relay_startup", relay=self, nursery=nursery)
             nursery.start_soon(self._tick_loop)
             nursery.start_soon(self._heartbeat_loop)
@@ -1811,6 +2032,11 @@ class Relay:
                 head_only=request.method == "HEAD", headers=response.headers, cache=response.cache,
             )  # fmt: skip
             return
+        bad = handshake_refusal(request.method, request.headers)
+        if bad is not None:
+            status, reason, headers = bad
+            await _respond(stream, status, f"{status} {reason}\n".encode(), headers=headers)
+            return
         refusal = self._admit(request, address)
         if refusal is not None:
             status, reason = refusal
@@ -1821,10 +2047,8 @@ class Relay:
             log.info("refused a WebSocket from %s: %s", request.ip, auth.reason)
             await _respond(stream, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
             return
-        raw = head.raw
         remote = request.remote if request.ip == request.remote.rsplit(":", 1)[0] else request.ip
-        del head, request  # a WebSocket lives long in this frame: keep nothing of the request but `raw`
-        await self._serve_websocket(stream, raw, handshake, address, auth, remote)
+        await self._serve_websocket(stream, head, handshake, address, auth, remote)
 
     def _admit(self, request: HttpRequest, address: _Address) -> tuple[int, str] | None:
         """Whether a WebSocket may open: (status, reason) to refuse it, or None. Cheap checks first."""
@@ -1862,7 +2086,7 @@ class Relay:
                 "sessions": stats.sessions,
                 "uptime_s": stats.uptime_s,
             }
-            return HttpResponse(503 if stats.draining else 200, _dumps(body).encode(), "application/json")
+            return HttpResponse(503 if stats.draining else 200, _dumps(body), "application/json")
         answer = self._call_hooks("relay_http_request", request=request)
         if answer is not None:
             return answer
@@ -1880,51 +2104,41 @@ class Relay:
     # -- connections: WebSocket clients -----------------------------------------------------------
 
     async def _serve_websocket(
-        self, stream: trio.SocketStream, raw: bytes, handshake: trio.CancelScope, address: _Address, auth: Auth,
+        self, stream: trio.SocketStream, head: _Head, handshake: trio.CancelScope, address: _Address, auth: Auth,
         remote: str,
     ) -> None:  # fmt: skip
+        """Answer the handshake (101), then serve the client until its connection ends."""
         s = self.settings
-        async with trio.open_nursery() as nursery:
-            transport = _Transport(stream, raw, s.send_buffer_bytes, nursery)
-            try:
-                request = await trio_websocket.wrap_server_stream(
-                    nursery, transport, message_queue_size=RECEIVE_QUEUE, max_message_size=s.max_message_bytes
-                )
-                ws = await request.accept(subprotocol=auth.subprotocol)
-                transport.opened(ws)
-                del request
-                if ws.closed:  # the client vanished
-                    return
-                handshake.deadline = math.inf
-                c = _Client(ws, transport, remote, address, auth.user_id, trio.current_time(), s)
-                self._closing += 1
-                try:
-                    await self._run_client(c)
-                finally:
-                    self._closing -= 1
-                    self._check_drained()
-            finally:
-                try:
-                    await transport.aclose()  # flushes (bounded), and sends a close frame if none went out
-                finally:
-                    nursery.cancel_scope.cancel()  # trio-websocket's reader, and a flusher if one runs
+        transport = _Transport(stream, s.send_buffer_bytes, s.max_message_bytes, self._nursery)
+        transport.send_raw(_switching_protocols(head.request.headers["sec-websocket-key"], auth.subprotocol))
+        blank = _HEAD_END.search(head.raw)
+        early = head.raw[blank.end() :] if blank else b""  # frames the client sent right behind its request
+        handshake.deadline = math.inf
+        c = _Client(transport, remote, address, auth.user_id, trio.current_time(), s)
+        self._closing += 1
+        try:
+            await self._run_client(c, early)
+        finally:
+            self._closing -= 1
+            self._check_drained()
+            await transport.aclose()  # what is pending gets CLOSE_TIMEOUT to go out
 
-    async def _run_client(self, c: _Client) -> None:
+    async def _run_client(self, c: _Client, early: bytes) -> None:
         """A connection's life: welcome, read loop, then the close handshake (bounded). The client
         it serves may change once, when its first message resumes an earlier one."""
         self._attach(c)
+        transport = c.transport
+        assert isinstance(transport, _Transport)
         try:
             with c.reader_scope:
-                await self._read_loop(c)
+                await self._read_loop(c, transport, early)
         except Exception:
             log.exception("client %s: handler failed", c.id)
             self._close(c, CLOSE_INTERNAL, "internal error")
         finally:
             code, reason = c.closing or (CLOSE_NORMAL, "")
-            ws = c.ws
-            self._connection_lost(c)
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            await ws.aclose(code, reason)
+            self._connection_lost(c, transport)
+        await _close_handshake(transport, code, reason)
 
     def _attach(self, c: _Client) -> None:
         self._clients[c.id] = c
@@ -1934,13 +2148,12 @@ class Relay:
         self._call_hooks("relay_client_connected", client_id=c.id, remote=c.remote, user_id=c.user_id)
         self._send(c, _msg_welcome(c.id, c.token))
 
-    def _connection_lost(self, c: _Client) -> None:
+    def _connection_lost(self, c: _Client, transport: _Transport) -> None:
         """The connection ended. A client that vanished (no close frame, no pong) may come back:
         it keeps its place or session for ``--resume-grace``. Any other end is final."""
         if self._clients.get(c.id) is not c:
             return  # already detached (kicked, expired)
-        closed = c.ws.closed
-        vanished = (closed is None or closed.code == 1006) and c.closing is None
+        vanished = transport.close_received is None and c.closing is None
         if (
             (vanished or (c.closing or (0,))[0] == CLOSE_HEARTBEAT)
             and self.settings.resume_grace > 0
@@ -1948,7 +2161,7 @@ class Relay:
         ):
             self._suspend(c)
         else:
-            self._detach(c)
+            self._detach(c, transport.close_received or (c.closing or (None,))[0])
 
     def _suspend(self, c: _Client) -> None:
         s = self.settings
@@ -1963,74 +2176,95 @@ class Relay:
             assert session is not None
             self._send(c.peer, _msg_peer("peer_reconnecting", session.id))
 
-    def _detach(self, c: _Client) -> None:
+    def _detach(self, c: _Client, code: int | None = None) -> None:
+        """Forget the client: its session ends, plugins hear of it. ``code``: the close code (None if
+        the connection just dropped)."""
         if self._clients.get(c.id) is not c:
             return
         del self._clients[c.id]
         self._away.pop(c.id, None)
         self._apply(self.matchmaker.disconnect(c.id))
-        closed = c.ws.closed
-        code = None if c.away_since is not None or closed is None else closed.code
         duration = trio.current_time() - c.connected_at
         log.info("client %s disconnected (code %s, %.1f s)", c.id, code, duration)
         self._call_hooks("relay_client_disconnected", client_id=c.id, code=code, duration=duration)
         self._check_drained()
 
-    async def _read_loop(self, c: _Client) -> None:
-        """Receive, rate-limit, parse and act on one client's messages: the relay's hot path."""
-        get_message = c.ws.get_message
-        rate, burst = self.settings.message_rate, self.settings.message_burst
-        handlers = self._handlers
-        parse = parse_message
-        clock = trio.current_time
-        replay_bytes, replay_messages = self.settings.resume_buffer_bytes, self.settings.resume_buffer_messages
+    async def _read_loop(self, c: _Client, transport: _Transport, data: bytes) -> None:
+        """Receive, rate-limit, parse and act on one client's messages: the relay's hot path.
+        Returns when the client closed (close frame) or vanished, or when the relay closes it."""
+        s = self.settings
+        rate, burst = s.message_rate, s.message_burst
+        byte_rate, byte_burst = s.bytes_per_second_per_ip, s.bytes_burst_per_ip
         address_bytes = c.address.bytes
-        byte_rate, byte_burst = self.settings.bytes_per_second_per_ip, self.settings.bytes_burst_per_ip
+        feed, receive, clock = transport.parser.feed, transport.receive, trio.current_time
+        message = self._message
         while True:
+            if not data:
+                data = await receive()
+                if not data:
+                    return  # the connection dropped: no close frame
             try:
-                text = await get_message()
-            except ConnectionClosed:
+                events = feed(data)
+            except WebSocketError as exc:
+                self._close(c, exc.code, exc.reason)
                 return
-            now = clock()
-            tokens = c.tokens + (now - c.stamp) * rate
-            c.stamp = now
-            if tokens > burst:
-                tokens = burst
-            if tokens < 1.0:
-                c.tokens = tokens
-                self._refused(c, now, self._too_many)
-                continue
-            if not address_bytes.take(len(text), byte_rate, byte_burst, now):
-                c.tokens = tokens
-                self._refused(c, now, self._too_much)
-                continue
-            c.tokens = tokens - 1.0
-            try:
-                msg = parse(text)
-                kind = msg["type"]
-                if kind == "signal":
-                    peer = c.peer
-                    if peer is None:
-                        raise ProtocolError("not_matched", "no peer to signal: wait for matched")
-                    # Number it for the peer; splice the number into the client's own text when it
-                    # holds nothing but type and data (no JSON encoding on the relay path).
-                    n = peer.signals = peer.signals + 1
-                    if len(msg) == 2 and text[0] == "{":  # type: ignore[index]
-                        out = f'{{"n":{n},{text[1:]}'  # type: ignore[index]
-                    else:
-                        out = _msg_signal(msg["data"], n)
-                    peer.replay.append((n, out))
-                    peer.replay_bytes += len(out)
-                    if peer.replay_bytes > replay_bytes or len(peer.replay) > replay_messages:
-                        self._trim(peer)
-                    if peer.closing is None and not peer.transport.send_signal(out):
-                        self._too_slow(peer)
-                    self._signals += 1
+            data = b""
+            for opcode, payload in events:
+                if opcode == OP_CLOSE:  # the client closes: answer with the same code, then the end
+                    transport.close_received = close_code(payload)
+                    return
+                if c.closing is not None:
+                    return
+                # Every frame costs a message (pings and pongs included) and its bytes.
+                now = clock()
+                tokens = c.tokens + (now - c.stamp) * rate
+                c.stamp = now
+                if tokens > burst:
+                    tokens = burst
+                if tokens < 1.0:
+                    c.tokens = tokens
+                    self._refused(c, now, self._too_many)
+                elif not address_bytes.take(len(payload), byte_rate, byte_burst, now):
+                    c.tokens = tokens
+                    self._refused(c, now, self._too_much)
                 else:
-                    handlers[kind](c, msg)
-            except ProtocolError as exc:
-                self._error(c, exc.code, exc.message)
-            c.fresh = False
+                    c.tokens = tokens - 1.0
+                    if opcode == OP_TEXT:
+                        message(c, payload)
+                    elif opcode == OP_PING:
+                        if not transport.send_control(OP_PONG, payload):
+                            self._too_slow(c)
+                    elif opcode == OP_BINARY:
+                        self._error(c, "bad_message", "binary frames are not supported: send JSON text")
+                    c.fresh = False
+
+    def _message(self, c: _Client, text: bytes) -> None:
+        """One text message: parse it and act on it."""
+        try:
+            msg = parse_message(text)
+            kind = msg["type"]
+            if kind == "signal":
+                peer = c.peer
+                if peer is None:
+                    raise ProtocolError("not_matched", "no peer to signal: wait for matched")
+                # Number it for the peer; splice the number into the client's own text when it
+                # holds nothing but type and data (no JSON encoding on the relay path).
+                n = peer.signals = peer.signals + 1
+                if len(msg) == 2 and text[0] == 0x7B:  # 0x7B: "{"
+                    out = b'{"n":%d,%b' % (n, text[1:])
+                else:
+                    out = _msg_signal(msg["data"], n)
+                peer.replay.append((n, out))
+                peer.replay_bytes += len(out)
+                if peer.replay_bytes > self.settings.resume_buffer_bytes or len(peer.replay) > self._replay_messages:
+                    self._trim(peer)
+                if peer.closing is None and not peer.transport.send_signal(out):
+                    self._too_slow(peer)
+                self._signals += 1
+            else:
+                self._handlers[kind](c, msg)
+        except ProtocolError as exc:
+            self._error(c, exc.code, exc.message)
 
     def _refused(self, c: _Client, now: float, why: str) -> None:
         """A message over a rate limit: an error, or, for a client that keeps flooding, the end."""
@@ -2283,8 +2517,9 @@ class Relay:
                     c.seen, c.quiet_since, c.pinged_at = received, now, None
                 elif c.pinged_at is None:
                     if now - c.quiet_since >= s.heartbeat_interval:
-                        c.transport.send_ping()
                         c.pinged_at = now
+                        if not c.transport.send_ping():
+                            self._too_slow(c)
                 elif now - c.pinged_at >= s.heartbeat_timeout:
                     log.info("client %s: no pong in %.0f s", c.id, now - c.pinged_at)
                     self._close(c, CLOSE_HEARTBEAT, "heartbeat timeout")
