@@ -794,12 +794,14 @@ _ACCEPT_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's suff
 
 
 class WebSocketError(Exception):
-    """A client broke RFC 6455 (or a limit): its connection closes with ``code`` and ``reason``."""
+    """A client broke RFC 6455 (or a limit): its connection closes with ``code`` and ``reason``.
+    ``events`` are those the same bytes completed before the violation: act on them first."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.events: list[tuple[int, bytes]] = []
 
 
 class FrameParser:
@@ -808,7 +810,8 @@ class FrameParser:
     ``feed(data)`` returns the events that ``data`` completes, in order, as ``(opcode, payload)``:
     ``OP_TEXT`` (a whole message, valid UTF-8, as bytes), ``OP_BINARY``, ``OP_PING``, ``OP_PONG`` and
     ``OP_CLOSE`` (its payload: a valid code and UTF-8 reason, or empty), after which nothing more is
-    read. A client that breaks the protocol raises ``WebSocketError``: 1002 for a malformed frame
+    read. A client that breaks the protocol raises ``WebSocketError`` (carrying the events before
+    the violation; feed no more after it): 1002 for a malformed frame
     (reserved bits or opcodes, unmasked, a fragmented or long control frame, a stray or missing
     continuation, a length not in its shortest form, a bad close code), 1007 for text that is not
     UTF-8, 1009 for a message over ``max_size`` bytes or in more than ``MAX_FRAGMENTS`` frames. What
@@ -829,8 +832,15 @@ class FrameParser:
         self._decoder: Any = None  # an incremental UTF-8 decoder for fragmented text
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buffer = self._buffer + data if self._buffer else data
         events: list[tuple[int, bytes]] = []
+        try:
+            self._parse(self._buffer + data if self._buffer else data, events)
+        except WebSocketError as exc:
+            exc.events = events
+            raise
+        return events
+
+    def _parse(self, buffer: bytes, events: list[tuple[int, bytes]]) -> None:
         pos, end = 0, len(buffer)
         while end - pos >= 2 and not self.closed:
             b0, b1 = buffer[pos], buffer[pos + 1]
@@ -875,7 +885,6 @@ class FrameParser:
                 if message is not None:
                     events.append(message)
         self._buffer = buffer[pos:] if pos < end and not self.closed else b""
-        return events
 
     def _message(self, opcode: int, fin: int, payload: bytes) -> tuple[int, bytes] | None:
         """A data frame: a whole message, or a fragment kept until the last one comes."""
@@ -2203,11 +2212,11 @@ class Relay:
                 data = await receive()
                 if not data:
                     return  # the connection dropped: no close frame
+            failed: WebSocketError | None = None
             try:
                 events = feed(data)
             except WebSocketError as exc:
-                self._close(c, exc.code, exc.reason)
-                return
+                events, failed = exc.events, exc
             data = b""
             for opcode, payload in events:
                 if opcode == OP_CLOSE:  # the client closes: answer with the same code, then the end
@@ -2237,6 +2246,9 @@ class Relay:
                     elif opcode == OP_BINARY:
                         self._error(c, "bad_message", "binary frames are not supported: send JSON text")
                     c.fresh = False
+            if failed is not None:
+                self._close(c, failed.code, failed.reason)
+                return
 
     def _message(self, c: _Client, text: bytes) -> None:
         """One text message: parse it and act on it."""

@@ -99,6 +99,106 @@ async def test_an_auth_hook_that_raises_or_answers_nonsense_refuses(nursery, cap
     assert "a bug in the auth plugin" in caplog.text
 
 
+# -- 2. every write is bounded, control frames included --------------------------------------------
+
+
+def ws_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
+    """A client frame masked with the key 0 (so the payload goes as is)."""
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def raw_websocket(port: int) -> socket.socket:
+    """A blocking socket past the handshake and the welcome."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=STEP)
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n" + UPGRADE.encode() + b"\r\n")
+    data = b""
+    while b"welcome" not in data:
+        data += sock.recv(65536)
+    return sock
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
+
+
+def flood_without_reading(sock: socket.socket, frame: bytes, seconds: float) -> bool:
+    """Send ``frame`` over and over, reading nothing; True once the relay has closed the connection."""
+    sock.setblocking(False)
+    deadline = time.monotonic() + seconds
+    batch = frame * 64
+    while time.monotonic() < deadline:
+        try:
+            sock.send(batch)
+        except BlockingIOError:
+            time.sleep(0.001)
+        except OSError:
+            return True  # reset or broken pipe: closed by the relay
+    return False
+
+
+@pytest.mark.parametrize("rate_limited", [True, False])
+def test_a_ping_flood_that_never_reads_is_closed_with_memory_bounded(tmp_path, rate_limited):
+    flags = [] if rate_limited else ["--message-rate", "1e9", "--message-burst", "1000000000"]
+    relay = RelayProcess(tmp_path, "--send-buffer-bytes", str(256 * 1024), *flags).start()
+    try:
+        sock = raw_websocket(relay.port)
+        before = rss(relay.proc.pid)
+        peak = before
+        sock.setblocking(False)
+        deadline, closed = time.monotonic() + 20, False
+        while time.monotonic() < deadline and not closed:
+            closed = flood_without_reading(sock, ws_frame(0x9, b"p" * 125), 0.2)
+            peak = max(peak, rss(relay.proc.pid))
+        assert closed, "the relay kept a client that never reads its pongs"
+        # Pongs waited in the bounded send buffer (256 KiB) at most: a few MiB of slack for the rest.
+        assert peak - before < 256 * 1024 + 8 * 2**20, (before, peak)
+        sock.close()
+        probe = raw_websocket(relay.port)  # and the relay serves others as before
+        probe.close()
+    finally:
+        relay.kill()
+    log = relay.log.read_text()
+    reason = "flooding" if rate_limited else "send buffer full"
+    assert reason in log and "Traceback" not in log, log[-2000:]
+
+
+async def test_pings_count_against_the_message_rate(make_harness):
+    h = await make_harness(message_rate=1, message_burst=5, flood_limit=10)
+    with trio.fail_after(STEP + relay_mod.CLOSE_TIMEOUT):  # this client never answers the close frame
+        stream = await trio.open_tcp_stream("127.0.0.1", h.relay.port)
+        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n" + UPGRADE.encode() + b"\r\n")
+        data = b""
+        while b"welcome" not in data:
+            data += await stream.receive_some()
+        await stream.send_all(ws_frame(0x9, b"hi") * 30)
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    assert data.count(b"\x8a\x02hi") == 5  # five pongs: the burst
+    assert data.count(b"rate_limited") == 9  # then refusals, then the door
+    assert b"\x88" in data and b"flooding" in data  # a close frame, 1008
+    assert data[data.index(b"\x88") + 2 : data.index(b"\x88") + 4] == (1008).to_bytes(2, "big")
+
+
+async def test_an_endless_run_of_empty_continuation_frames_is_closed(harness):
+    with trio.fail_after(STEP):
+        stream = await trio.open_tcp_stream("127.0.0.1", harness.relay.port)
+        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n" + UPGRADE.encode() + b"\r\n")
+        data = b""
+        while b"welcome" not in data:
+            data += await stream.receive_some()
+        frames = ws_frame(0x1, b"", fin=False) + ws_frame(0x0, b"", fin=False) * (relay_mod.MAX_FRAGMENTS + 10)
+        await stream.send_all(frames)
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    assert data[:1] == b"\x88" and int.from_bytes(data[2:4], "big") == 1009, data  # a close frame: 1009
+    with trio.fail_after(STEP):
+        while harness.relay.statistics().connections:
+            await trio.sleep(0.01)
+
+
 # -- 3. no client text can break the relay or a peer --------------------------------------------------
 
 
