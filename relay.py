@@ -20,21 +20,26 @@ Read top to bottom, this file is:
    changes nothing. Waiting clients are indexed by interest in heaps keyed by their queue ticket, so
    a join costs O(interests * log n), never a scan of the queue.
 2. **The protocol** (one section: ``parse_message``, the ``_msg_*`` builders, error and close codes):
-   JSON text frames, documented with examples in ``docs/protocol.md``. Every message is validated;
-   bad input gets an ``error`` message or a close code and never touches another client.
-3. **Plugin hooks** (``HookSpecs``) and **settings** (``Settings``, one field per command-line flag).
-4. **The I/O shell** (``Relay``): one listening port. Each TCP connection's task reads the HTTP
-   request head with h11 and routes it: ``/healthz`` is answered at once, ``GET /ws`` with an upgrade
-   is replayed into ``trio_websocket.wrap_server_stream`` (trio-websocket alone would answer plain
-   GETs with 400 before any handler ran), ``/ws`` without one gets 426, anything else 404.
-   A WebSocket client has two tasks, as in a bare trio-websocket server: trio-websocket's frame
-   reader and our read loop (rate-limit, parse, act). Every write to a client goes through its
-   ``_Transport``: one non-blocking ``writev`` straight into the socket, no task switch. Only what
-   the kernel refuses is kept (in order, up to ``--send-buffer-bytes``) and drained by a flusher task
-   started on demand; a client whose buffer overflows is closed with 1013. So relaying a signal never
-   waits for the peer, and a slow reader can only hurt itself. One task pings quiet clients.
-   Before an upgrade: the origin, per-address caps and rates, then the auth hook (401 before any
-   WebSocket exists). A connection that *vanishes* leaves its client suspended for
+   JSON text frames, documented with examples in ``docs/protocol.md``. Every message is validated
+   (strict JSON, by orjson, from the frame's bytes); bad input gets an ``error`` message or a close
+   code and never touches another client.
+3. **WebSocket frames** (``FrameParser``, sans I/O): the server's side of RFC 6455, bytes in, whole
+   messages out, every violation a close code; held against wsproto by a hypothesis test.
+4. **Plugin hooks** (``HookSpecs``) and **settings** (``Settings``, one field per command-line flag).
+5. **The I/O shell** (``Relay``): one listening port. Every TCP connection counts against its
+   address and the socket cap from accept on; its task reads the HTTP request head with h11 and
+   routes it: ``/healthz`` is answered at once, ``GET /ws`` with an upgrade is answered by the relay
+   itself (101), ``/ws`` without one gets 426, plugins' routes and the static files the rest, else
+   404. Before an upgrade: the handshake's headers, draining and capacity, the origin, the address's
+   connection rate, then the auth hook (401 before any WebSocket exists; an error refuses).
+   A WebSocket client then has one task: it waits until its socket is readable, reads, feeds the
+   frame parser and acts on each message (rate-limit, parse, dispatch): no reader task, no channel.
+   Every write to a client goes through its ``_Transport``: one non-blocking ``writev`` straight into
+   the socket, no task switch. Only what the kernel refuses is kept (in order, up to
+   ``--send-buffer-bytes``, whatever the frame: messages, pongs, close frames) and drained by a
+   flusher task started on demand; a client whose buffer overflows is closed with 1013. So relaying
+   a signal never waits for the peer, and a slow reader can only hurt itself. One task pings quiet
+   clients. A connection that *vanishes* leaves its client suspended for
    ``--resume-grace``: held in the queue or kept in its session, with messages for it kept (bounded)
    and the last relayed signals in a small numbered ring, so that ``resume`` on a new connection
    replays exactly what was missed.
