@@ -65,6 +65,7 @@ import argparse
 import base64
 import codecs
 import collections
+import errno
 import gc
 import hashlib
 import heapq
@@ -80,6 +81,7 @@ import re
 import resource
 import secrets
 import signal
+import socket
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -88,7 +90,6 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeAlias
 
 import attrs
-import h11
 import orjson
 import pluggy
 import trio
@@ -140,7 +141,8 @@ MAX_BLOCKS: Final = 1000  # people one identity has blocked by reporting (the ol
 MAX_BLOCKING_IDENTITIES: Final = 100_000  # identities with a block list kept (the oldest are forgotten)
 MAX_REQUEST_HEAD: Final = 16 * 1024  # bytes of HTTP request line + headers before 431
 MAX_REQUEST_BODY: Final = 64 * 1024  # bytes of an HTTP request body (plugins' POSTs) before 413
-RECEIVE_CHUNK: Final = 16 * 1024  # bytes asked of the socket per read while reading the HTTP head
+LISTEN_BACKLOG: Final = 4096  # connections the kernel queues for accept (capped by net.core.somaxconn)
+ACCEPT_BATCH: Final = 256  # connections accepted per wake-up of the accept loop, at most
 CLOSE_TIMEOUT: Final = 5.0  # seconds a closing client gets to take its last messages and close frame
 TICK_INTERVAL: Final = 0.1  # seconds between checks for expired interest timeouts
 POSITION_INTERVAL: Final = 1.0  # seconds between queue-position updates (at most one per client)
@@ -1236,25 +1238,44 @@ class RelayStatistics:
 _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after a request head, as h11 finds it
 
 
+class _Cork:
+    """Holds writes while the messages of one read are acted on, then sends each connection's in one
+    ``writev``: a client's read of eleven signals costs its peer one system call, not eleven."""
+
+    __slots__ = ("dirty", "on")
+
+    def __init__(self) -> None:
+        self.on = False  # acting on a read's messages: writes wait in their transport's `_out`
+        self.dirty: list[_Transport] = []  # the transports written to meanwhile
+
+    def release(self) -> None:
+        self.on = False
+        for transport in self.dirty:
+            transport.uncork()
+        self.dirty.clear()
+
+
 class _Transport:
     """A client's WebSocket connection: the socket, its frame parser, and every write to it.
 
-    Writes never wait: each frame goes to the kernel at once (one non-blocking ``writev``); what it
-    does not take waits in ``_pending``, in order, drained by a flusher task started only then. Every
-    frame written for the client, messages, pongs, pings and close frames alike, fits in ``limit``
-    bytes of pending data or is refused (the client is too slow: 1013). Reads are done by the
-    connection's own task (``receive``); reads that return data count as signs of life.
+    Writes never wait: frames go to the kernel at once (one non-blocking ``writev``; under the
+    ``_Cork``, one per read acted on); what it does not take waits in ``_pending``, in order, drained
+    by a flusher task started only then. Every frame written for the client, messages, pongs, pings
+    and close frames alike, fits in ``limit`` bytes of pending data or is refused (the client is too
+    slow: 1013). Reads are done by the connection's own task (``receive``); reads that return data
+    count as signs of life.
     """
 
     __slots__ = (
-        "_drained", "_fd", "_nursery", "_pending", "_stream", "_waiting", "close_received", "close_sent", "ended",
-        "limit", "parser", "received",
+        "_cork", "_drained", "_fd", "_nursery", "_out", "_pending", "_waiting", "close_received",
+        "close_sent", "ended", "limit", "parser", "received",
     )  # fmt: skip
 
-    def __init__(self, stream: trio.SocketStream, limit: int, max_message: int, nursery: trio.Nursery) -> None:
-        self._stream = stream
-        self._fd = stream.socket.fileno()  # -1 from close on: a closed fd's number gets reused
+    def __init__(self, fd: int, limit: int, max_message: int, nursery: trio.Nursery, cork: _Cork) -> None:
+        self._fd = fd  # -1 once drained: the connection's task closes the socket, and its number gets reused
         self._nursery = nursery  # where a flusher runs when one is needed
+        self._cork = cork
+        self._out: list[bytes] | None = None  # frames held by the cork
         self._pending = bytearray()  # bytes the kernel has not taken yet; non-empty iff a flusher runs
         self._drained: trio.Event | None = None  # set when _pending empties (while a flusher runs)
         self._waiting = False  # the last read emptied the socket: wait for more before reading again
@@ -1293,21 +1314,36 @@ class _Transport:
         """The handshake's answer (nothing is pending yet)."""
         self._write(b"", data)
 
-    def _write(self, header: bytes, payload: bytes | bytearray) -> None:
+    def _write(self, header: bytes, payload: bytes) -> None:
+        out = self._out
+        if out is not None:
+            out += (header, payload)
+        elif self._cork.on:
+            self._out = [header, payload]
+            self._cork.dirty.append(self)
+        else:
+            self._send([header, payload])
+
+    def uncork(self) -> None:
+        out, self._out = self._out, None
+        if out:
+            self._send(out if len(out) <= 64 else [b"".join(out)])  # writev takes at most IOV_MAX buffers
+
+    def _send(self, buffers: list[bytes]) -> None:
         pending = self._pending
         if pending or self._fd < 0:
             if self._fd >= 0:
-                pending += header
-                pending += payload
+                for data in buffers:
+                    pending += data
             return
         try:
-            sent = os.writev(self._fd, (header, payload))
+            sent = os.writev(self._fd, buffers)
         except BlockingIOError:
             sent = 0
         except OSError:  # reset or broken: the read side sees it and ends the connection
             return
-        if sent < len(header) + len(payload):  # the kernel buffer is full: keep the rest, in order
-            pending += (header + payload)[sent:]
+        if sent < sum(map(len, buffers)):  # the kernel buffer is full: keep the rest, in order
+            pending += b"".join(buffers)[sent:]
             self._drained = trio.Event()
             self._nursery.start_soon(self._flush)
 
@@ -1366,8 +1402,8 @@ class _Transport:
             except OSError:
                 return
 
-    async def aclose(self) -> None:
-        """Give what is pending ``CLOSE_TIMEOUT`` seconds to go out, then close the socket."""
+    async def drain(self) -> None:
+        """Give what is pending ``CLOSE_TIMEOUT`` seconds to go out; then write nothing more."""
         try:
             if self._pending and self._drained is not None:
                 with trio.move_on_after(CLOSE_TIMEOUT):
@@ -1375,7 +1411,6 @@ class _Transport:
         finally:
             self._fd = -1  # never written to again, whatever reuses the number
             self._pending.clear()
-            await self._stream.aclose()
 
 
 async def _close_handshake(transport: _Transport, code: int, reason: str) -> None:
@@ -1527,15 +1562,86 @@ class _Address:
         )
 
 
-def _peer(stream: trio.SocketStream) -> tuple[str, int] | None:
-    """The socket's remote (host, port); None once the connection is gone (a reset right after accept)."""
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return None
+def _peer(addr: Any) -> tuple[str, int]:
+    """(host, port) of the address ``accept`` gave."""
+    host, port = addr[0], addr[1]
     if host.startswith("::ffff:") and "." in host:  # an IPv4 client of a dual-stack listener
         host = host[7:]
     return host, port
+
+
+async def _recv(fd: int) -> bytes:
+    """What a non-blocking socket has (waiting until it has something); b"" at its end or on a reset."""
+    while True:
+        try:
+            return os.read(fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+        except OSError:
+            return b""
+
+
+async def _send_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a non-blocking socket, waiting while it is full. OSError if it broke."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+
+
+def _close_socket(sock: socket.socket) -> None:
+    """Close a socket some task may still wait on (that task gets ClosedResourceError)."""
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address ``host`` names (IPv6 ones IPv6 only, as trio does)."""
+    sockets = []
+    addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            for other in sockets:
+                other.close()
+            raise
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+async def _accept_loop(listener: socket.socket, handle: Callable[[socket.socket, Any], Awaitable[None]],
+                       nursery: trio.Nursery) -> None:  # fmt: skip
+    """Accept connections as they come, every one waiting at each wake-up, and give each a task
+    (``handle(sock, address)``, which closes it). Out of descriptors, it pauses instead of spinning."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed (%s): pausing for 0.1 s", exc.strerror)
+                    await trio.sleep(0.1)
+                    break
+                continue  # the client gave up meanwhile (ECONNABORTED): the next one
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out whole, at once
+            except OSError:
+                pass
+            nursery.start_soon(handle, sock, address)
 
 
 def _forwarded_ip(headers: dict[str, str], header: str, hops: int) -> str | None:
@@ -1574,17 +1680,19 @@ def _response(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
 
 
-async def _respond(stream: trio.abc.SendStream, status: int, body: bytes, *args: Any, **kwargs: Any) -> None:
+async def _respond(fd: int, status: int, body: bytes, *args: Any, **kwargs: Any) -> None:
     """Send a whole response (``_response``'s arguments), waiting at most ``CLOSE_TIMEOUT``."""
     with trio.move_on_after(CLOSE_TIMEOUT):
-        await stream.send_all(_response(status, body, *args, **kwargs))
+        try:
+            await _send_all(fd, _response(status, body, *args, **kwargs))
+        except OSError:  # the client went away
+            pass
 
 
-def _refuse_now(stream: trio.SocketStream, status: int, reason: str) -> None:
+def _refuse_now(fd: int, status: int, reason: str) -> None:
     """Answer a connection the relay will not serve without waiting for it: one non-blocking read of
     what it already sent (closing with unread bytes would reset the connection, and the answer with
     it), one non-blocking write of the answer; the caller closes it."""
-    fd = stream.socket.fileno()
     try:
         os.read(fd, MAX_REQUEST_HEAD)
     except OSError:
@@ -1645,96 +1753,153 @@ def _socket_cap(setting: int) -> int:
 
 
 class _Head(NamedTuple):
-    """A request head, and the body unless it asks for a WebSocket."""
+    """A request, and the bytes read behind its head (a WebSocket's first frames)."""
 
     request: HttpRequest
-    upgrade: bool  # asks for a WebSocket (then the body is not read: `raw` goes to trio-websocket)
-    raw: bytes  # every byte read
+    upgrade: bool  # asks for a WebSocket (then no body is read)
+    rest: bytes
 
 
-async def _read_request(
-    stream: trio.SocketStream, remote: str, client_ip: Callable[[dict[str, str]], str]
-) -> _Head | None:
-    """Read an HTTP request with h11: the head, and the body (unless it is a WebSocket upgrade).
+class HttpError(Exception):
+    """A request the relay cannot read: answered with ``status`` (400, 411, 431, 501), then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_REQUEST_LINE: Final = re.compile(rb"(%b) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])" % _TOKEN)
+_HEADER_LINE: Final = re.compile(rb"(%b):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*" % _TOKEN)
+_CONTENT_LENGTH: Final = re.compile(rb"[0-9]{1,20}")
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str], int]:
+    """An HTTP/1.x request head, up to and including its blank line, as (method, target, version,
+    headers, content length). Header names are in lower case; a header sent several times is joined
+    with ", ". What h11 refuses this refuses, with the same status (tests/test_http.py holds the two
+    together), with one exception: a chunked body (411: send a Content-Length). Raises HttpError."""
+    lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")][:-2]
+    if not lines or (request := _REQUEST_LINE.fullmatch(lines[0])) is None:
+        raise HttpError(400, "illegal request line")
+    fields: list[bytes] = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):  # obsolete line folding: part of the line before, as h11 reads it
+            if not fields:
+                raise HttpError(400, "continuation line at start of headers")
+            fields[-1] += b" " + line.lstrip(b" \t")
+        else:
+            fields.append(line)
+    matches = []
+    for field in fields:  # every line's syntax, then what the headers mean (h11's order)
+        match = _HEADER_LINE.fullmatch(field)
+        if match is None:
+            raise HttpError(400, f"illegal header line: {field[:40]!r}")
+        matches.append(match)
+    headers: dict[str, str] = {}
+    length: bytes | None = None
+    hosts = 0
+    for match in matches:
+        name, value = match.group(1).lower(), match.group(2)
+        if name == b"content-length":
+            lengths = {part.strip() for part in value.split(b",")}
+            if len(lengths) != 1 or ((value := lengths.pop()) != length and length is not None):
+                raise HttpError(400, "conflicting Content-Length headers")
+            if not _CONTENT_LENGTH.fullmatch(value):
+                raise HttpError(400, "bad Content-Length")
+            if length is not None:
+                continue
+            length = value
+        elif name == b"transfer-encoding":
+            if "transfer-encoding" in headers:
+                raise HttpError(501, "multiple Transfer-Encoding headers")
+            if value.lower() != b"chunked":
+                raise HttpError(501, "Only Transfer-Encoding: chunked is supported")
+            value = value.lower()
+        elif name == b"host":
+            hosts += 1
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    version = request.group(3).decode()
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        raise HttpError(400, "Found multiple Host: headers" if hosts else "Missing mandatory Host: header")
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "chunked request bodies are not supported: send a Content-Length")
+    return request.group(1).decode(), request.group(2).decode(), version, headers, int(length or 0)
+
+
+async def _read_request(fd: int, remote: str, client_ip: Callable[[dict[str, str]], str]) -> _Head | None:
+    """Read an HTTP request: the head, and the body (unless it is a WebSocket upgrade).
     ``client_ip`` tells the client's address from the headers.
 
-    None if the client closed or sent garbage (it got a 400, 413 or 431).
+    None if the client closed or sent garbage (it got a 400, 411, 413, 431 or 501).
     """
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-    raw = bytearray()
-
-    async def next_event() -> Any:
-        event = conn.next_event()
-        while event is h11.NEED_DATA:
-            data = await stream.receive_some(RECEIVE_CHUNK)
-            conn.receive_data(data)  # b"" marks the end of the stream for h11
-            raw.extend(data)
-            event = conn.next_event()
-        return event
-
+    data = b""
+    searched = 0
+    while (blank := _HEAD_END.search(data, searched)) is None:
+        if data and data[0] < 0x21:  # not a request line (a TLS handshake, say): no need to wait for more
+            await _respond(fd, 400, b"400 bad request: illegal request line\n")
+            return None
+        if len(data) > MAX_REQUEST_HEAD:
+            await _respond(fd, 431, b"431 request head too large\n")
+            return None
+        searched = max(0, len(data) - 2)
+        chunk = await _recv(fd)
+        if not chunk:
+            return None
+        data += chunk
+    if blank.end() > MAX_REQUEST_HEAD:
+        await _respond(fd, 431, b"431 request head too large\n")
+        return None
     try:
-        event = await next_event()
-        if not isinstance(event, h11.Request):
+        method, target, _, headers, length = parse_head(data[: blank.end()])
+    except HttpError as exc:
+        await _respond(fd, exc.status, f"{exc.status} bad request: {exc}\n".encode())
+        return None
+    rest = data[blank.end() :]
+    upgrade = headers.get("upgrade", "").strip().lower() == "websocket"
+    if not upgrade:
+        if length > MAX_REQUEST_BODY:
+            await _respond(fd, 413, b"413 request body too large\n")
             return None
-        blank = _HEAD_END.search(raw)  # h11 limits a head that arrives in pieces; this, one that came whole
-        if blank is None or blank.end() > MAX_REQUEST_HEAD:
-            await _respond(stream, 431, b"431 request head too large\n")
-            return None
-        method = event.method.decode("ascii", "replace")
-        headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key, text = name.decode("latin-1"), value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        target = event.target.decode("ascii", "replace")
-        path, _, query = target.partition("?")
-        upgrade = headers.get("upgrade", "").strip().lower() == "websocket"
-        body = bytearray()
-        while not upgrade and not isinstance(event, h11.EndOfMessage):
-            event = await next_event()
-            if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_REQUEST_BODY:
-                    await _respond(stream, 413, b"413 request body too large\n")
-                    return None
-            elif not isinstance(event, h11.EndOfMessage):
+        while len(rest) < length:
+            chunk = await _recv(fd)
+            if not chunk:
                 return None
-    except h11.RemoteProtocolError as exc:
-        status = exc.error_status_hint
-        await _respond(stream, status, f"{status} bad request: {exc}\n".encode())
-        return None
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return None
-    request = HttpRequest(method, path, query, headers, bytes(body), remote, client_ip(headers))
-    return _Head(request, upgrade, bytes(raw))
+            rest += chunk
+    path, _, query = target.partition("?")
+    body, rest = (b"", rest) if upgrade else (rest[:length], rest[length:])
+    return _Head(HttpRequest(method, path, query, headers, body, remote, client_ip(headers)), upgrade, rest)
 
 
 async def serve_http(
-    listeners: list[trio.SocketListener],
+    listeners: list[socket.socket],
     answer: Callable[[HttpRequest], HttpResponse | None],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve plain HTTP on listeners of a plugin's own (``plugins.metrics``' private port): each
-    request is read with the relay's limits (400, 413, 431; ``CLOSE_TIMEOUT`` to send it) and
-    answered by ``answer`` (``None``: 404), one request per connection. Runs until cancelled."""
+    """Serve plain HTTP on (non-blocking, listening) sockets of a plugin's own (``plugins.metrics``'
+    private port): each request is read with the relay's limits (400, 413, 431; ``CLOSE_TIMEOUT``
+    for all of it) and answered by ``answer`` (``None``: 404), one request per connection. Runs
+    until cancelled."""
 
-    async def handle(stream: trio.SocketStream) -> None:
-        peer = _peer(stream) or ("?", 0)
+    async def handle(sock: socket.socket, address: Any) -> None:
+        host, port = _peer(address)
         try:
-            async with stream:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    head = await _read_request(stream, f"{peer[0]}:{peer[1]}", lambda headers: peer[0])
-                    if head is None:
-                        return
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                head = await _read_request(sock.fileno(), f"{host}:{port}", lambda headers: host)
+                if head is not None:
                     r = answer(head.request) or HttpResponse(404, b"404 not found\n")
                     await _respond(
-                        stream, r.status, r.body, r.content_type, head_only=head.request.method == "HEAD",
+                        sock.fileno(), r.status, r.body, r.content_type, head_only=head.request.method == "HEAD",
                         headers=r.headers, cache=r.cache,
                     )  # fmt: skip
         except Exception:
-            log.exception("HTTP request from %s failed", peer)
+            log.exception("HTTP request from %s failed", host)
+        finally:
+            _close_socket(sock)
 
-    await trio.serve_listeners(handle, listeners, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handle, nursery)
 
 
 _CONTENT_TYPES: Final = {
@@ -1837,6 +2002,7 @@ class Relay:
         self._drain_requested = trio.Event()
         self._stopped = trio.Event()
         self._nursery: trio.Nursery  # the server's root nursery (serve()): flushers run there
+        self._cork = _Cork()  # shared by every transport: writes wait while a read's messages are acted on
         self._replay_messages = settings.resume_buffer_messages
         self._too_many = f"more than {settings.message_rate:g} messages a second: slow down"
         self._too_much = f"more than {settings.bytes_per_second_per_ip} bytes a second from your address: slow down"
@@ -1860,8 +2026,8 @@ class Relay:
         s = self.settings
         self.configure()
         self.max_sockets = _socket_cap(s.max_sockets)
-        listeners = await trio.open_tcp_listeners(s.port, host=s.host)
-        self.port = listeners[0].socket.getsockname()[1]
+        listeners = _listen(s.host, s.port)
+        self.port = listeners[0].getsockname()[1]
         self._started = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -1870,7 +2036,8 @@ class Relay:
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._position_loop)
             nursery.start_soon(self._drain_deadline)
-            await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, self._handle_stream, nursery)
             log.info("relay listening on %s:%d (at most %d connections at once)", s.host, self.port, self.max_sockets)
             task_status.started(self.port)
             await self._stopped.wait()
@@ -1955,35 +2122,34 @@ class Relay:
 
     # -- connections: HTTP routing ----------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        """Serve one TCP connection. Nothing raised here may reach the server's nursery.
+    async def _handle_stream(self, sock: socket.socket, address: Any) -> None:
+        """Serve one TCP connection, then close it. Nothing raised here may reach the server's nursery.
 
         Every connection counts from accept on: against ``max_sockets`` (so the relay never runs out
         of file descriptors) and against its address's ``--max-connections-per-ip`` (a proxy's
         connections count for the client it names, once the request head has said who that is).
         """
-        peer = _peer(stream)
+        peer = _peer(address)
+        fd = sock.fileno()
         counted: _Address | None = None
         self._sockets += 1
         try:
-            async with stream:
-                if peer is None:
-                    return  # reset before it was looked at
-                if self._sockets > self.max_sockets:
-                    _refuse_now(stream, 503, "relay at capacity, try again")
+            if self._sockets > self.max_sockets:
+                _refuse_now(fd, 503, "relay at capacity, try again")
+                return
+            if not self._trusted(peer[0]):
+                counted = self._count(peer[0])
+                if counted.count > self.settings.max_connections_per_ip:
+                    _refuse_now(fd, 429, "too many connections from your address")
                     return
-                if not self._trusted(peer[0]):
-                    counted = self._count(peer[0])
-                    if counted.count > self.settings.max_connections_per_ip:
-                        _refuse_now(stream, 429, "too many connections from your address")
-                        return
-                await self._route(stream, peer, counted)
+            await self._route(fd, peer, counted)
         except Exception:
             log.exception("connection from %s failed", peer)
         finally:
             self._sockets -= 1
             if counted is not None:
                 counted.count -= 1
+            _close_socket(sock)
 
     def _trusted(self, host: str) -> bool:
         """Whether ``host`` is a --trusted-proxy, whose headers say who the client is."""
@@ -2003,7 +2169,7 @@ class Relay:
         address.count += 1
         return address
 
-    async def _route(self, stream: trio.SocketStream, peer: tuple[str, int], address: _Address | None) -> None:
+    async def _route(self, fd: int, peer: tuple[str, int], address: _Address | None) -> None:
         """Read the request and answer it; ``address`` is None for a trusted proxy's connection."""
         s = self.settings
         host = peer[0]
@@ -2020,49 +2186,47 @@ class Relay:
 
         # One deadline for the request and, for a WebSocket, the upgrade; lifted once accepted.
         with trio.CancelScope(deadline=trio.current_time() + s.handshake_timeout) as handshake:
-            head = await _read_request(stream, f"{host}:{peer[1]}", client_ip)
+            head = await _read_request(fd, f"{host}:{peer[1]}", client_ip)
             if head is None:
                 return
             if address is not None:
-                await self._dispatch(stream, head, address, handshake)
+                await self._dispatch(fd, head, address, handshake)
                 return
             address = self._count(head.request.ip)  # the proxy's client counts from here on
             try:
                 if address.count > s.max_connections_per_ip:
-                    await _respond(stream, 429, b"429 too many connections from your address\n", headers=_RETRY)
+                    await _respond(fd, 429, b"429 too many connections from your address\n", headers=_RETRY)
                 else:
-                    await self._dispatch(stream, head, address, handshake)
+                    await self._dispatch(fd, head, address, handshake)
             finally:
                 address.count -= 1
 
-    async def _dispatch(
-        self, stream: trio.SocketStream, head: _Head, address: _Address, handshake: trio.CancelScope
-    ) -> None:
+    async def _dispatch(self, fd: int, head: _Head, address: _Address, handshake: trio.CancelScope) -> None:
         request = head.request
         if request.path != WS_PATH or not head.upgrade:
             response = self._answer_http(request)
             await _respond(
-                stream, response.status, response.body, response.content_type,
+                fd, response.status, response.body, response.content_type,
                 head_only=request.method == "HEAD", headers=response.headers, cache=response.cache,
             )  # fmt: skip
             return
         bad = handshake_refusal(request.method, request.headers)
         if bad is not None:
             status, reason, headers = bad
-            await _respond(stream, status, f"{status} {reason}\n".encode(), headers=headers)
+            await _respond(fd, status, f"{status} {reason}\n".encode(), headers=headers)
             return
         refusal = self._admit(request, address)
         if refusal is not None:
             status, reason = refusal
-            await _respond(stream, status, f"{status} {reason}\n".encode(), headers=_RETRY if status != 403 else ())
+            await _respond(fd, status, f"{status} {reason}\n".encode(), headers=_RETRY if status != 403 else ())
             return
         auth = self._authenticate(request)
         if auth.refuse:
             log.info("refused a WebSocket from %s: %s", request.ip, auth.reason)
-            await _respond(stream, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
+            await _respond(fd, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
             return
         remote = request.remote if request.ip == request.remote.rsplit(":", 1)[0] else request.ip
-        await self._serve_websocket(stream, head, handshake, address, auth, remote)
+        await self._serve_websocket(fd, head, handshake, address, auth, remote)
 
     def _admit(self, request: HttpRequest, address: _Address) -> tuple[int, str] | None:
         """Whether a WebSocket may open: (status, reason) to refuse it, or None. Cheap checks first."""
@@ -2118,31 +2282,35 @@ class Relay:
     # -- connections: WebSocket clients -----------------------------------------------------------
 
     async def _serve_websocket(
-        self, stream: trio.SocketStream, head: _Head, handshake: trio.CancelScope, address: _Address, auth: Auth,
-        remote: str,
-    ) -> None:  # fmt: skip
+        self, fd: int, head: _Head, handshake: trio.CancelScope, address: _Address, auth: Auth, remote: str
+    ) -> None:
         """Answer the handshake (101), then serve the client until its connection ends."""
         s = self.settings
-        transport = _Transport(stream, s.send_buffer_bytes, s.max_message_bytes, self._nursery)
-        transport.send_raw(_switching_protocols(head.request.headers["sec-websocket-key"], auth.subprotocol))
-        blank = _HEAD_END.search(head.raw)
-        early = head.raw[blank.end() :] if blank else b""  # frames the client sent right behind its request
+        transport = _Transport(fd, s.send_buffer_bytes, s.max_message_bytes, self._nursery, self._cork)
+        answer = _switching_protocols(head.request.headers["sec-websocket-key"], auth.subprotocol)
+        early = head.rest  # frames the client sent right behind its request
         handshake.deadline = math.inf
         c = _Client(transport, remote, address, auth.user_id, trio.current_time(), s)
         self._closing += 1
         try:
-            await self._run_client(c, early)
+            await self._run_client(c, answer, early)
         finally:
             self._closing -= 1
             self._check_drained()
-            await transport.aclose()  # what is pending gets CLOSE_TIMEOUT to go out
+            await transport.drain()  # what is pending gets CLOSE_TIMEOUT to go out
 
-    async def _run_client(self, c: _Client, early: bytes) -> None:
-        """A connection's life: welcome, read loop, then the close handshake (bounded). The client
-        it serves may change once, when its first message resumes an earlier one."""
-        self._attach(c)
+    async def _run_client(self, c: _Client, answer: bytes, early: bytes) -> None:
+        """A connection's life: the handshake's answer and the welcome (one write), read loop, then
+        the close handshake (bounded). The client it serves may change once, when its first message
+        resumes an earlier one."""
         transport = c.transport
         assert isinstance(transport, _Transport)
+        self._cork.on = True
+        try:
+            transport.send_raw(answer)
+            self._attach(c)
+        finally:
+            self._cork.release()
         try:
             with c.reader_scope:
                 await self._read_loop(c, transport, early)
@@ -2158,7 +2326,7 @@ class Relay:
         self._clients[c.id] = c
         self._connections_total += 1
         self.matchmaker.connect(c.id, identity=c.user_id)
-        log.info("client %s connected from %s%s", c.id, c.remote, f" as {c.user_id}" if c.user_id else "")
+        log.debug("client %s connected from %s%s", c.id, c.remote, f" as {c.user_id}" if c.user_id else "")
         self._call_hooks("relay_client_connected", client_id=c.id, remote=c.remote, user_id=c.user_id)
         self._send(c, _msg_welcome(c.id, c.token))
 
@@ -2184,7 +2352,7 @@ class Relay:
         c.closing = None
         self._away[c.id] = c
         self.matchmaker.hold(c.id)
-        log.info("client %s: connection lost; it may resume within %.0f s", c.id, s.resume_grace)
+        log.debug("client %s: connection lost; it may resume within %.0f s", c.id, s.resume_grace)
         if c.peer is not None:
             session = self.matchmaker.session_of(c.id)
             assert session is not None
@@ -2199,7 +2367,7 @@ class Relay:
         self._away.pop(c.id, None)
         self._apply(self.matchmaker.disconnect(c.id))
         duration = trio.current_time() - c.connected_at
-        log.info("client %s disconnected (code %s, %.1f s)", c.id, code, duration)
+        log.debug("client %s disconnected (code %s, %.1f s)", c.id, code, duration)
         self._call_hooks("relay_client_disconnected", client_id=c.id, code=code, duration=duration)
         self._check_drained()
 
@@ -2211,7 +2379,7 @@ class Relay:
         byte_rate, byte_burst = s.bytes_per_second_per_ip, s.bytes_burst_per_ip
         address_bytes = c.address.bytes
         feed, receive, clock = transport.parser.feed, transport.receive, trio.current_time
-        message = self._message
+        message, cork = self._message, self._cork
         while True:
             if not data:
                 data = await receive()
@@ -2223,34 +2391,38 @@ class Relay:
             except WebSocketError as exc:
                 events, failed = exc.events, exc
             data = b""
-            for opcode, payload in events:
-                if opcode == OP_CLOSE:  # the client closes: answer with the same code, then the end
-                    transport.close_received = close_code(payload)
-                    return
-                if c.closing is not None:
-                    return
-                # Every frame costs a message (pings and pongs included) and its bytes.
-                now = clock()
-                tokens = c.tokens + (now - c.stamp) * rate
-                c.stamp = now
-                if tokens > burst:
-                    tokens = burst
-                if tokens < 1.0:
-                    c.tokens = tokens
-                    self._refused(c, now, self._too_many)
-                elif not address_bytes.take(len(payload), byte_rate, byte_burst, now):
-                    c.tokens = tokens
-                    self._refused(c, now, self._too_much)
-                else:
-                    c.tokens = tokens - 1.0
-                    if opcode == OP_TEXT:
-                        message(c, payload)
-                    elif opcode == OP_PING:
-                        if not transport.send_control(OP_PONG, payload):
-                            self._too_slow(c)
-                    elif opcode == OP_BINARY:
-                        self._error(c, "bad_message", "binary frames are not supported: send JSON text")
-                    c.fresh = False
+            cork.on = True
+            try:
+                for opcode, payload in events:
+                    if opcode == OP_CLOSE:  # the client closes: answer with the same code, then the end
+                        transport.close_received = close_code(payload)
+                        return
+                    if c.closing is not None:
+                        return
+                    # Every frame costs a message (pings and pongs included) and its bytes.
+                    now = clock()
+                    tokens = c.tokens + (now - c.stamp) * rate
+                    c.stamp = now
+                    if tokens > burst:
+                        tokens = burst
+                    if tokens < 1.0:
+                        c.tokens = tokens
+                        self._refused(c, now, self._too_many)
+                    elif not address_bytes.take(len(payload), byte_rate, byte_burst, now):
+                        c.tokens = tokens
+                        self._refused(c, now, self._too_much)
+                    else:
+                        c.tokens = tokens - 1.0
+                        if opcode == OP_TEXT:
+                            message(c, payload)
+                        elif opcode == OP_PING:
+                            if not transport.send_control(OP_PONG, payload):
+                                self._too_slow(c)
+                        elif opcode == OP_BINARY:
+                            self._error(c, "bad_message", "binary frames are not supported: send JSON text")
+                        c.fresh = False
+            finally:
+                cork.release()
             if failed is not None:
                 self._close(c, failed.code, failed.reason)
                 return
@@ -2382,7 +2554,7 @@ class Relay:
             c.peer.peer = c
         self._clients[c.id] = c
         self._resumed += 1
-        log.info("client %s resumed from %s", c.id, c.remote)
+        log.debug("client %s resumed from %s", c.id, c.remote)
         session = mm.session_of(c.id)
         if session is not None:
             details = {"session_id": session.id, "peer_id": session.peer_of(c.id)}
@@ -2554,7 +2726,7 @@ class Relay:
                 assert c.away_since is not None
                 if now - c.away_since < self.settings.resume_grace:
                     break
-                log.info("client %s: did not come back in time", c.id)
+                log.debug("client %s: did not come back in time", c.id)
                 self._detach(c)
             if now - swept >= SWEEP_INTERVAL:
                 swept = now

@@ -74,8 +74,7 @@ class Metrics:
     @relay.hookimpl
     def relay_startup(self, nursery: trio.Nursery) -> None:
         if self._socket is not None:
-            listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._socket))
-            nursery.start_soon(relay.serve_http, [listener], self.scrape)
+            nursery.start_soon(relay.serve_http, [self._socket], self.scrape)
             log.info("metrics: %s on port %d", PATH, self.port)
 
     @relay.hookimpl
