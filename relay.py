@@ -27,7 +27,7 @@ Read top to bottom, this file is:
    messages out, every violation a close code; held against wsproto by a hypothesis test.
 4. **Plugin hooks** (``HookSpecs``) and **settings** (``Settings``, one field per command-line flag).
 5. **The I/O shell** (``Relay``): one listening port. Every TCP connection counts against its
-   address and the socket cap from accept on; its task reads the HTTP request head with h11 and
+   address and the socket cap from accept on; its task reads the HTTP request head (``parse_head``) and
    routes it: ``/healthz`` is answered at once, ``GET /ws`` with an upgrade is answered by the relay
    itself (101), ``/ws`` without one gets 426, plugins' routes and the static files the rest, else
    404. Before an upgrade: the handshake's headers, draining and capacity, the origin, the address's
@@ -74,7 +74,6 @@ import importlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -245,7 +244,7 @@ class _Member:
     open: bool = False  # while waiting: accepts anyone (no interests, or the interest timeout passed)
     position: int = 0  # last computed queue position
     session: Session | None = None
-    recent: dict[str, float] = attrs.Factory(dict)  # past peer id -> when that session ended
+    recent: dict[str, float] | None = None  # past peer id -> when that session ended (None: none yet)
 
 
 class Matchmaker:
@@ -462,7 +461,7 @@ class Matchmaker:
         )
 
     def _cooling(self, m: _Member, other_id: str, now: float) -> bool:
-        ended = m.recent.get(other_id)
+        ended = m.recent.get(other_id) if m.recent else None
         return ended is not None and now - ended < self.rematch_cooldown
 
     def _push(self, heap: list[_Entry], m: _Member) -> None:
@@ -638,10 +637,11 @@ class Matchmaker:
         a, b = self._members[session.initiator], self._members[session.answerer]
         a.session = b.session = None
         for m, other in ((a, b.id), (b, a.id)):
-            m.recent.pop(other, None)
-            m.recent[other] = now
-            if len(m.recent) > MAX_RECENT_PEERS:
-                del m.recent[next(iter(m.recent))]
+            recent = m.recent = m.recent or {}
+            recent.pop(other, None)
+            recent[other] = now
+            if len(recent) > MAX_RECENT_PEERS:
+                del recent[next(iter(recent))]
         return Ended(session, reason, by)
 
 
@@ -1267,18 +1267,18 @@ class _Transport:
     """
 
     __slots__ = (
-        "_cork", "_drained", "_fd", "_nursery", "_out", "_pending", "_waiting", "close_received",
-        "close_sent", "ended", "limit", "parser", "received",
+        "_cork", "_drained", "_nursery", "_out", "_pending", "close_received", "close_sent", "ended", "fd", "limit",
+        "parser", "received", "waiting",
     )  # fmt: skip
 
     def __init__(self, fd: int, limit: int, max_message: int, nursery: trio.Nursery, cork: _Cork) -> None:
-        self._fd = fd  # -1 once drained: the connection's task closes the socket, and its number gets reused
+        self.fd = fd  # -1 once drained: the connection's task closes the socket, and its number gets reused
         self._nursery = nursery  # where a flusher runs when one is needed
         self._cork = cork
         self._out: list[bytes] | None = None  # frames held by the cork
         self._pending = bytearray()  # bytes the kernel has not taken yet; non-empty iff a flusher runs
         self._drained: trio.Event | None = None  # set when _pending empties (while a flusher runs)
-        self._waiting = False  # the last read emptied the socket: wait for more before reading again
+        self.waiting = True  # the last read emptied the socket (or none was made): wait before reading
         self.limit = limit
         self.parser = FrameParser(max_message)
         self.close_sent: int | None = None  # the code of the close frame the relay sent
@@ -1331,13 +1331,13 @@ class _Transport:
 
     def _send(self, buffers: list[bytes]) -> None:
         pending = self._pending
-        if pending or self._fd < 0:
-            if self._fd >= 0:
+        if pending or self.fd < 0:
+            if self.fd >= 0:
                 for data in buffers:
                     pending += data
             return
         try:
-            sent = os.writev(self._fd, buffers)
+            sent = os.writev(self.fd, buffers)
         except BlockingIOError:
             sent = 0
         except OSError:  # reset or broken: the read side sees it and ends the connection
@@ -1350,10 +1350,13 @@ class _Transport:
     async def _flush(self) -> None:
         pending = self._pending
         try:
-            while pending and self._fd >= 0:
-                await trio.lowlevel.wait_writable(self._fd)
+            while pending and self.fd >= 0:
                 try:
-                    sent = os.write(self._fd, pending)
+                    await trio.lowlevel.wait_writable(self.fd)
+                except trio.ClosedResourceError:
+                    continue  # interrupt() meant for the reader, or the end (then fd < 0 ends the loop)
+                try:
+                    sent = os.write(self.fd, pending)
                 except BlockingIOError:
                     continue
                 del pending[:sent]
@@ -1366,30 +1369,43 @@ class _Transport:
 
     # -- reading (the connection's task only) -----------------------------------------------------
 
-    async def receive(self) -> bytes:
-        """The next bytes the client sent; b"" once the connection has ended (closed or reset).
+    def interrupt(self) -> None:
+        """Wake the connection's task if it waits for the client to send (it gets
+        ClosedResourceError and sees that its client is closing). The socket stays open and usable:
+        trio's ``notify_closing`` only wakes and forgets the waiters of a descriptor, and a flusher
+        it wakes too goes back to waiting. This, not a cancel scope per connection, is how the relay
+        stops a read loop from outside: a scope costs some 600 bytes an idle connection holds all day."""
+        if self.fd >= 0:
+            trio.lowlevel.notify_closing(self.fd)
 
-        One ``read`` per wake-up: after a read that emptied the socket, wait until it is readable
-        before reading again (rather than read, get nothing, then wait). A checkpoint either way.
-        """
-        if self._waiting:
-            await trio.lowlevel.wait_readable(self._fd)
-        else:
-            await trio.lowlevel.checkpoint()
+    def read(self) -> bytes | None:
+        """What the client sent, without waiting: None if nothing came yet, b"" once the connection
+        ended (closed or reset). A read that emptied the socket sets ``waiting``: wait until it is
+        readable before the next, so that a wake-up costs one read, not one that finds nothing."""
+        try:
+            data = os.read(self.fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            self.waiting = True
+            return None
+        except OSError:  # reset
+            data = b""
+        if not data:
+            self.ended = True
+            return b""
+        self.waiting = len(data) < RECEIVE_BYTES
+        self.received += 1
+        return data
+
+    async def receive(self) -> bytes:
+        """The next bytes the client sent (b"": the end), waiting for them; a checkpoint always."""
         while True:
-            try:
-                data = os.read(self._fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                continue
-            except OSError:  # reset
-                data = b""
-            if not data:
-                self.ended = True
-                return b""
-            self._waiting = len(data) < RECEIVE_BYTES
-            self.received += 1
-            return data
+            if self.waiting:
+                await trio.lowlevel.wait_readable(self.fd)  # ClosedResourceError: interrupted
+            else:
+                await trio.lowlevel.checkpoint()
+            data = self.read()
+            if data is not None:
+                return data
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -1397,7 +1413,7 @@ class _Transport:
         """Read away, without waiting, what the client has sent and nobody will read."""
         for _ in range(64):
             try:
-                if len(os.read(self._fd, RECEIVE_BYTES)) < RECEIVE_BYTES:
+                if len(os.read(self.fd, RECEIVE_BYTES)) < RECEIVE_BYTES:
                     return
             except OSError:
                 return
@@ -1409,7 +1425,7 @@ class _Transport:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._drained.wait()
         finally:
-            self._fd = -1  # never written to again, whatever reuses the number
+            self.fd = -1  # never written to again, whatever reuses the number
             self._pending.clear()
 
 
@@ -1431,7 +1447,10 @@ async def _close_handshake(transport: _Transport, code: int, reason: str) -> Non
             transport.discard_unread()  # so that closing sends a FIN, not a reset that could lose the close frame
             return
         while not transport.parser.closed:
-            data = await transport.receive()
+            try:
+                data = await transport.receive()
+            except trio.ClosedResourceError:
+                return
             if not data:
                 return
             try:
@@ -1471,7 +1490,7 @@ class _Client:
     __slots__ = (  # noqa: RUF023 (grouped by meaning, not sorted)
         "id", "secret", "user_id", "peer", "position", "connected_at", "joins",  # the client
         "signals", "replay", "replay_bytes",
-        "transport", "remote", "address", "tokens", "stamp", "closing", "reader_scope", "fresh", "floods",
+        "transport", "remote", "address", "tokens", "stamp", "closing", "fresh", "floods",
         "flood_start", "seen", "quiet_since", "pinged_at", "away_since",  # its connection
     )  # fmt: skip
 
@@ -1490,7 +1509,7 @@ class _Client:
         self.peer: _Client | None = None  # the current session's other side
         self.position = 0  # last position sent in "queued"
         self.connected_at = now
-        self.joins = _Bucket(settings.joins_per_minute, now)  # joins and nexts, per minute
+        self.joins: _Bucket | None = None  # joins and nexts, per minute (from the first one on)
         self.signals = 0  # signals sent to this client: each carries its number "n"
         self.replay: list[tuple[int, str]] = []  # the latest, for a resume (a list: ~550 bytes less than a deque)
         self.replay_bytes = 0
@@ -1500,7 +1519,6 @@ class _Client:
         self.tokens = float(settings.message_burst)  # message rate limit bucket
         self.stamp = now
         self.closing: tuple[int, str] | None = None  # (code, reason) once a close is decided
-        self.reader_scope = trio.CancelScope()
         self.fresh = True  # no message read yet: a resume is still allowed
         self.floods = 0  # messages refused by the rate limit since flood_start
         self.flood_start = now
@@ -1576,9 +1594,10 @@ async def _recv(fd: int) -> bytes:
         try:
             return os.read(fd, RECEIVE_BYTES)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(fd)
+            pass
         except OSError:
             return b""
+        await trio.lowlevel.wait_readable(fd)
 
 
 async def _send_all(fd: int, data: bytes) -> None:
@@ -1587,14 +1606,16 @@ async def _send_all(fd: int, data: bytes) -> None:
     while view:
         try:
             view = view[os.write(fd, view) :]
+            continue
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(fd)
+            pass
+        await trio.lowlevel.wait_writable(fd)
 
 
-def _close_socket(sock: socket.socket) -> None:
+def _close_socket(fd: int) -> None:
     """Close a socket some task may still wait on (that task gets ClosedResourceError)."""
-    trio.lowlevel.notify_closing(sock)
-    sock.close()
+    trio.lowlevel.notify_closing(fd)
+    os.close(fd)
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:
@@ -1619,10 +1640,12 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-async def _accept_loop(listener: socket.socket, handle: Callable[[socket.socket, Any], Awaitable[None]],
-                       nursery: trio.Nursery) -> None:  # fmt: skip
+async def _accept_loop(
+    listener: socket.socket, handle: Callable[[int, Any], Awaitable[None]], nursery: trio.Nursery
+) -> None:
     """Accept connections as they come, every one waiting at each wake-up, and give each a task
-    (``handle(sock, address)``, which closes it). Out of descriptors, it pauses instead of spinning."""
+    (``handle(fd, address)``, which closes it: a bare descriptor, no socket object kept per
+    connection). Out of descriptors, it pauses instead of spinning."""
     while True:
         await trio.lowlevel.wait_readable(listener)
         for _ in range(ACCEPT_BATCH):
@@ -1641,7 +1664,7 @@ async def _accept_loop(listener: socket.socket, handle: Callable[[socket.socket,
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out whole, at once
             except OSError:
                 pass
-            nursery.start_soon(handle, sock, address)
+            nursery.start_soon(handle, sock.detach(), address)
 
 
 def _forwarded_ip(headers: dict[str, str], header: str, hops: int) -> str | None:
@@ -1750,6 +1773,16 @@ def _socket_cap(setting: int) -> int:
     if setting and setting > ceiling:
         log.warning("--max-sockets %d is above the file-descriptor limit %d: using %d", setting, limit, ceiling)
     return min(setting, ceiling) if setting else ceiling
+
+
+class _Upgrade(NamedTuple):
+    """An accepted WebSocket upgrade: what the connection keeps of its request."""
+
+    key: str  # Sec-WebSocket-Key
+    subprotocol: str | None
+    user_id: str | None
+    remote: str
+    early: bytes  # frames sent right behind the request
 
 
 class _Head(NamedTuple):
@@ -1881,21 +1914,21 @@ async def serve_http(
     for all of it) and answered by ``answer`` (``None``: 404), one request per connection. Runs
     until cancelled."""
 
-    async def handle(sock: socket.socket, address: Any) -> None:
+    async def handle(fd: int, address: Any) -> None:
         host, port = _peer(address)
         try:
             with trio.move_on_after(CLOSE_TIMEOUT):
-                head = await _read_request(sock.fileno(), f"{host}:{port}", lambda headers: host)
+                head = await _read_request(fd, f"{host}:{port}", lambda headers: host)
                 if head is not None:
                     r = answer(head.request) or HttpResponse(404, b"404 not found\n")
                     await _respond(
-                        sock.fileno(), r.status, r.body, r.content_type, head_only=head.request.method == "HEAD",
+                        fd, r.status, r.body, r.content_type, head_only=head.request.method == "HEAD",
                         headers=r.headers, cache=r.cache,
                     )  # fmt: skip
         except Exception:
             log.exception("HTTP request from %s failed", host)
         finally:
-            _close_socket(sock)
+            _close_socket(fd)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
@@ -2122,16 +2155,20 @@ class Relay:
 
     # -- connections: HTTP routing ----------------------------------------------------------------
 
-    async def _handle_stream(self, sock: socket.socket, address: Any) -> None:
+    async def _handle_stream(self, fd: int, address: Any) -> None:
         """Serve one TCP connection, then close it. Nothing raised here may reach the server's nursery.
 
         Every connection counts from accept on: against ``max_sockets`` (so the relay never runs out
         of file descriptors) and against its address's ``--max-connections-per-ip`` (a proxy's
         connections count for the client it names, once the request head has said who that is).
+        The request, and a WebSocket's upgrade, get ``--handshake-timeout``. A WebSocket is then
+        served in this same task, with nothing of the request kept and no cancel scope of its own
+        (``_Transport.interrupt`` stops its read loop): an idle connection costs its memory all day.
         """
         peer = _peer(address)
-        fd = sock.fileno()
+        del address
         counted: _Address | None = None
+        c: _Client | None = None
         self._sockets += 1
         try:
             if self._sockets > self.max_sockets:
@@ -2142,14 +2179,41 @@ class Relay:
                 if counted.count > self.settings.max_connections_per_ip:
                     _refuse_now(fd, 429, "too many connections from your address")
                     return
-            await self._route(fd, peer, counted)
+            upgrade = None
+            with trio.move_on_after(self.settings.handshake_timeout):
+                counted, upgrade = await self._request(fd, peer, counted)
+            if upgrade is None:
+                return
+            assert counted is not None
+            try:
+                c = self._open_websocket(fd, counted, upgrade)
+                early, upgrade = upgrade.early, None  # frames the client sent right behind its request
+                try:
+                    await self._read_loop(c, c.transport, early)  # type: ignore[arg-type]
+                except Exception:
+                    log.exception("client %s: handler failed", c.id)
+                    self._close(c, CLOSE_INTERNAL, "internal error")
+            finally:
+                if c is not None:
+                    code, reason = c.closing or (CLOSE_NORMAL, "")
+                    transport = c.transport
+                    assert isinstance(transport, _Transport)
+                    self._connection_lost(c, transport)
+            if c is not None:
+                await _close_handshake(transport, code, reason)
         except Exception:
             log.exception("connection from %s failed", peer)
         finally:
             self._sockets -= 1
             if counted is not None:
                 counted.count -= 1
-            _close_socket(sock)
+            try:
+                if c is not None:
+                    self._closing -= 1
+                    self._check_drained()
+                    await transport.drain()  # what is pending gets CLOSE_TIMEOUT to go out
+            finally:
+                _close_socket(fd)
 
     def _trusted(self, host: str) -> bool:
         """Whether ``host`` is a --trusted-proxy, whose headers say who the client is."""
@@ -2169,8 +2233,12 @@ class Relay:
         address.count += 1
         return address
 
-    async def _route(self, fd: int, peer: tuple[str, int], address: _Address | None) -> None:
-        """Read the request and answer it; ``address`` is None for a trusted proxy's connection."""
+    async def _request(
+        self, fd: int, peer: tuple[str, int], address: _Address | None
+    ) -> tuple[_Address | None, _Upgrade | None]:
+        """Read the request and answer it, or accept its upgrade. ``address`` is None for a trusted
+        proxy's connection: the client the proxy names counts from the request on. Returns the
+        address the connection counts against and the accepted upgrade, if any."""
         s = self.settings
         host = peer[0]
         if address is None:
@@ -2184,24 +2252,23 @@ class Relay:
             def client_ip(headers: dict[str, str]) -> str:
                 return host
 
-        # One deadline for the request and, for a WebSocket, the upgrade; lifted once accepted.
-        with trio.CancelScope(deadline=trio.current_time() + s.handshake_timeout) as handshake:
-            head = await _read_request(fd, f"{host}:{peer[1]}", client_ip)
-            if head is None:
-                return
-            if address is not None:
-                await self._dispatch(fd, head, address, handshake)
-                return
-            address = self._count(head.request.ip)  # the proxy's client counts from here on
-            try:
-                if address.count > s.max_connections_per_ip:
-                    await _respond(fd, 429, b"429 too many connections from your address\n", headers=_RETRY)
-                else:
-                    await self._dispatch(fd, head, address, handshake)
-            finally:
-                address.count -= 1
+        head = await _read_request(fd, f"{host}:{peer[1]}", client_ip)
+        if head is None:
+            return address, None
+        if address is not None:
+            return address, await self._dispatch(fd, head, address)
+        address = self._count(head.request.ip)
+        try:
+            if address.count > s.max_connections_per_ip:
+                await _respond(fd, 429, b"429 too many connections from your address\n", headers=_RETRY)
+                return address, None
+            return address, await self._dispatch(fd, head, address)
+        except BaseException:
+            address.count -= 1  # the caller never heard of it
+            raise
 
-    async def _dispatch(self, fd: int, head: _Head, address: _Address, handshake: trio.CancelScope) -> None:
+    async def _dispatch(self, fd: int, head: _Head, address: _Address) -> _Upgrade | None:
+        """Answer a plain request, or check an upgrade (handshake, admission, auth) and accept it."""
         request = head.request
         if request.path != WS_PATH or not head.upgrade:
             response = self._answer_http(request)
@@ -2209,24 +2276,24 @@ class Relay:
                 fd, response.status, response.body, response.content_type,
                 head_only=request.method == "HEAD", headers=response.headers, cache=response.cache,
             )  # fmt: skip
-            return
+            return None
         bad = handshake_refusal(request.method, request.headers)
         if bad is not None:
             status, reason, headers = bad
             await _respond(fd, status, f"{status} {reason}\n".encode(), headers=headers)
-            return
+            return None
         refusal = self._admit(request, address)
         if refusal is not None:
             status, reason = refusal
             await _respond(fd, status, f"{status} {reason}\n".encode(), headers=_RETRY if status != 403 else ())
-            return
+            return None
         auth = self._authenticate(request)
         if auth.refuse:
             log.info("refused a WebSocket from %s: %s", request.ip, auth.reason)
             await _respond(fd, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
-            return
+            return None
         remote = request.remote if request.ip == request.remote.rsplit(":", 1)[0] else request.ip
-        await self._serve_websocket(fd, head, handshake, address, auth, remote)
+        return _Upgrade(request.headers["sec-websocket-key"], auth.subprotocol, auth.user_id, remote, head.rest)
 
     def _admit(self, request: HttpRequest, address: _Address) -> tuple[int, str] | None:
         """Whether a WebSocket may open: (status, reason) to refuse it, or None. Cheap checks first."""
@@ -2281,46 +2348,19 @@ class Relay:
 
     # -- connections: WebSocket clients -----------------------------------------------------------
 
-    async def _serve_websocket(
-        self, fd: int, head: _Head, handshake: trio.CancelScope, address: _Address, auth: Auth, remote: str
-    ) -> None:
-        """Answer the handshake (101), then serve the client until its connection ends."""
+    def _open_websocket(self, fd: int, address: _Address, upgrade: _Upgrade) -> _Client:
+        """Accept an upgrade: the handshake's answer and the welcome go out in one write."""
         s = self.settings
         transport = _Transport(fd, s.send_buffer_bytes, s.max_message_bytes, self._nursery, self._cork)
-        answer = _switching_protocols(head.request.headers["sec-websocket-key"], auth.subprotocol)
-        early = head.rest  # frames the client sent right behind its request
-        handshake.deadline = math.inf
-        c = _Client(transport, remote, address, auth.user_id, trio.current_time(), s)
+        c = _Client(transport, upgrade.remote, address, upgrade.user_id, trio.current_time(), s)
         self._closing += 1
-        try:
-            await self._run_client(c, answer, early)
-        finally:
-            self._closing -= 1
-            self._check_drained()
-            await transport.drain()  # what is pending gets CLOSE_TIMEOUT to go out
-
-    async def _run_client(self, c: _Client, answer: bytes, early: bytes) -> None:
-        """A connection's life: the handshake's answer and the welcome (one write), read loop, then
-        the close handshake (bounded). The client it serves may change once, when its first message
-        resumes an earlier one."""
-        transport = c.transport
-        assert isinstance(transport, _Transport)
         self._cork.on = True
         try:
-            transport.send_raw(answer)
+            transport.send_raw(_switching_protocols(upgrade.key, upgrade.subprotocol))
             self._attach(c)
         finally:
             self._cork.release()
-        try:
-            with c.reader_scope:
-                await self._read_loop(c, transport, early)
-        except Exception:
-            log.exception("client %s: handler failed", c.id)
-            self._close(c, CLOSE_INTERNAL, "internal error")
-        finally:
-            code, reason = c.closing or (CLOSE_NORMAL, "")
-            self._connection_lost(c, transport)
-        await _close_handshake(transport, code, reason)
+        return c
 
     def _attach(self, c: _Client) -> None:
         self._clients[c.id] = c
@@ -2378,11 +2418,22 @@ class Relay:
         rate, burst = s.message_rate, s.message_burst
         byte_rate, byte_burst = s.bytes_per_second_per_ip, s.bytes_burst_per_ip
         address_bytes = c.address.bytes
-        feed, receive, clock = transport.parser.feed, transport.receive, trio.current_time
-        message, cork = self._message, self._cork
+        feed, read, clock = transport.parser.feed, transport.read, trio.current_time
+        message, cork, fd = self._message, self._cork, transport.fd
         while True:
-            if not data:
-                data = await receive()
+            if not data:  # one read per wake-up (Transport.receive, inline: one coroutine less per read)
+                if c.closing is not None:  # decided while this task was busy: interrupt() woke nobody
+                    return
+                if transport.waiting:
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:  # interrupted: the relay closes this client
+                        return
+                else:
+                    await trio.lowlevel.checkpoint()
+                data = read()
+                if data is None:
+                    continue
                 if not data:
                     return  # the connection dropped: no close frame
             failed: WebSocketError | None = None
@@ -2473,6 +2524,8 @@ class Relay:
         """joins and nexts: at most so many a minute per connection, per IP address and per user (the
         last two across reconnects), so that nobody cycles through the whole queue. All or nothing."""
         s = self.settings
+        if c.joins is None:
+            c.joins = _Bucket(s.joins_per_minute, trio.current_time())
         budgets = [
             (c.joins, s.joins_per_minute, ""),
             (c.address.joins, s.joins_per_minute_per_ip, " from your address"),
@@ -2687,7 +2740,7 @@ class Relay:
             self._detach(c)
         elif c.closing is None:
             c.closing = (code, reason)
-            c.reader_scope.cancel()
+            c.transport.interrupt()  # type: ignore[union-attr]  (away clients are detached above)
 
     # -- background tasks -------------------------------------------------------------------------
 
