@@ -7,10 +7,10 @@ and the queue stays N long). Then, over and over: a newcomer joins with the inte
 waiting client and is paired with it at once, and a new client with a fresh interest takes its place
 in the queue. Reported: microseconds per pairing join and per queueing join, and their ratio to the
 smallest queue. Pure computation, no sockets (the clock is frozen, so no interest timeout passes).
-The garbage collector runs with Python's default thresholds, as in the relay: its passes over a
-large heap (not the matchmaker's own work) are what makes a waiting join dearer at 100,000;
-``--lazy-gc`` shows the matchmaker alone (thresholds 50,000/20/20, which the relay does not use:
-they let the garbage cycles of closed connections pile up, see bench/soak.py).
+The cyclic garbage collector runs with the relay's thresholds (``relay.GC_THRESHOLDS``: the relay
+makes no reference cycles, so it lets the collector run rarely); ``--python-gc`` uses Python's
+defaults instead, whose passes over a large heap (not the matchmaker's own work) make a waiting join
+dearer at 100,000.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay import Matchmaker, Paired, Queued
+from relay import GC_THRESHOLDS, Matchmaker, Paired, Queued
 
 
 def measure(size: int, rounds: int) -> tuple[float, float]:
@@ -64,10 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--rounds", type=int, default=20_000)
-    parser.add_argument("--lazy-gc", action="store_true", help="rarer GC passes (50,000/20/20): the matchmaker alone")
+    parser.add_argument("--python-gc", action="store_true", help="Python's GC thresholds, not the relay's")
     args = parser.parse_args()
-    if args.lazy_gc:
-        gc.set_threshold(50_000, 20, 20)
+    if not args.python_gc:
+        gc.set_threshold(*GC_THRESHOLDS)
     results = {size: measure(size, args.rounds) for size in args.sizes}
     base_pair, base_queue = results[args.sizes[0]]
     print(f"python {sys.version.split()[0]}, GC thresholds {gc.get_threshold()}; {args.rounds:,} joins of each kind")
