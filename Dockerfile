@@ -8,7 +8,7 @@ COPY plugins ./plugins
 COPY static ./static
 RUN pip install '.[postgres,auth]' && useradd --system --no-create-home relay \
     && mkdir /app/data && chown relay /app/data
-# Session records: SQLite here by default (plugins.sessions); DATABASE_URL switches to PostgreSQL.
+# Session records: SQLite here by default (relay_plugins.sessions); DATABASE_URL switches to PostgreSQL.
 ENV RELAY_SESSIONS_DB=/app/data/relay-sessions.db
 USER relay
 EXPOSE 8080

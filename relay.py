@@ -71,6 +71,8 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import importlib.metadata
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -86,7 +88,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, NoReturn, TypeAlias
 
 import attrs
 import orjson
@@ -122,6 +124,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("relay")
+
+try:
+    __version__ = importlib.metadata.version("roulette-relay")
+except importlib.metadata.PackageNotFoundError:  # a checkout that was never installed
+    __version__ = "0+unknown"
 
 ########################################################################################################
 # Constants
@@ -176,7 +183,12 @@ class IllegalMove(ProtocolError):
 
 
 class PluginError(Exception):
-    """Raised by a plugin's ``relay_configure`` to refuse to start (bad or missing configuration)."""
+    """Raised by a plugin's ``relay_configure`` to refuse to start (bad or missing configuration).
+    ``main()`` prints it on one line and exits with 2."""
+
+
+class StartupError(Exception):
+    """The relay cannot start as configured (say, its port is in use): one line, exit 2."""
 
 
 ########################################################################################################
@@ -1133,16 +1145,77 @@ class HookSpecs:
 
 
 def make_plugin_manager(modules: Iterable[str] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
-    """A plugin manager with the relay's hooks, the given modules and the ``relay`` entry points."""
+    """A plugin manager with the relay's hooks, the ``relay`` entry points and the given plugins
+    (module names, or paths of ``.py`` files). Raises ``PluginError`` for one that cannot be loaded
+    or that implements a hook as a wrapper (``hookwrapper``/``wrapper``: the relay calls each
+    implementation on its own, so that one plugin's error never reaches another)."""
     pm = pluggy.PluginManager("relay")
     pm.add_hookspecs(HookSpecs)
     if entry_points:
-        pm.load_setuptools_entrypoints("relay")
+        try:
+            pm.load_setuptools_entrypoints("relay")
+        except Exception as exc:
+            raise PluginError(f"an installed plugin (entry point group 'relay') failed to load: {_why(exc)}") from None
     for name in modules:
-        module = importlib.import_module(name)
+        module = _import_plugin(name)
         if not pm.is_registered(module):  # also installed through an entry point
             pm.register(module, name)
+    check_plugins(pm)
     return pm
+
+
+def _import_plugin(name: str) -> Any:
+    """``--plugin``: a module (found on the path, the current directory included) or a .py file."""
+    try:
+        if name.endswith(".py") or os.sep in name:
+            path = Path(name)
+            if not path.is_file():
+                raise PluginError(f"--plugin {name}: no such file")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+            return module
+        if os.getcwd() not in sys.path:  # `--plugin my_plugin` for my_plugin.py right here
+            sys.path.append(os.getcwd())
+        return importlib.import_module(name)
+    except PluginError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise PluginError(
+                f"--plugin {name}: no module named {exc.name!r} (a module must be on the Python path or in the"
+                f" current directory; a file is given by its path, e.g. --plugin ./{name.split('.')[-1]}.py)"
+            ) from None
+        raise PluginError(f"--plugin {name}: it imports a module that is missing: {_why(exc)}") from None
+    except Exception as exc:
+        raise PluginError(f"--plugin {name}: importing it failed: {_why(exc)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def check_plugins(pm: pluggy.PluginManager) -> None:
+    """Refuse hook wrappers (the relay calls each implementation on its own); ``PluginError``."""
+    for name in dir(HookSpecs):
+        if name.startswith("relay_"):
+            for impl in getattr(pm.hook, name).get_hookimpls():
+                if impl.hookwrapper or impl.wrapper:
+                    raise PluginError(f"plugin {impl.plugin_name}: {name} is a hook wrapper; the relay supports none")
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[str]:
+    """Every plugin registered, with where it comes from: for the start-up log."""
+    dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        where = getattr(plugin, "__file__", None) or f"{type(plugin).__qualname__} from {type(plugin).__module__}"
+        out.append(f"{name} ({where}{', ' + dists[id(plugin)] if id(plugin) in dists else ''})")
+    return out
 
 
 ########################################################################################################
@@ -1150,12 +1223,77 @@ def make_plugin_manager(modules: Iterable[str] = (), *, entry_points: bool = Tru
 ########################################################################################################
 
 
+class SettingError(ValueError):
+    """A setting out of its range or not of its form; the message names the flag."""
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    parse: Callable[[str], Any] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    flag: str = "",
+    env: str | None = "",
+    many: bool = False,
+    choices: tuple[str, ...] = (),
+    fly: Any = None,
+) -> Any:
+    """A field of ``Settings`` and everything about it, in one place: its default and help, its
+    flag (``--name-with-dashes`` unless ``flag`` says), its environment variable (``RELAY_NAME``
+    unless ``env`` says; None for none), how a string becomes its value (``parse``, else the
+    default's type), its bounds (``low``, ``high``, ``choices``, ``check``: an error message or
+    None) and, for ``many``, that the flag repeats (and the variable is a comma-separated list);
+    ``fly``: the default on Fly.io. The command line, its help and the README's table are made from
+    these; the bounds are checked whenever a ``Settings`` is made."""
+    return attrs.field(
+        default=default,
+        validator=_check_setting,
+        metadata={
+            "help": help, "low": low, "high": high, "parse": parse, "check": check, "flag": flag, "env": env,
+            "many": many, "choices": choices, "fly": fly,
+        },
+    )  # fmt: skip
+
+
+def flag_of(field: attrs.Attribute) -> str:
+    return "--" + (field.metadata["flag"] or field.name.replace("_", "-"))
+
+
+def _parse_of(field: attrs.Attribute) -> Callable[[str], Any]:
+    """How a string (one, for a repeatable setting) becomes the setting's value."""
+    return field.metadata["parse"] or (str if field.metadata["many"] else type(field.default))
+
+
+def env_of(field: attrs.Attribute) -> str | None:
+    env = field.metadata["env"]
+    return None if env is None else env or "RELAY_" + field.name.upper()
+
+
+def _check_setting(instance: Any, field: attrs.Attribute, value: Any) -> None:
+    m = field.metadata
+    for item in value if m["many"] else (value,):
+        why = None
+        if m["low"] is not None and item < m["low"]:
+            why = f"at least {m['low']:g}"
+        elif m["high"] is not None and item > m["high"]:
+            why = f"at most {m['high']:g}"
+        elif m["choices"] and item not in m["choices"]:
+            why = "one of " + ", ".join(m["choices"])
+        elif m["check"] is not None and (problem := m["check"](item)) is not None:
+            raise SettingError(f"{flag_of(field)} {item!r}: {problem}")
+        if why is not None:
+            raise SettingError(f"{flag_of(field)} must be {why}, not {item!r}")
+
+
 def _network(value: str) -> str:
     """One ``--trusted-proxy``: an IP network (``10.0.0.0/8``) or address."""
     try:
         return str(ipaddress.ip_network(value.strip(), strict=False))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IP network or address: {value!r}") from None
+        raise ValueError(f"not an IP network or address: {value!r}") from None
 
 
 def _ice_server(value: str) -> dict[str, Any]:
@@ -1170,43 +1308,107 @@ def _ice_server(value: str) -> dict[str, Any]:
     return {"urls": value}
 
 
+def _host_problem(host: str) -> str | None:
+    if host in ("", "localhost") or re.fullmatch(r"[0-9a-fA-F:.]*:[0-9a-fA-F:.]*", host):  # IPv6 is checked below
+        pass
+    elif re.fullmatch(r"[0-9.]+", host) or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return "not an IP address or a host name"
+        return None
+    if ":" in host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return "not an IP address"
+    return None
+
+
+def _origin_problem(origin: str) -> str | None:
+    if origin == "null" or re.fullmatch(
+        r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?", origin
+    ):
+        return None
+    return "an origin is scheme://host[:port], e.g. https://chat.example.com (no path, no slash at the end)"
+
+
+def _directory_problem(path: str) -> str | None:
+    return None if not path or Path(path).is_dir() else "no such directory"
+
+
 @attrs.frozen
 class Settings:
-    """Every tunable of the relay; ``main()`` fills it from the command line and environment."""
+    """Every tunable of the relay, each declared once (``setting``): ``main()`` makes the command
+    line from these fields and fills them from it and the environment; a bound is checked whenever a
+    ``Settings`` is made (``SettingError``)."""
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    interest_timeout: float = 10.0  # seconds a client with interests waits for a shared one
-    rematch_cooldown: float = 30.0  # seconds two former peers are not re-paired while others wait
-    max_message_bytes: int = 64 * 1024  # largest frame accepted (as decoded text); larger closes 1009
-    message_rate: float = 50.0  # messages per second a client may send, sustained (token bucket)
-    message_burst: int = 200  # messages a client may send at once (bucket size)
-    max_connections: int = 10_000  # WebSocket clients at once; more are refused with 503
-    send_buffer_bytes: int = 256 * 1024  # bytes held for a client's full socket before it is too slow (1013)
-    heartbeat_interval: float = 20.0  # seconds between WebSocket pings
-    heartbeat_timeout: float = 20.0  # seconds to wait for the pong before closing
-    handshake_timeout: float = 5.0  # seconds to read the HTTP request and finish the upgrade
-    drain_seconds: float = 30.0  # on SIGTERM: seconds matched clients get before the 1012 close
-    resume_grace: float = 20.0  # seconds a vanished client keeps its place or session, to resume (0: never)
-    resume_buffer_messages: int = 64  # signals kept per client for a resume; more while it is away end its session
-    resume_buffer_bytes: int = 16 * 1024  # bytes of them (one side of a negotiation is ~10 KB) likewise
-    joins_per_minute: int = 30  # join and next messages a client may send per minute
-    joins_per_minute_per_ip: int = 300  # joins and nexts per minute from one IP address, all its connections
-    joins_per_minute_per_user: int = 60  # joins and nexts per minute from one user (under auth), all its connections
-    bytes_per_second_per_ip: int = 256 * 1024  # bytes of messages per second from one IP address, sustained
-    bytes_burst_per_ip: int = 1024 * 1024  # bytes of messages from one IP address at once
-    flood_limit: int = 50  # refused messages within FLOOD_WINDOW before a client is closed (1008)
-    max_sockets: int = 0  # TCP connections open at once, HTTP included (0: the file-descriptor limit less FD_RESERVE)
-    max_connections_per_ip: int = 20  # TCP connections open at once from one IP address, from accept on; more get 429
-    connect_rate_per_ip: float = 2.0  # new WebSockets per second from one IP address, sustained
-    connect_burst_per_ip: int = 20  # new WebSockets from one IP address at once
-    allowed_origins: tuple[str, ...] = ()  # Origin headers a WebSocket may come from (empty: any), else 403
-    trusted_proxies: tuple[str, ...] = ()  # networks (CIDR) of proxies whose client-address header is believed
-    proxy_header: str = "x-forwarded-for"  # where a trusted proxy writes the client's address (or fly-client-ip)
-    proxy_hops: int = 1  # with X-Forwarded-For, the entry this far from the right (1: the one the proxy appended)
-    ice_servers: tuple[dict[str, Any], ...] = ()  # sent in matched unless a plugin answers
-    static_dir: str = str(STATIC_DIR)  # files served at / (the demo); "" serves none
-    plugins: tuple[str, ...] = ()  # plugin modules to load (besides the relay entry points)
+    host: str = setting(DEFAULT_HOST, "listen address", check=_host_problem, env="HOST")
+    port: int = setting(DEFAULT_PORT, "listen port (0: any free one)", low=0, high=65535, env="PORT")
+    interest_timeout: float = setting(10.0, "seconds a client with interests waits for someone sharing one", low=0)
+    rematch_cooldown: float = setting(30.0, "seconds before two former peers are paired again while others wait", low=0)
+    max_message_bytes: int = setting(64 * 1024, "largest message accepted; larger closes with 1009", low=16)
+    message_rate: float = setting(
+        50.0, "messages (WebSocket pings too) per second a client may send, sustained", low=0.01
+    )
+    message_burst: int = setting(200, "messages a client may send in a burst", low=1)
+    max_connections: int = setting(10_000, "WebSocket clients at once; more get 503", low=1)
+    send_buffer_bytes: int = setting(
+        256 * 1024, "bytes held for a client that reads slowly before it is closed (1013)", low=1
+    )
+    heartbeat_interval: float = setting(20.0, "seconds a client may be quiet before it is pinged", low=0.01)
+    heartbeat_timeout: float = setting(20.0, "seconds to wait for the pong before closing (1001)", low=0.01)
+    handshake_timeout: float = setting(5.0, "seconds allowed for the HTTP request and the WebSocket upgrade", low=0.01)
+    drain_seconds: float = setting(30.0, "on SIGTERM, seconds sessions get to finish before the 1012 close", low=0)
+    resume_grace: float = setting(
+        20.0, "seconds a vanished client keeps its place or session to resume (0: never)", low=0
+    )
+    resume_buffer_messages: int = setting(64, "signals kept for a vanished client; more end its session", low=1)
+    resume_buffer_bytes: int = setting(
+        16 * 1024, "bytes of signals kept for a vanished client; more end its session", low=1
+    )
+    joins_per_minute: int = setting(30, "join and next messages a client may send per minute", low=1)
+    joins_per_minute_per_ip: int = setting(
+        300, "joins and nexts per minute from one IP address, across reconnects", low=1
+    )
+    joins_per_minute_per_user: int = setting(
+        60, "joins and nexts per minute from one user (under auth), across reconnects", low=1
+    )
+    bytes_per_second_per_ip: int = setting(
+        256 * 1024, "bytes of messages per second from one IP address, sustained", low=1
+    )
+    bytes_burst_per_ip: int = setting(1024 * 1024, "bytes of messages from one IP address in a burst", low=1)
+    flood_limit: int = setting(
+        50, f"refused messages within {FLOOD_WINDOW:g} s before a client is closed (1008)", low=1
+    )
+    max_sockets: int = setting(
+        0, "TCP connections open at once, HTTP included (0: the descriptor limit less 64)", low=0
+    )
+    max_connections_per_ip: int = setting(20, "TCP connections open at once from one IP address; more get 429", low=1)
+    connect_rate_per_ip: float = setting(2.0, "new WebSockets per second from one IP address, sustained", low=0.001)
+    connect_burst_per_ip: int = setting(20, "new WebSockets from one IP address in a burst", low=1)
+    allowed_origins: tuple[str, ...] = setting(
+        (), "an Origin a WebSocket may come from, e.g. https://chat.example.com (default: any)",
+        flag="allowed-origin", many=True, check=_origin_problem,
+    )  # fmt: skip
+    trusted_proxies: tuple[str, ...] = setting(
+        (), "a proxy network (CIDR) whose --proxy-header is believed (default: none; on Fly.io its private ranges)",
+        flag="trusted-proxy", many=True, parse=_network, fly=FLY_PROXIES,
+    )  # fmt: skip
+    proxy_header: str = setting(
+        "x-forwarded-for", "the header a trusted proxy writes the client's address in (fly-client-ip on Fly.io)",
+        parse=str.lower, choices=("x-forwarded-for", "fly-client-ip"), fly="fly-client-ip",
+    )  # fmt: skip
+    proxy_hops: int = setting(1, "with X-Forwarded-For: the entry this far from the right (proxies in a row)", low=1)
+    ice_servers: tuple[dict[str, Any], ...] = setting(
+        (), "an ICE server for matched: stun:host:port or a JSON RTCIceServer object (default: none)",
+        flag="ice-server", many=True, parse=_ice_server, env=None,
+    )  # fmt: skip
+    static_dir: str = setting(str(STATIC_DIR), "directory served at / ('' for none)", check=_directory_problem)
+    plugins: tuple[str, ...] = setting(
+        (), "a plugin to load: a module name, or a .py file (default: the installed ones only)",
+        flag="plugin", many=True, env=None,
+    )  # fmt: skip
 
 
 @attrs.frozen
@@ -1621,8 +1823,11 @@ def _close_socket(fd: int) -> None:
 
 def _listen(host: str, port: int) -> list[socket.socket]:
     """Non-blocking listening sockets on every address ``host`` names (IPv6 ones IPv6 only, as trio does)."""
-    sockets = []
-    addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise StartupError(f"--host {host}: {exc.strerror or exc}") from None
     for family, kind, proto, _, address in addresses:
         sock = socket.socket(family, kind, proto)
         try:
@@ -1631,11 +1836,11 @@ def _listen(host: str, port: int) -> list[socket.socket]:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
             sock.listen(LISTEN_BACKLOG)
-        except OSError:
+        except OSError as exc:
             sock.close()
             for other in sockets:
                 other.close()
-            raise
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         sock.setblocking(False)
         sockets.append(sock)
     return sockets
@@ -1910,7 +2115,7 @@ async def serve_http(
     listeners: list[socket.socket],
     answer: Callable[[HttpRequest], HttpResponse | None],
 ) -> None:
-    """Serve plain HTTP on (non-blocking, listening) sockets of a plugin's own (``plugins.metrics``'
+    """Serve plain HTTP on (non-blocking, listening) sockets of a plugin's own (``relay_plugins.metrics``'
     private port): each request is read with the relay's limits (400, 413, 431; ``CLOSE_TIMEOUT``
     for all of it) and answered by ``answer`` (``None``: 404), one request per connection. Runs
     until cancelled."""
@@ -2089,6 +2294,8 @@ class Relay:
         if not self._configured:
             self._configured = True
             self.hook.relay_configure(relay=self)
+            check_plugins(self.pm)  # again: plugins register objects of their own in relay_configure
+            log.info("plugins: %s", "; ".join(describe_plugins(self.pm)) or "none")
 
     def drain(self, deadline_s: float | None = None) -> None:
         """Stop taking clients: ``/healthz`` answers 503, new WebSockets are refused, every client
@@ -2864,68 +3071,73 @@ class Relay:
 ########################################################################################################
 
 
-def _parser() -> argparse.ArgumentParser:
-    d = Settings()
-    p = argparse.ArgumentParser(prog="relay", description="Matchmaking and WebRTC signaling server.")
-    p.add_argument("--host", default=os.environ.get("HOST", d.host), help="listen address (env HOST)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", d.port)), help="listen port (env PORT)")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (main() prints it), not the whole usage."""
 
-    def opt(name: str, kind: type, help: str) -> None:
-        field = name.lstrip("-").replace("-", "_")
-        p.add_argument(name, type=kind, default=getattr(d, field), help=f"{help} (default %(default)s)")
+    def error(self, message: str) -> NoReturn:
+        raise SettingError(message)
 
-    opt("--interest-timeout", float, "seconds a client with interests waits for someone sharing one")
-    opt("--rematch-cooldown", float, "seconds before two former peers are paired again while others wait")
-    opt("--max-message-bytes", int, "largest message accepted; larger closes with 1009")
-    opt("--message-rate", float, "messages per second a client may send, sustained")
-    opt("--message-burst", int, "messages a client may send in a burst")
-    opt("--max-connections", int, "WebSocket clients at once; more get 503")
-    opt("--send-buffer-bytes", int, "bytes held for a slow client before it is closed (1013)")
-    opt("--heartbeat-interval", float, "seconds between WebSocket pings")
-    opt("--heartbeat-timeout", float, "seconds to wait for a pong")
-    opt("--handshake-timeout", float, "seconds allowed for the HTTP request and WebSocket upgrade")
-    opt("--drain-seconds", float, "on SIGTERM, seconds sessions get to finish before the 1012 close")
-    opt("--resume-grace", float, "seconds a vanished client keeps its place or session to resume (0: never)")
-    opt("--resume-buffer-messages", int, "messages kept for a vanished client; more end its session")
-    opt("--resume-buffer-bytes", int, "bytes kept for a vanished client; more end its session")
-    opt("--joins-per-minute", int, "join and next messages a client may send per minute")
-    opt("--joins-per-minute-per-ip", int, "joins and nexts per minute from one IP address, across its connections")
-    opt("--joins-per-minute-per-user", int, "joins and nexts per minute from one user (under auth)")
-    opt("--bytes-per-second-per-ip", int, "bytes of messages per second from one IP address, sustained")
-    opt("--bytes-burst-per-ip", int, "bytes of messages from one IP address at once")
-    opt("--flood-limit", int, f"messages refused within {FLOOD_WINDOW:g} s before a client is closed (1008)")
-    opt("--max-sockets", int, "TCP connections open at once, HTTP included (0: the file-descriptor limit less 64)")
-    opt("--max-connections-per-ip", int, "TCP connections open at once from one IP address; more get 429")
-    opt("--connect-rate-per-ip", float, "new WebSockets per second from one IP address, sustained")
-    opt("--connect-burst-per-ip", int, "new WebSockets from one IP address at once")
-    origins = [o.strip() for o in os.environ.get("RELAY_ALLOWED_ORIGINS", "").split(",") if o.strip()]
-    p.add_argument(
-        "--allowed-origin", action="append", default=origins, metavar="ORIGIN",
-        help="an Origin a WebSocket may come from, e.g. https://chat.example.com (repeatable; "
-        "env RELAY_ALLOWED_ORIGINS, comma-separated; default: any)",
-    )  # fmt: skip
+
+def _convert(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A setting's parser for argparse and the environment, its errors in plain words."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except (ValueError, TypeError) as exc:
+            if parse is int:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            if parse is float:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def setting_defaults() -> dict[str, Any]:
+    """Each setting's default: its environment variable, else (on Fly.io) its Fly.io default, else
+    its declared one. ``SettingError`` for a variable that does not parse."""
     on_fly = os.environ.get("FLY_APP_NAME") is not None
-    proxies = [c.strip() for c in os.environ.get("RELAY_TRUSTED_PROXIES", "").split(",") if c.strip()]
-    p.add_argument(
-        "--trusted-proxy", action="append", type=_network, default=proxies or (list(FLY_PROXIES) if on_fly else []),
-        metavar="CIDR", help="a proxy network (e.g. 10.0.0.0/8) whose --proxy-header is believed (repeatable; env "
-        "RELAY_TRUSTED_PROXIES, comma-separated; default: none, or Fly.io's private ranges on Fly.io)",
+    out = {}
+    for field in attrs.fields(Settings):
+        m = field.metadata
+        value = m["fly"] if on_fly and m["fly"] is not None else field.default
+        env = env_of(field)
+        if env and os.environ.get(env, "").strip():
+            convert = _convert(_parse_of(field))
+            raw = os.environ[env]
+            try:
+                value = tuple(convert(x.strip()) for x in raw.split(",") if x.strip()) if m["many"] else convert(raw)
+            except argparse.ArgumentTypeError as exc:
+                raise SettingError(f"{env}: {exc}") from None
+        out[field.name] = value
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line, made from the declaration of ``Settings``."""
+    p = _Parser(
+        prog="relay", description="Matchmaking and WebRTC signaling server for random video chat.",
+        epilog="Every setting also reads its environment variable (named in its help), e.g. RELAY_MESSAGE_RATE=20.",
     )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"relay {__version__}")
+    defaults = setting_defaults()
+    for field in attrs.fields(Settings):
+        m = field.metadata
+        env = env_of(field)
+        default = defaults[field.name]
+        shown = (", ".join(map(str, default)) or "none") if m["many"] else default
+        help = m["help"] + (" (repeatable" if m["many"] else " (") + (f"; env {env}" if env else "")
+        help = (help + f"; default {shown})").replace("(; ", "(")
+        p.add_argument(
+            flag_of(field), dest=field.name, type=_convert(_parse_of(field)),
+            action="append" if m["many"] else "store", default=None, help=help.replace("%", "%%"),
+            metavar=field.name.removesuffix("s").upper() if m["many"] else None,
+        )  # fmt: skip
     p.add_argument(
-        "--proxy-header", choices=("x-forwarded-for", "fly-client-ip"), type=str.lower,
-        default="fly-client-ip" if on_fly else d.proxy_header,
-        help="the header a trusted proxy writes the client's address in (default: %(default)s)",
+        "--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(), type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="what the log shows (env RELAY_LOG_LEVEL; default INFO)",
     )  # fmt: skip
-    opt("--proxy-hops", int, "with X-Forwarded-For: take the entry this far from the right (trusted proxies in a row)")
-    p.add_argument(
-        "--ice-server", action="append", type=_ice_server, default=[], metavar="URL_OR_JSON",
-        help="an ICE server for matched (repeatable): stun:host:port or a JSON RTCIceServer object",
-    )  # fmt: skip
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="load a plugin module (repeatable)")
-    p.add_argument(
-        "--static-dir", default=d.static_dir, help="directory served at / ('' for none; default: %(default)s)"
-    )
-    p.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     return p
 
 
@@ -2938,12 +3150,14 @@ def parse_command_line(argv: list[str], pm: pluggy.PluginManager) -> argparse.Na
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    fields = {f.name for f in attrs.fields(Settings)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["ice_servers"] = tuple(args.ice_server)
-    values["plugins"] = tuple(args.plugin)
-    values["allowed_origins"] = tuple(args.allowed_origin)
-    values["trusted_proxies"] = tuple(args.trusted_proxy)
+    """The settings a command line asked for; each flag not given, its default. ``SettingError``."""
+    defaults = setting_defaults()
+    values = {}
+    for field in attrs.fields(Settings):
+        value = getattr(args, field.name, None)
+        values[field.name] = (
+            defaults[field.name] if value is None else tuple(value) if field.metadata["many"] else value
+        )
     return Settings(**values)
 
 
@@ -2985,23 +3199,38 @@ def _raise_fd_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python relay.py`` / ``relay``: run the server until SIGTERM or SIGINT has drained it, or
-    run a plugin's command (``relay sessions``)."""
+    run a plugin's command (``relay sessions``). A setting, plugin or start-up that is wrong is said
+    in one line on stderr, and the exit code is 2."""
     argv = sys.argv[1:] if argv is None else argv
-    early = argparse.ArgumentParser(add_help=False)  # --plugin first: plugins add flags of their own
-    early.add_argument("--plugin", action="append", default=[])
-    pm = make_plugin_manager(early.parse_known_args(argv)[0].plugin)
-    args = parse_command_line(argv, pm)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if getattr(args, "command", None):
-        return int(args.command(args))
-    _raise_fd_limit()
-    relay = Relay(settings_from_args(args), plugin_manager=pm, options=args)
     try:
-        trio.run(_run, relay)
-    except PluginError as exc:
-        log.error("not starting: %s", exc)
+        early = argparse.ArgumentParser(add_help=False)  # --plugin first: plugins add flags of their own
+        early.add_argument("--plugin", action="append", default=[])
+        pm = make_plugin_manager(early.parse_known_args(argv)[0].plugin)
+        args = parse_command_line(argv, pm)
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if getattr(args, "command", None):
+            return int(args.command(args))
+        settings = settings_from_args(args)
+        _raise_fd_limit()
+        trio.run(_run, Relay(settings, plugin_manager=pm, options=args))
+    except BaseException as exc:  # what is not a start-up problem goes on, below
+        problem = _startup_problem(exc)
+        if problem is None:
+            raise
+        print(f"relay: error: {problem}", file=sys.stderr)
         return 2
     return 0
+
+
+def _startup_problem(exc: BaseException) -> BaseException | None:
+    """The setting, plugin or start-up error in ``exc`` (which trio may have grouped), if any."""
+    if isinstance(exc, SettingError | PluginError | StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _startup_problem(inner)) is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

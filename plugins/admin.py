@@ -212,7 +212,7 @@ _PAGE_HEADERS = (
 
 @relay.hookimpl
 def relay_addoption(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("admin (plugins.admin)")
+    group = parser.add_argument_group("admin (relay_plugins.admin)")
     group.add_argument(
         "--admin", action="store_true", help=f"serve the admin dashboard and API at {PREFIX} (needs RELAY_ADMIN_TOKEN)"
     )

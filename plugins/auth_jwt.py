@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import urllib.request
 from typing import Any
 from urllib.parse import parse_qs
@@ -211,7 +212,7 @@ class JwtAuth:
 
 @relay.hookimpl
 def relay_addoption(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("JWT auth (plugins.auth_jwt; off unless a secret or a JWKS URL is given)")
+    group = parser.add_argument_group("JWT auth (relay_plugins.auth_jwt; off unless a secret or a JWKS URL is given)")
     group.add_argument(
         "--jwt-secret", default=os.environ.get("RELAY_JWT_SECRET"), help="HS256 secret (env RELAY_JWT_SECRET)"
     )
@@ -240,7 +241,9 @@ def relay_configure(relay: Relay) -> None:
     try:
         import jwt  # noqa: F401
     except ImportError as exc:
-        raise PluginError("auth needs PyJWT: pip install 'relay[auth]'") from exc
+        raise PluginError("auth needs PyJWT: pip install 'roulette-relay[auth]'") from exc
+    if jwks_url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", jwks_url):
+        raise PluginError(f"--jwks-url {jwks_url!r} is not an http(s) URL")
     plugin = JwtAuth(
         secret=secret, jwks_url=jwks_url, audience=o.jwt_audience, issuer=o.jwt_issuer,
         algorithms=o.jwt_algorithm or None, leeway=o.jwt_leeway, refresh=o.jwks_refresh,

@@ -3,7 +3,7 @@
 It counts matches per shared interest, serves the counts as JSON at ``/stats/interests`` and logs
 the top ten every ``--interest-stats-every`` seconds from a task of its own. Load it with::
 
-    python relay.py --plugin plugins.example_interest_stats
+    python relay.py --plugin relay_plugins.example_interest_stats
 
 It shows the shape of most plugins: a flag (``relay_addoption``), a cheap synchronous hook on the
 relay's events (``relay_matched``), a background task (``relay_startup``) and an HTTP route
@@ -27,7 +27,7 @@ matches_by_interest: collections.Counter[str] = collections.Counter()
 
 @relay.hookimpl
 def relay_addoption(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument_group("interest statistics (plugins.example_interest_stats)").add_argument(
+    parser.add_argument_group("interest statistics (relay_plugins.example_interest_stats)").add_argument(
         "--interest-stats-every", type=float, default=60.0, help="seconds between log lines (default %(default)s)"
     )
 

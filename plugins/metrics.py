@@ -164,7 +164,7 @@ def _port_or_none(value: str) -> int | None:
 
 @relay.hookimpl
 def relay_addoption(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("metrics (plugins.metrics)")
+    group = parser.add_argument_group("metrics (relay_plugins.metrics)")
     group.add_argument(
         "--metrics", action="store_true", default=os.environ.get("RELAY_METRICS", "") not in ("", "0"),
         help=f"serve Prometheus metrics at {PATH} on --metrics-port (env RELAY_METRICS=1)",

@@ -226,13 +226,34 @@ class SessionRecorder:
 # -- configuration and the `relay sessions` command ---------------------------------------------------
 
 
+def check_database_flags(args: argparse.Namespace) -> None:
+    """A typo in --database-url or --sessions-db stops the start (a database that is merely down
+    does not: the writer retries); ``PluginError``."""
+    if args.database_url:
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise PluginError("--database-url needs psycopg: pip install 'roulette-relay[postgres]'") from None
+        url = args.database_url
+        if "://" in url and not url.startswith(("postgres://", "postgresql://")):
+            raise PluginError("--database-url must be a postgresql://user@host/database URL (or key=value pairs)")
+        try:
+            conninfo_to_dict(url)
+        except Exception as exc:
+            raise PluginError(f"--database-url is malformed: {exc}") from None
+    elif args.sessions_db:
+        folder = os.path.dirname(os.path.abspath(args.sessions_db))
+        if not os.path.isdir(folder):
+            raise PluginError(f"--sessions-db {args.sessions_db}: the directory {folder} does not exist")
+
+
 def _store_from(args: argparse.Namespace) -> SessionStore | None:
     if args.database_url:
-        from plugins.sessions_postgres import PostgresStore
+        from .sessions_postgres import PostgresStore
 
         return PostgresStore(args.database_url)
     if args.sessions_db:
-        from plugins.sessions_sqlite import SQLiteStore
+        from .sessions_sqlite import SQLiteStore
 
         return SQLiteStore(args.sessions_db)
     return None
@@ -240,7 +261,7 @@ def _store_from(args: argparse.Namespace) -> SessionStore | None:
 
 @relay.hookimpl
 def relay_addoption(parser: argparse.ArgumentParser, subparsers: Any) -> None:
-    group = parser.add_argument_group("session persistence (plugins.sessions)")
+    group = parser.add_argument_group("session persistence (relay_plugins.sessions)")
     _add_database_flags(group)
     group.add_argument(
         "--sessions-queue", type=int, default=QUEUE, help="events held while the database is slow (default %(default)s)"
@@ -267,6 +288,7 @@ def relay_configure(relay: Relay) -> None:
     args = relay.options
     if not hasattr(args, "sessions_db"):
         return  # built without the command line: nothing configured
+    check_database_flags(args)
     store = _store_from(args)
     if store is None:
         return

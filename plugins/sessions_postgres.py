@@ -1,6 +1,6 @@
 """PostgreSQL backend for session persistence (for real deployments), through psycopg 3.
 
-Used by ``plugins.sessions`` when ``--database-url`` or ``DATABASE_URL`` is set; see there. The
+Used by ``relay_plugins.sessions`` when ``--database-url`` or ``DATABASE_URL`` is set; see there. The
 connection is opened in the writer's worker thread and opened again after any failure, so the relay
 rides out a database restart. Schema versions are kept in ``relay_schema``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugins.sessions import COLUMNS, SessionEvent, split
+from .sessions import COLUMNS, SessionEvent, split
 
 SCHEMA_VERSION = 3
 MIGRATIONS = {

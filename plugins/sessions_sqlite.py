@@ -1,6 +1,6 @@
 """SQLite backend for session persistence (the embedded default): one file, WAL mode.
 
-Used by ``plugins.sessions``; see there. Writes happen in a worker thread, one batch per
+Used by ``relay_plugins.sessions``; see there. Writes happen in a worker thread, one batch per
 transaction; WAL keeps readers (``relay sessions``) from blocking the writer, and committed batches
 survive a crash of the relay.
 """
@@ -11,7 +11,7 @@ import json
 import sqlite3
 from typing import Any
 
-from plugins.sessions import COLUMNS, SessionEvent, split
+from .sessions import COLUMNS, SessionEvent, split
 
 SCHEMA_VERSION = 3
 MIGRATIONS = {

@@ -95,7 +95,7 @@ class TurnCredentials:
 
 @relay.hookimpl
 def relay_addoption(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(f"TURN credentials (plugins.turn; the secret comes from {SECRET_ENV})")
+    group = parser.add_argument_group(f"TURN credentials (relay_plugins.turn; the secret comes from {SECRET_ENV})")
     group.add_argument(
         "--turn-host", default=os.environ.get("RELAY_TURN_HOST") or None,
         help="a coturn host: STUN and TURN on 3478 (UDP, TCP), TURNS on 443 (env RELAY_TURN_HOST)",
@@ -119,6 +119,12 @@ def relay_configure(relay: Relay) -> None:
         getattr(options, "turn_url", [])
     )
     secrets = [s.strip() for s in os.environ.get(SECRET_ENV, "").split(",") if s.strip()]
+    ttl = getattr(options, "turn_ttl", DEFAULT_TTL)
+    if not 0 < ttl <= MAX_TTL:  # checked even with TURN off: a typo should not wait for the day it is on
+        raise PluginError(f"--turn-ttl must be between 1 and {MAX_TTL} seconds, not {ttl:g}")
+    for url in urls:
+        if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+            raise PluginError(f"--turn-url {url!r}: a STUN/TURN URL starts with stun:, stuns:, turn: or turns:")
     if not urls and not secrets:
         return
     if not urls:

@@ -8,10 +8,8 @@ first. If neither is allowed, ``NETWORK_ISOLATION_ERROR`` says why and the brows
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import fcntl
-import json
 import os
 import resource
 import signal
@@ -26,9 +24,11 @@ from typing import Any
 
 import pytest
 import trio
-import trio_websocket
 
 import relay as relay_mod
+from relay_testing import LOOPBACK_LIMITS, STEP, Client, Harness, http_get, start_relay
+
+__all__ = ["LOOPBACK_LIMITS", "STEP", "Client", "Harness", "http_get", "start_relay"]  # for the tests
 
 # Tests open a thousand clients (two sockets each, in one process).
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -63,107 +63,7 @@ UPGRADE = (
     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     "Sec-WebSocket-Version: 13\r\n"
 )
-# Every test client comes from 127.0.0.1: relays in tests get per-address limits that fit that
-# (the abuse tests set real ones).
-LOOPBACK_LIMITS = {
-    "max_connections_per_ip": 100_000,
-    "connect_rate_per_ip": 1e6,
-    "connect_burst_per_ip": 100_000,
-    "joins_per_minute_per_ip": 1_000_000,
-    "bytes_per_second_per_ip": 1 << 30,
-    "bytes_burst_per_ip": 1 << 30,
-}
 LOOPBACK_FLAGS = [f"--{name.replace('_', '-')}={value}" for name, value in LOOPBACK_LIMITS.items()]
-STEP = 5.0  # seconds any single expected event may take before the test fails (never asserted as a time)
-
-
-class Client:
-    """A test client speaking the relay protocol over a real WebSocket."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-        self.welcome: dict[str, Any] = {}
-
-    @property
-    def id(self) -> str:
-        return self.welcome["client_id"]
-
-    async def send(self, **msg: Any) -> None:
-        await self.ws.send_message(json.dumps(msg))
-
-    async def send_raw(self, data: str | bytes) -> None:
-        await self.ws.send_message(data)
-
-    async def recv(self) -> dict[str, Any]:
-        with trio.fail_after(STEP):
-            return json.loads(await self.ws.get_message())
-
-    async def expect(self, kind: str, **fields: Any) -> dict[str, Any]:
-        msg = await self.recv()
-        assert msg["type"] == kind, msg
-        for key, value in fields.items():
-            assert msg[key] == value, msg
-        return msg
-
-    async def closed(self) -> trio_websocket.CloseReason:
-        """Read until the server closes; return its close reason."""
-        with trio.fail_after(STEP + relay_mod.CLOSE_TIMEOUT):
-            while True:
-                try:
-                    await self.ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    assert exc.reason is not None
-                    return exc.reason
-
-    async def quiet(self) -> None:
-        """Prove nothing else was queued for us: a ping's pong is the very next message."""
-        await self.send(type="ping")
-        await self.expect("pong")
-
-
-class Harness:
-    def __init__(self, nursery: trio.Nursery, relay: relay_mod.Relay) -> None:
-        self.nursery = nursery
-        self.relay = relay
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.relay.port}{relay_mod.WS_PATH}"
-
-    async def connect(self, *, queue: int = 4, headers: dict[str, str] | None = None) -> Client:
-        extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-        ws = await trio_websocket.connect_websocket_url(
-            self.nursery, self.url, message_queue_size=queue, extra_headers=extra
-        )
-        client = Client(ws)
-        client.welcome = await client.expect("welcome", protocol=relay_mod.PROTOCOL_VERSION)
-        return client
-
-    async def pair(self, **join: Any) -> tuple[Client, Client, dict[str, Any], dict[str, Any]]:
-        """Two clients joined and matched: (initiator, answerer, its matched, its matched)."""
-        a, b = await self.connect(), await self.connect()
-        await a.send(type="join", **join)
-        await a.expect("queued")
-        await b.send(type="join", **join)
-        ma, mb = await a.expect("matched", initiator=True), await b.expect("matched", initiator=False)
-        return a, b, ma, mb
-
-
-async def start_relay(
-    nursery: trio.Nursery, plugins: list[object] = (), options: dict[str, Any] | None = None, **settings: Any
-) -> relay_mod.Relay:
-    """A relay on 127.0.0.1 and a free port with just these plugins (no entry points), and these
-    plugin options (as if parsed from the command line)."""
-    pm = relay_mod.make_plugin_manager(entry_points=False)
-    for plugin in plugins:
-        pm.register(plugin)
-    r = relay_mod.Relay(
-        relay_mod.Settings(host="127.0.0.1", port=0, **(LOOPBACK_LIMITS | settings)),
-        plugin_manager=pm,
-        options=argparse.Namespace(**(options or {})),
-    )
-    await nursery.start(r.serve)
-    return r
 
 
 @pytest.fixture
@@ -177,26 +77,6 @@ def make_harness(nursery: trio.Nursery):
         return Harness(nursery, await start_relay(nursery, **settings))
 
     return make
-
-
-async def http_get(
-    port: int, path: str, *, method: str = "GET", headers: str = "", body: bytes = b""
-) -> tuple[int, dict[str, str], bytes]:
-    """A raw HTTP/1.1 request over a socket: (status, headers, body)."""
-    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
-    with trio.fail_after(STEP):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}{length}\r\n"
-            await stream.send_all(head.encode() + body)
-            data = b""
-            while chunk := await stream.receive_some():
-                data += chunk
-    head_bytes, _, response_body = data.partition(b"\r\n\r\n")
-    lines = head_bytes.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    fields = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    return status, fields, response_body
 
 
 @pytest.fixture(scope="session")

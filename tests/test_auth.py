@@ -1,4 +1,4 @@
-"""JWT auth (plugins.auth_jwt): tokens checked before any WebSocket exists; HS256 with a secret,
+"""JWT auth (relay_plugins.auth_jwt): tokens checked before any WebSocket exists; HS256 with a secret,
 RS256 and ES256 with keys from a JWKS served by the test."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import trio
 import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from relay_plugins.auth_jwt import JwtAuth
 
 import relay as relay_mod
-from plugins.auth_jwt import JwtAuth
 from tests.conftest import UPGRADE, Harness, http_get, start_relay
 
 SECRET = "an-hs256-secret-that-is-long-enough-0123"

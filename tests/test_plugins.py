@@ -7,14 +7,14 @@ import sys
 import textwrap
 
 import pytest
+import relay_plugins.admin
+import relay_plugins.example_interest_stats
+import relay_plugins.metrics
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from relay_plugins.sessions import SessionRecorder
 
-import plugins.admin
-import plugins.example_interest_stats
-import plugins.metrics
 import relay as relay_mod
-from plugins.sessions import SessionRecorder
 from tests.conftest import UPGRADE, Harness, http_get, start_relay
 from tests.test_sessions import GatedStore
 
@@ -34,7 +34,7 @@ async def test_metrics_parse_and_match_what_happened(nursery):
     store = GatedStore()
     store.gate.clear()  # persistence hangs: its drops must show up in the metrics
     r = await start_relay(
-        nursery, plugins=[plugins.metrics, SessionRecorder(store, queue=1, batch=1)],
+        nursery, plugins=[relay_plugins.metrics, SessionRecorder(store, queue=1, batch=1)],
         options={"metrics": True, "metrics_port": 0},
         message_rate=1, message_burst=20,
     )  # fmt: skip
@@ -90,7 +90,7 @@ async def test_metrics_parse_and_match_what_happened(nursery):
 
 
 async def test_metrics_are_off_unless_asked(nursery):
-    r = await start_relay(nursery, plugins=[plugins.metrics], options={"metrics": False})
+    r = await start_relay(nursery, plugins=[relay_plugins.metrics], options={"metrics": False})
     assert (await http_get(r.port, "/metrics"))[0] == 404
 
 
@@ -107,10 +107,10 @@ def auth(token: str = TOKEN) -> str:
 async def test_admin_refuses_without_a_token(nursery, monkeypatch):
     monkeypatch.delenv("RELAY_ADMIN_TOKEN", raising=False)
     with pytest.raises(relay_mod.PluginError, match="RELAY_ADMIN_TOKEN"):
-        await start_relay(nursery, plugins=[plugins.admin], options={"admin": True})
+        await start_relay(nursery, plugins=[relay_plugins.admin], options={"admin": True})
     monkeypatch.setenv("RELAY_ADMIN_TOKEN", "short")
     with pytest.raises(relay_mod.PluginError):
-        await start_relay(nursery, plugins=[plugins.admin], options={"admin": True})
+        await start_relay(nursery, plugins=[relay_plugins.admin], options={"admin": True})
 
 
 def test_main_exits_2_when_a_plugin_refuses_to_start(monkeypatch, tmp_path):
@@ -120,8 +120,8 @@ def test_main_exits_2_when_a_plugin_refuses_to_start(monkeypatch, tmp_path):
 
 
 async def test_admin_api_needs_the_token(nursery, admin_token, monkeypatch):
-    monkeypatch.setattr(plugins.admin, "MAX_FAILURES", 100)  # 12 wrong tokens here (test_security: the throttle)
-    r = await start_relay(nursery, plugins=[plugins.admin], options={"admin": True})
+    monkeypatch.setattr(relay_plugins.admin, "MAX_FAILURES", 100)  # 12 wrong tokens here (test_security: the throttle)
+    r = await start_relay(nursery, plugins=[relay_plugins.admin], options={"admin": True})
     status, headers, body = await http_get(r.port, "/admin")
     assert status == 200 and b"relay admin" in body and TOKEN.encode() not in body  # the page holds no data
     assert (await http_get(r.port, "/admin/admin.js"))[0] == 200
@@ -140,7 +140,7 @@ async def test_admin_api_needs_the_token(nursery, admin_token, monkeypatch):
 
 
 async def test_admin_drain_undrain_and_kick(nursery, admin_token):
-    r = await start_relay(nursery, plugins=[plugins.admin], options={"admin": True})
+    r = await start_relay(nursery, plugins=[relay_plugins.admin], options={"admin": True})
     h = Harness(nursery, r)
     a, b, _, _ = await h.pair()
     waiting = await h.connect()
@@ -176,8 +176,8 @@ async def test_admin_drain_undrain_and_kick(nursery, admin_token):
 
 
 async def test_example_plugin_counts_matches_by_interest(nursery):
-    plugins.example_interest_stats.matches_by_interest.clear()
-    r = await start_relay(nursery, plugins=[plugins.example_interest_stats])
+    relay_plugins.example_interest_stats.matches_by_interest.clear()
+    r = await start_relay(nursery, plugins=[relay_plugins.example_interest_stats])
     h = Harness(nursery, r)
     await h.pair(interests=["chess", "go"])
     await h.pair(interests=["chess"])
@@ -189,12 +189,12 @@ async def test_example_plugin_counts_matches_by_interest(nursery):
 
 def test_bundled_plugins_are_found_through_entry_points():
     pm = relay_mod.make_plugin_manager()
-    assert pm.get_plugin("sessions") is sys.modules["plugins.sessions"]
-    assert pm.get_plugin("metrics") is plugins.metrics and pm.get_plugin("admin") is plugins.admin
+    assert pm.get_plugin("sessions") is sys.modules["relay_plugins.sessions"]
+    assert pm.get_plugin("metrics") is relay_plugins.metrics and pm.get_plugin("admin") is relay_plugins.admin
     # Named with --plugin as well: registered once, no error.
-    pm = relay_mod.make_plugin_manager(["plugins.metrics", "plugins.example_interest_stats"])
-    assert pm.is_registered(plugins.example_interest_stats)
-    assert [p for p in pm.get_plugins() if p is plugins.metrics] == [plugins.metrics]
+    pm = relay_mod.make_plugin_manager(["relay_plugins.metrics", "relay_plugins.example_interest_stats"])
+    assert pm.is_registered(relay_plugins.example_interest_stats)
+    assert [p for p in pm.get_plugins() if p is relay_plugins.metrics] == [relay_plugins.metrics]
 
 
 async def test_a_third_party_plugin_is_discovered_through_its_entry_point(nursery, tmp_path, monkeypatch):

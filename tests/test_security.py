@@ -16,14 +16,14 @@ import time
 
 import jwt
 import pytest
+import relay_plugins.admin
+import relay_plugins.metrics
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+from relay_plugins.auth_jwt import JwtAuth
 
-import plugins.admin
-import plugins.metrics
 import relay as relay_mod
-from plugins.auth_jwt import JwtAuth
 from tests.conftest import STEP, UPGRADE, Harness, RelayProcess, http_get, start_relay
 
 PROXY = {"trusted_proxies": ("127.0.0.1/32",)}  # the tests' own connections play the proxy
@@ -446,16 +446,16 @@ async def test_an_oversized_head_is_refused_however_it_arrives(harness, kib):
 async def test_guessing_the_admin_token_is_throttled_per_address(nursery, monkeypatch):
     token = "the-real-admin-token-0123456789"
     monkeypatch.setenv("RELAY_ADMIN_TOKEN", token)
-    r = await start_relay(nursery, plugins=[plugins.admin], options={"admin": True}, **PROXY)
+    r = await start_relay(nursery, plugins=[relay_plugins.admin], options={"admin": True}, **PROXY)
 
     async def status(guess: str, ip: str) -> int:
         headers = f"Authorization: Bearer {guess}\r\nX-Forwarded-For: {ip}\r\n"
         return (await http_get(r.port, "/admin/api/status", headers=headers))[0]
 
     guesses = [
-        await status(f"guess-{i:04d}-xxxxxxxxxxxxxxxx", "198.51.100.5") for i in range(plugins.admin.MAX_FAILURES)
+        await status(f"guess-{i:04d}-xxxxxxxxxxxxxxxx", "198.51.100.5") for i in range(relay_plugins.admin.MAX_FAILURES)
     ]
-    assert guesses == [401] * plugins.admin.MAX_FAILURES
+    assert guesses == [401] * relay_plugins.admin.MAX_FAILURES
     assert await status("guess-more-xxxxxxxxxxxxxxxxxxxx", "198.51.100.5") == 429
     assert await status(token, "198.51.100.5") == 429  # not even the right one, for now
     assert await status(token, "198.51.100.6") == 200  # the operator, elsewhere
@@ -463,7 +463,7 @@ async def test_guessing_the_admin_token_is_throttled_per_address(nursery, monkey
 
 async def test_metrics_are_not_on_the_public_port(nursery, monkeypatch):
     monkeypatch.delenv("RELAY_METRICS_TOKEN", raising=False)
-    r = await start_relay(nursery, plugins=[plugins.metrics], options={"metrics": True, "metrics_port": 0})
+    r = await start_relay(nursery, plugins=[relay_plugins.metrics], options={"metrics": True, "metrics_port": 0})
     private = r.pm.get_plugin("metrics-registry").port
     assert (await http_get(r.port, "/metrics"))[0] == 404
     status, _, body = await http_get(private, "/metrics")
@@ -471,11 +471,11 @@ async def test_metrics_are_not_on_the_public_port(nursery, monkeypatch):
     assert (await http_get(private, "/"))[0] == 404
     token = "a-metrics-token-for-a-scraper-0123"
     monkeypatch.setenv("RELAY_METRICS_TOKEN", token)
-    r = await start_relay(nursery, plugins=[plugins.metrics], options={"metrics": True, "metrics_port": None})
+    r = await start_relay(nursery, plugins=[relay_plugins.metrics], options={"metrics": True, "metrics_port": None})
     assert (await http_get(r.port, "/metrics"))[0] == 404
     assert (await http_get(r.port, "/metrics", headers="Authorization: Bearer wrong-token-xxxxxxxxx\r\n"))[0] == 404
     status, _, body = await http_get(r.port, "/metrics", headers=f"Authorization: Bearer {token}\r\n")
     assert status == 200 and b"relay_connections" in body
     monkeypatch.delenv("RELAY_METRICS_TOKEN")
     with pytest.raises(relay_mod.PluginError, match="never public"):
-        await start_relay(nursery, plugins=[plugins.metrics], options={"metrics": True, "metrics_port": None})
+        await start_relay(nursery, plugins=[relay_plugins.metrics], options={"metrics": True, "metrics_port": None})

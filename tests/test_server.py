@@ -10,9 +10,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import relay_plugins.metrics
 import trio
 
-import plugins.metrics
 import relay as relay_mod
 from tests.conftest import LOOPBACK_FLAGS, STEP, UPGRADE, Harness, http_get
 
@@ -149,11 +149,11 @@ def test_fly_toml_matches_the_server():
     assert fly["kill_signal"] == "SIGTERM"
     assert fly["kill_timeout"] > relay_mod.Settings().drain_seconds + relay_mod.CLOSE_TIMEOUT
     assert (ROOT / fly["build"]["dockerfile"]).is_file()
-    assert fly["metrics"] == {"port": plugins.metrics.DEFAULT_PORT, "path": "/metrics"}
+    assert fly["metrics"] == {"port": relay_plugins.metrics.DEFAULT_PORT, "path": "/metrics"}
     assert fly["metrics"]["port"] != service["internal_port"]  # the private port: not routed from the internet
-    assert fly["env"]["RELAY_METRICS"] == "1"  # so /metrics is served (plugins.metrics)
+    assert fly["env"]["RELAY_METRICS"] == "1"  # so /metrics is served (relay_plugins.metrics)
     assert fly["env"]["RELAY_ALLOWED_ORIGINS"].startswith("https://")  # only these pages may connect
     args = relay_mod.parse_command_line([], relay_mod.make_plugin_manager(entry_points=False))
-    assert args.allowed_origin == []  # locally: off by default
+    assert relay_mod.settings_from_args(args).allowed_origins == ()  # locally: off by default
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["python", "relay.py"]' in dockerfile and "COPY static ./static" in dockerfile

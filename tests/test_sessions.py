@@ -1,4 +1,4 @@
-"""Session persistence (plugins.sessions): real SQLite and PostgreSQL, a relay process that is
+"""Session persistence (relay_plugins.sessions): real SQLite and PostgreSQL, a relay process that is
 killed and restarted, and a database that hangs or fails while the relay keeps working."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from relay_plugins.sessions import SessionEvent, SessionRecorder, report
+from relay_plugins.sessions_postgres import PostgresStore
+from relay_plugins.sessions_sqlite import SQLiteStore
 
 import relay as relay_mod
-from plugins.sessions import SessionEvent, SessionRecorder, report
-from plugins.sessions_postgres import PostgresStore
-from plugins.sessions_sqlite import SQLiteStore
 from tests.conftest import STEP, Harness, http_get, start_relay
 from tests.test_server import start_process
 
@@ -296,8 +296,8 @@ def test_sqlite_file_is_in_wal_mode(tmp_path: Path):
 def test_a_version_1_database_is_upgraded_and_keeps_its_rows(tmp_path, postgres_url):
     import sqlite3
 
-    import plugins.sessions_postgres as pg
-    import plugins.sessions_sqlite as lite
+    import relay_plugins.sessions_postgres as pg
+    import relay_plugins.sessions_sqlite as lite
 
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)  # as version 1 of the relay left it
@@ -330,8 +330,7 @@ async def test_user_ids_are_recorded_under_auth(nursery, tmp_path):
     import time
 
     import jwt
-
-    from plugins.auth_jwt import JwtAuth
+    from relay_plugins.auth_jwt import JwtAuth
 
     secret = "a-long-enough-hs256-secret-for-this-test"
     path = str(tmp_path / "users.db")

@@ -1,4 +1,4 @@
-"""TURN credentials (plugins.turn): coturn's algorithm, expiry, rotation, and a secret that never
+"""TURN credentials (relay_plugins.turn): coturn's algorithm, expiry, rotation, and a secret that never
 leaves the relay. The end-to-end proof through a real coturn is in tests/test_browser.py."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import relay_plugins.admin
+import relay_plugins.metrics
+import relay_plugins.turn
+from relay_plugins.turn import MAX_TTL, TurnCredentials, credentials, urls_for_host
 
-import plugins.admin
-import plugins.metrics
-import plugins.turn
 import relay as relay_mod
-from plugins.turn import MAX_TTL, TurnCredentials, credentials, urls_for_host
 from tests.conftest import Harness, http_get, start_relay, stun_binding_answered
 
 SECRET = "north-shared-secret-123"
@@ -92,7 +92,7 @@ def test_configure_needs_both_secret_and_urls(monkeypatch, env, options, error):
     monkeypatch.setenv("RELAY_TURN_SECRET", env)
     r = relay_mod.Relay(options=argparse.Namespace(turn_ttl=3600, **options))
     with pytest.raises(relay_mod.PluginError, match=error):
-        plugins.turn.relay_configure(relay=r)
+        relay_plugins.turn.relay_configure(relay=r)
 
 
 async def test_the_secret_never_appears_in_messages_logs_or_metrics(nursery, monkeypatch, caplog):
@@ -102,7 +102,9 @@ async def test_the_secret_never_appears_in_messages_logs_or_metrics(nursery, mon
     monkeypatch.setenv("RELAY_ADMIN_TOKEN", admin_token)
     options = {"turn_host": "127.0.0.1", "turn_url": [], "turn_ttl": 3600.0, "metrics": True, "metrics_port": 0}
     options["admin"] = True
-    r = await start_relay(nursery, plugins=[plugins.turn, plugins.metrics, plugins.admin], options=options)
+    r = await start_relay(
+        nursery, plugins=[relay_plugins.turn, relay_plugins.metrics, relay_plugins.admin], options=options
+    )
     h = Harness(nursery, r)
     seen: list[str] = []
     a, b, ma, mb = await h.pair()
