@@ -255,7 +255,6 @@ class _Member:
     held: bool = False  # waiting, but away (connection lost): keeps its place, is not matched
     since: float = 0.0  # when the current wait began (join or next): the interest timer's start
     open: bool = False  # while waiting: accepts anyone (no interests, or the interest timeout passed)
-    position: int = 0  # last computed queue position
     session: Session | None = None
     recent: dict[str, float] | None = None  # past peer id -> when that session ended (None: none yet)
 
@@ -291,11 +290,17 @@ class Matchmaker:
         rng: random.Random,
         interest_timeout: float = 10.0,
         rematch_cooldown: float = 30.0,
+        compact_after: int = 1024,
+        max_blocks: int = MAX_BLOCKS,
+        max_blocking_identities: int = MAX_BLOCKING_IDENTITIES,
     ) -> None:
         self._clock = clock
         self._rng = rng
         self.interest_timeout = interest_timeout
         self.rematch_cooldown = rematch_cooldown
+        self._compact_after = compact_after  # stale heap entries at least, before a rebuild is considered
+        self._max_blocks = max_blocks
+        self._max_blocking_identities = max_blocking_identities
         self._members: dict[str, _Member] = {}
         self._queue: dict[str, _Member] = {}  # waiting members in ticket order
         self._sessions: dict[str, Session] = {}
@@ -303,6 +308,7 @@ class Matchmaker:
         self._open: list[_Entry] = []
         self._deadlines: list[tuple[float, int, str]] = []  # (interest timeout, ticket, client id)
         self._blocked: dict[str, dict[str, None]] = {}  # identity -> identities it must never meet (ordered)
+        self._users: dict[str, dict[str, None]] = {}  # user identity -> its connected clients (in order)
         self._tickets = 0
         self._entries = 0  # heap entries, live or stale
         self._stale = 0  # heap entries known to be stale
@@ -310,6 +316,9 @@ class Matchmaker:
         self.queue_changed = False
         #: How many waiting clients have interests.
         self.queued_with_interests = 0
+        #: Heap rebuilds and block lists forgotten so far (for tests and curious operators).
+        self.compactions = 0
+        self.evictions = 0
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -340,9 +349,15 @@ class Matchmaker:
 
     def positions(self) -> Iterator[tuple[str, int]]:
         """Every waiting client with its position, 1 (next in line) to n, in queue order."""
-        for position, m in enumerate(self._queue.values(), 1):
-            m.position = position
-            yield m.id, position
+        for position, cid in enumerate(self._queue, 1):
+            yield cid, position
+
+    def position_of(self, client_id: str) -> int:
+        """A waiting client's position (O(n): for the rare moves that need it, not per message)."""
+        for position, cid in enumerate(self._queue, 1):
+            if cid == client_id:
+                return position
+        raise KeyError(f"client {client_id!r} is not waiting")
 
     def waiting(self) -> Iterator[tuple[str, int, float, frozenset[str], bool]]:
         """(client id, ticket, wait start, interests, held) of every waiting client, in queue order."""
@@ -358,6 +373,8 @@ class Matchmaker:
         if client_id in self._members:
             raise ValueError(f"client {client_id!r} is already connected")
         self._members[client_id] = _Member(client_id, identity or client_id)
+        if identity and identity != client_id:
+            self._users.setdefault(identity, {})[client_id] = None
 
     def join(self, client_id: str, interests: Iterable[str] = ()) -> list[Decision]:
         """Queue the client (or, if it waits already, replace its interests, keeping its place)."""
@@ -396,6 +413,11 @@ class Matchmaker:
         del self._members[client_id]
         if m.identity == client_id:  # a client's own blocks end with it; a user's stay
             self._blocked.pop(client_id, None)
+        else:
+            clients = self._users[m.identity]
+            del clients[client_id]
+            if not clients:
+                del self._users[m.identity]
         return out
 
     def report(self, client_id: str) -> list[Decision]:
@@ -404,15 +426,35 @@ class Matchmaker:
         if m.session is None:
             raise IllegalMove("not_matched", "no session to report")
         other = self._members[m.session.peer_of(client_id)]
+        forgotten: list[str] = []  # identities some of whose blocks the bounds made the relay forget
         for a, b in ((m.identity, other.identity), (other.identity, m.identity)):
             blocked = self._blocked.pop(a, {})  # re-inserted: the most recent identities are kept
             blocked[b] = None
-            if len(blocked) > MAX_BLOCKS:
-                del blocked[next(iter(blocked))]
+            if len(blocked) > self._max_blocks:
+                oldest = next(iter(blocked))
+                del blocked[oldest]
+                forgotten += (a, oldest)
             self._blocked[a] = blocked
-            if len(self._blocked) > MAX_BLOCKING_IDENTITIES:
-                del self._blocked[next(iter(self._blocked))]
-        return [self._end(m.session, "reported", client_id)]
+            if len(self._blocked) > self._max_blocking_identities:
+                oldest = next(iter(self._blocked))
+                forgotten += (oldest, *self._blocked.pop(oldest))
+                self.evictions += 1
+        return [self._end(m.session, "reported", client_id), *self._rematch(forgotten)]
+
+    def _rematch(self, identities: list[str]) -> list[Decision]:
+        """Blocks were forgotten: clients of these identities that wait may now accept each other
+        (the matching must stay maximal): look for a partner for each, in this order."""
+        out: list[Decision] = []
+        now = self._clock()
+        for identity in identities:
+            users = self._users.get(identity)
+            for cid in list(users) if users is not None else [identity]:
+                m = self._members.get(cid)
+                if m is not None and m.seq is not None and not m.held and m.identity == identity:
+                    partner = self._find(m, now)
+                    if partner is not None:
+                        out.append(self._pair(partner, m, now))
+        return out
 
     def hold(self, client_id: str) -> None:
         """The client is away: if it waits, it keeps its place but is not matched until released."""
@@ -493,9 +535,8 @@ class Matchmaker:
         self._tickets += 1
         self._queue[m.id] = m
         self.queued_with_interests += bool(m.interests)
-        m.position = len(self._queue)
         self._index(m)
-        return Queued(m.id, m.position, len(self._queue))
+        return Queued(m.id, len(self._queue), len(self._queue))
 
     def _index(self, m: _Member) -> None:
         """Put a waiting client in its heaps: one per interest, and the open heap or the deadlines."""
@@ -532,7 +573,7 @@ class Matchmaker:
         partner = self._find(m, now)
         if partner is not None:
             return self._pair(partner, m, now)
-        return Queued(m.id, m.position, len(self._queue))
+        return Queued(m.id, self.position_of(m.id), len(self._queue))
 
     def _find(self, m: _Member, now: float) -> _Member | None:
         """The longest-waiting client compatible with ``m``, preferring ones not in cooldown."""
@@ -602,7 +643,7 @@ class Matchmaker:
         self._maybe_compact()
 
     def _maybe_compact(self) -> None:
-        if self._stale > 1024 and 2 * self._stale > self._entries:
+        if self._stale > self._compact_after and 2 * self._stale > self._entries:
             self._compact()
 
     def _compact(self) -> None:
@@ -628,6 +669,7 @@ class Matchmaker:
         self._by_interest, self._open, self._deadlines = by_interest, opened, deadlines
         self._entries = sum(map(len, by_interest.values())) + len(opened) + len(deadlines)
         self._stale = 0
+        self.compactions += 1
 
     def _pair(self, a: _Member, b: _Member, now: float) -> Paired:
         """Pair two clients; the one with the older ticket (``a`` if ``b`` never queued) initiates."""
@@ -2820,7 +2862,7 @@ class Relay:
         if session is not None:
             details = {"session_id": session.id, "peer_id": session.peer_of(c.id)}
         elif mm.state(c.id) == "queued":
-            details = {"position": c.position, "queue_size": mm.queue_size}
+            details = {"position": mm.position_of(c.id), "queue_size": mm.queue_size}
         else:
             details = {}
         c.signals, c.replay, c.replay_bytes = x.signals, x.replay, x.replay_bytes

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import attrs
+
 import relay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +39,25 @@ def test_protocol_is_documented():
     assert len(close_codes) >= 6
     for code in close_codes:
         assert f"| {code} |" in text, code
+
+
+def settings_table() -> str:
+    """The README's settings table, as the declaration of relay.Settings says it must be."""
+    rows = ["| flag | environment | default | what |", "|---|---|---|---|"]
+    for field in attrs.fields(relay.Settings):
+        m = field.metadata
+        env = relay.env_of(field)
+        default = field.default
+        shown = ", ".join(map(str, default)) or "none" if m["many"] else "''" if default == "" else str(default)
+        if field.name == "static_dir":
+            shown = "static/ beside relay.py"
+        fly = f" (on Fly.io: {', '.join(m['fly']) if m['many'] else m['fly']})" if m["fly"] is not None else ""
+        repeat = " (repeatable)" if m["many"] else ""
+        rows.append(f"| `{relay.flag_of(field)}`{repeat} | {f'`{env}`' if env else ''} | {shown}{fly} | {m['help']} |")
+    return "\n".join(rows)
+
+
+def test_the_readme_settings_table_is_the_declaration():
+    readme = (ROOT / "README.md").read_text()
+    expected = settings_table()
+    assert expected in readme, "README's settings table is out of date; it should read:\n" + expected

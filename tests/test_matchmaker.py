@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from hypothesis import note, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from relay import Ended, IllegalMove, Matchmaker, Paired, ProtocolError, Queued, Session, parse_interests
 
@@ -269,8 +269,11 @@ def test_parse_interests_refuses(value):
 class NaiveMatchmaker:
     """What the rules say, written the obvious way: lists and full scans. Same decisions expected."""
 
-    def __init__(self, clock: Clock, timeout: float, cooldown: float, seed: int) -> None:
+    def __init__(
+        self, clock: Clock, timeout: float, cooldown: float, seed: int, max_blocks: int, max_identities: int
+    ) -> None:
         self.clock, self.timeout, self.cooldown = clock, timeout, cooldown
+        self.max_blocks, self.max_identities = max_blocks, max_identities
         self.rng = random.Random(seed)
         self.interests: dict[str, frozenset[str]] = {}
         self.waiting: list[dict] = []  # {"id", "seq", "since", "open"} in ticket order
@@ -278,7 +281,15 @@ class NaiveMatchmaker:
         self.ended_at: dict[frozenset[str], float] = {}
         self.tickets = 0
         self.session_ids: set[str] = set()
-        self.blocks: set[frozenset[str]] = set()
+        self.identity: dict[str, str] = {}  # client id -> whom a report blocks (a user id, or itself)
+        self.blocked: dict[str, list[str]] = {}  # identity -> identities it blocked, oldest first
+
+    def connect(self, cid: str, identity: str | None = None) -> None:
+        self.identity[cid] = identity or cid
+
+    def is_blocked(self, a: str, b: str) -> bool:
+        ia, ib = self.identity[a], self.identity[b]
+        return ib in self.blocked.get(ia, ()) or ia in self.blocked.get(ib, ())
 
     def accepts(self, w: dict, other: str) -> bool:
         return w["open"] or bool(self.interests[w["id"]] & self.interests[other])
@@ -293,7 +304,7 @@ class NaiveMatchmaker:
             for w in self.waiting
             if w["id"] != me["id"]
             and not w.get("held")
-            and frozenset((w["id"], me["id"])) not in self.blocks
+            and not self.is_blocked(w["id"], me["id"])
             and self.accepts(me, w["id"])
             and self.accepts(w, me["id"])
         ]
@@ -331,7 +342,7 @@ class NaiveMatchmaker:
             partner = self.best(mine)
             if partner:
                 return [self.pair(partner, mine)]
-            return [Queued(cid, None, len(self.waiting))]  # position: see compare()
+            return [Queued(cid, self.waiting.index(mine) + 1, len(self.waiting))]
         self.interests[cid] = interests
         me = {"id": cid, "seq": None, "since": self.clock.now, "open": self.is_open(cid, self.clock.now)}
         partner = self.best(me)
@@ -361,14 +372,32 @@ class NaiveMatchmaker:
     def disconnect(self, cid: str) -> list:
         out = self.leave(cid, "disconnected")
         self.interests.pop(cid, None)
-        self.blocks = {pair for pair in self.blocks if cid not in pair}
+        if self.identity.pop(cid) == cid:  # a client's own blocks end with it; a user's outlive it
+            self.blocked.pop(cid, None)
         return out
 
     def report(self, cid: str) -> list:
         if cid not in self.session:
             raise IllegalMove("not_matched", "")
-        self.blocks.add(frozenset((cid, self.session[cid].peer_of(cid))))
-        return [self.end(cid, "reported")]
+        me, other = self.identity[cid], self.identity[self.session[cid].peer_of(cid)]
+        forgotten: list[str] = []
+        for a, b in ((me, other), (other, me)):
+            blocked = self.blocked.pop(a, [])  # back at the end: the most recent reporters are kept
+            if b not in blocked:
+                blocked.append(b)
+            if len(blocked) > self.max_blocks:
+                forgotten += (a, blocked.pop(0))
+            self.blocked[a] = blocked
+            if len(self.blocked) > self.max_identities:
+                oldest = next(iter(self.blocked))
+                forgotten += (oldest, *self.blocked.pop(oldest))
+        out = [self.end(cid, "reported")]
+        for identity in forgotten:  # forgotten blocks: whoever now accepts a waiting client is paired
+            for other_id in [c for c, i in self.identity.items() if i == identity]:
+                w = next((w for w in self.waiting if w["id"] == other_id and not w.get("held")), None)
+                if w is not None and (partner := self.best(w)) is not None:
+                    out.append(self.pair(partner, w))
+        return out
 
     def hold(self, cid: str) -> None:
         for w in self.waiting:
@@ -403,13 +432,8 @@ class NaiveMatchmaker:
 
 
 def compare(real: list, naive: list) -> None:
-    assert len(real) == len(naive), (real, naive)
-    for r, n in zip(real, naive, strict=True):
-        assert type(r) is type(n), (r, n)
-        if isinstance(r, Queued) and n.position is None:
-            assert r.client_id == n.client_id and r.queue_size == n.queue_size
-        else:
-            assert r == n
+    """The same decisions, to the letter: positions too (what the relay tells the clients)."""
+    assert real == naive
 
 
 IDS = [f"c{i}" for i in range(8)]
@@ -422,8 +446,12 @@ class QueueMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock()
-        self.mm = Matchmaker(clock=self.clock, rng=random.Random(7), interest_timeout=10, rematch_cooldown=30)
-        self.ref = NaiveMatchmaker(self.clock, 10, 30, 7)
+        # Small bounds, so that the runs reach them: heap compaction, and forgetting the oldest blocks.
+        self.mm = Matchmaker(
+            clock=self.clock, rng=random.Random(7), interest_timeout=10, rematch_cooldown=30, compact_after=4,
+            max_blocks=2, max_blocking_identities=3,
+        )  # fmt: skip
+        self.ref = NaiveMatchmaker(self.clock, 10, 30, 7, max_blocks=2, max_identities=3)
         self.connected: list[str] = []
         self.next_id = 0
         self.started: set[str] = set()
@@ -450,6 +478,9 @@ class QueueMachine(RuleBasedStateMachine):
         for d in decisions:
             if isinstance(d, Paired):
                 assert d.session.id not in self.started
+                # Reported pairs are never paired again (a session of two other tabs of the same two
+                # users that began before the report may go on).
+                assert not self.mm.blocked(d.session.initiator, d.session.answerer)
                 self.started.add(d.session.id)
             elif isinstance(d, Ended):
                 self.ended[d.session.id] += 1
@@ -466,13 +497,14 @@ class QueueMachine(RuleBasedStateMachine):
         return data.draw(st.sampled_from(self.connected))
 
     @precondition(lambda self: len(self.connected) < len(IDS))
-    @rule()
-    def connect(self) -> None:
+    @rule(user=st.sampled_from([None, None, "u0", "u1", "u2", "u3"]))
+    def connect(self, user) -> None:
         cid = f"c{self.next_id}"
         self.next_id += 1
-        self.mm.connect(cid)
+        self.mm.connect(cid, identity=user)
+        self.ref.connect(cid, identity=user)
         self.connected.append(cid)
-        note(f"connect {cid}")
+        note(f"connect {cid} as {user or cid}")
 
     @precondition(lambda self: self.connected)
     @rule(data=st.data(), interests=INTERESTS)
@@ -563,10 +595,32 @@ class QueueMachine(RuleBasedStateMachine):
         ]
 
     @invariant()
-    def reported_pairs_are_never_together(self) -> None:
-        for s in self.mm.sessions():
-            assert not self.mm.blocked(s.initiator, s.answerer)
+    def blocks_agree_with_reference(self) -> None:
+        for a in self.connected:
+            for b in self.connected:
+                assert self.mm.blocked(a, b) == self.ref.is_blocked(a, b), (a, b)
+
+    @invariant()
+    def heaps_hold_every_waiting_client(self) -> None:
+        for cid, _, _, interests, held in self.mm.waiting():
+            if not held:
+                for interest in interests:
+                    assert any(entry[1] == cid for entry in self.mm._by_interest.get(interest, ()))
+
+    def teardown(self) -> None:
+        QueueMachine.compactions += self.mm.compactions
+        QueueMachine.evictions += self.mm.evictions
+
+
+QueueMachine.compactions = 0  # over all the runs: the bounds are reached, the paths behind them run
+QueueMachine.evictions = 0
 
 
 QueueMachine.TestCase.settings = settings(max_examples=1000, stateful_step_count=80, deadline=None)
 TestQueue = QueueMachine.TestCase
+
+
+def test_the_machine_reaches_compaction_and_forgets_old_blocks():
+    before = QueueMachine.compactions, QueueMachine.evictions
+    run_state_machine_as_test(QueueMachine, settings=settings(max_examples=200, stateful_step_count=80, deadline=None))
+    assert QueueMachine.compactions > before[0] and QueueMachine.evictions > before[1]
