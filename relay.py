@@ -101,8 +101,11 @@ except ImportError:  # a platform without websockets' compiled speedups
     from websockets.utils import apply_mask as _apply_mask
 
 __all__ = [
+    "SHUTDOWN_TIMEOUT",
     "Auth",
     "Ended",
+    "FrameParser",
+    "HttpError",
     "HttpRequest",
     "HttpResponse",
     "IllegalMove",
@@ -114,13 +117,19 @@ __all__ = [
     "Relay",
     "RelayStatistics",
     "Session",
+    "SettingError",
     "Settings",
+    "StartupError",
+    "WebSocketError",
     "hookimpl",
     "hookspec",
     "main",
+    "make_plugin_manager",
+    "parse_head",
     "parse_interests",
     "parse_message",
     "serve_http",
+    "setting",
 ]
 
 log = logging.getLogger("relay")

@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -298,23 +300,27 @@ def relay_configure(relay: Relay) -> None:
 
 
 def report(store: SessionStore, limit: int, now: float | None = None) -> str:
-    """Recent sessions and statistics, as text."""
+    """Recent sessions (who ended each, and why) and statistics over the last 24 hours, as text;
+    rates are over the time the records cover (a relay up for two hours has not had 24)."""
     now = time.time() if now is None else now
-    store.migrate()
     lengths, starts = store.lengths_and_starts(now - 86400)
-    lines = [f"{'started (UTC)':<20} {'length':>8}  {'end':<13} {'interests':<24} session"]
+    lines = [f"{'started (UTC)':<20} {'length':>8}  {'ended by':<24} {'interests':<24} session"]
     for row in store.recent(limit):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["started_at"]))
         length = f"{row['ended_at'] - row['started_at']:.0f} s" if row["ended_at"] else "ongoing"
+        side = {row["initiator"]: "initiator", row["answerer"]: "answerer"}.get(row["ended_by"], row["ended_by"])
+        ended = f"{row['end_reason']} ({side})" if row["end_reason"] and side else row["end_reason"] or "-"
         interests = ",".join(row["interests"])[:24] or "-"
-        lines.append(f"{started:<20} {length:>8}  {row['end_reason'] or '-':<13} {interests:<24} {row['session_id']}")
-    per_hour = len(starts) / 24
+        lines.append(f"{started:<20} {length:>8}  {ended:<24} {interests:<24} {row['session_id']}")
     median = f"{statistics.median(lengths):.0f} s" if lengths else "-"
+    hours = (now - min(starts)) / 3600 if starts else 0.0
+    rate = f"{len(starts) / hours:.1f} per hour over the {hours:.1f} h covered" if hours >= 1 / 60 else "no rate yet"
+    count = f"{len(starts)} match{'' if len(starts) == 1 else 'es'}"
     lines.append("")
-    lines.append(f"last 24 h: {len(starts)} matches ({per_hour:.1f} per hour), median session length {median}")
-    hours = _per_hour(starts)
-    if hours:
-        lines.append("matches per hour (UTC), last 24 h: " + ", ".join(f"{h:02d}h {n}" for h, n in hours))
+    lines.append(f"last 24 h: {count} ({rate}), median session length {median}")
+    per_hour = _per_hour(starts)
+    if per_hour:
+        lines.append("matches per hour (UTC), last 24 h: " + ", ".join(f"{h:02d}h {n}" for h, n in per_hour))
     return "\n".join(lines)
 
 
@@ -327,12 +333,44 @@ def _per_hour(starts: Iterable[float]) -> list[tuple[int, int]]:
 
 
 def print_report(args: argparse.Namespace) -> int:
-    store = _store_from(args)
-    if store is None:
-        print("no session database: give --sessions-db or --database-url")
+    """``relay sessions``: reads the database the server writes (the same flags and variables, the
+    same default: relay-sessions.db in the current directory), and never creates one."""
+    try:
+        check_database_flags(args)
+    except PluginError as exc:
+        print(f"relay sessions: error: {exc}", file=sys.stderr)
+        return 2
+    if args.database_url:
+        from .sessions_postgres import PostgresStore
+
+        store: SessionStore = PostgresStore(args.database_url)
+        where = "PostgreSQL at " + _without_password(args.database_url)
+    elif args.sessions_db:
+        path = os.path.abspath(args.sessions_db)
+        if not os.path.exists(path):
+            print(
+                f"relay sessions: error: no session database at {path} (the relay writes one in the directory it"
+                " runs in; give --sessions-db PATH, RELAY_SESSIONS_DB or --database-url)",
+                file=sys.stderr,
+            )
+            return 2
+        from .sessions_sqlite import SQLiteStore
+
+        store = SQLiteStore(path, readonly=True)
+        where = path
+    else:
+        print("relay sessions: error: no session database: give --sessions-db or --database-url", file=sys.stderr)
         return 2
     try:
+        print(f"sessions from {where}")
         print(report(store, args.limit))
+    except Exception as exc:  # no table yet, a database that is down: one line
+        print(f"relay sessions: error: cannot read {where}: {exc}", file=sys.stderr)
+        return 1
     finally:
         store.close()
     return 0
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url)

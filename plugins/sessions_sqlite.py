@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import urllib.parse
 from typing import Any
 
 from .sessions import COLUMNS, SessionEvent, split
@@ -40,11 +41,15 @@ MIGRATIONS = {
 
 
 class SQLiteStore:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly  # for reading an existing file only (``relay sessions``): never creates one
         self._db: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
+        if self._db is None and self.readonly:
+            uri = f"file:{urllib.parse.quote(self.path)}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=5)
         if self._db is None:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
             db.execute("PRAGMA journal_mode=WAL")

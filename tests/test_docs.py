@@ -61,3 +61,15 @@ def test_the_readme_settings_table_is_the_declaration():
     readme = (ROOT / "README.md").read_text()
     expected = settings_table()
     assert expected in readme, "README's settings table is out of date; it should read:\n" + expected
+
+
+def test_what_the_plugin_docs_tell_authors_to_use_is_public():
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    instance = {"pm", "options", "counters", "statistics", "settings", "py"}  # a Relay's attributes, relay.py
+    named = set(re.findall(r"\brelay\.([A-Za-z_]\w*)", text)) - instance
+    assert named, "no names found"
+    assert named <= set(relay.__all__), named - set(relay.__all__)
+    import relay_testing
+
+    for name in re.findall(r"from relay_testing import ([\w, ]+)", text)[0].split(", "):
+        assert name in relay_testing.__all__, name

@@ -176,7 +176,6 @@ async def test_admin_drain_undrain_and_kick(nursery, admin_token):
 
 
 async def test_example_plugin_counts_matches_by_interest(nursery):
-    relay_plugins.example_interest_stats.matches_by_interest.clear()
     r = await start_relay(nursery, plugins=[relay_plugins.example_interest_stats])
     h = Harness(nursery, r)
     await h.pair(interests=["chess", "go"])
@@ -185,6 +184,8 @@ async def test_example_plugin_counts_matches_by_interest(nursery):
     status, _, body = await http_get(r.port, "/stats/interests")
     assert status == 200 and json.loads(body) == {"chess": 2, "go": 1, "(none)": 1}
     assert (await http_get(r.port, "/stats/other"))[0] == 404  # not its route
+    other = await start_relay(nursery, plugins=[relay_plugins.example_interest_stats])  # its own counts
+    assert json.loads((await http_get(other.port, "/stats/interests"))[2]) == {}
 
 
 def test_bundled_plugins_are_found_through_entry_points():

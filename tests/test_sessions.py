@@ -3,6 +3,7 @@ killed and restarted, and a database that hangs or fails while the relay keeps w
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -167,7 +168,7 @@ async def test_records_the_shutdown_could_not_write_are_logged_and_counted(nurse
     assert len(rows) == 1
 
 
-def test_report_command(tmp_path, capsys):
+def test_report_command(tmp_path):
     store = SQLiteStore(str(tmp_path / "s.db"))
     store.migrate()
     now = 1_800_000_000.0
@@ -176,15 +177,45 @@ def test_report_command(tmp_path, capsys):
         start = now - 3600 * i
         events += [
             SessionEvent("start", f"s{i}", start, "a", "b", ("chess",)),
-            SessionEvent("end", f"s{i}", start + length, reason="left", ended_by="a"),
+            SessionEvent("end", f"s{i}", start + length, reason="left", ended_by="b" if i else "a"),
         ]
     events.append(SessionEvent("start", "s9", now - 10, "c", "d"))
     store.write(events)
     text = report(store, limit=10, now=now)
-    assert "last 24 h: 5 matches (0.2 per hour), median session length 75 s" in text
-    assert "ongoing" in text and "chess" in text
-    code = relay_mod.main(["sessions", "--sessions-db", str(tmp_path / "s.db")])
-    assert code == 0 and "s9" in capsys.readouterr().out
+    # Five matches over the 3 hours the records cover (not 24): 1.7 an hour.
+    assert "last 24 h: 5 matches (1.7 per hour over the 3.0 h covered), median session length 75 s" in text
+    assert "ongoing" in text and "chess" in text and "left (initiator)" in text and "left (answerer)" in text
+    store.write([SessionEvent("start", "one", now, "e", "f")])
+    one = SQLiteStore(str(tmp_path / "one.db"))
+    one.migrate()
+    one.write([SessionEvent("start", "only", now - 120, "e", "f")])
+    assert "last 24 h: 1 match (" in report(one, limit=10, now=now)
+    store.close()
+    one.close()
+
+
+def test_the_report_command_as_people_type_it(tmp_path):
+    import subprocess
+    import sys
+
+    relay_py = str(Path(relay_mod.__file__))
+    store = SQLiteStore(str(tmp_path / "relay-sessions.db"))  # where a relay run in tmp_path writes
+    store.migrate()
+    store.write([SessionEvent("start", "s1", 1_800_000_000.0, "a", "b")])
+    store.close()
+    here = subprocess.run([sys.executable, relay_py, "sessions"], capture_output=True, text=True, cwd=tmp_path)
+    assert here.returncode == 0 and "s1" in here.stdout
+    assert here.stdout.startswith(f"sessions from {tmp_path / 'relay-sessions.db'}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    there = subprocess.run([sys.executable, relay_py, "sessions"], capture_output=True, text=True, cwd=elsewhere)
+    assert there.returncode == 2 and "no session database at" in there.stderr and "Traceback" not in there.stderr
+    assert not (elsewhere / "relay-sessions.db").exists()  # reading never creates one
+    env = {"RELAY_SESSIONS_DB": str(tmp_path / "relay-sessions.db")}
+    by_env = subprocess.run(
+        [sys.executable, relay_py, "sessions"], capture_output=True, text=True, cwd=elsewhere, env=os.environ | env
+    )
+    assert by_env.returncode == 0 and "s1" in by_env.stdout
 
 
 class GatedStore:
