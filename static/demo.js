@@ -16,10 +16,16 @@ if (params.has("interests")) $("interests").value = params.get("interests");
 
 let client = null;
 let peer = null;
-let local = null;
+let countdown = null; // the "Reconnecting in 2.4 s…" timer
 
 function setText(id, text) {
   $(id).textContent = text;
+}
+
+function notice(text) {
+  // Stays until replaced: what a person must know (their camera), not a passing state.
+  $("notice").textContent = text;
+  $("notice").hidden = !text;
 }
 
 function parseInterests(text) {
@@ -53,24 +59,32 @@ function running(on) {
   $("interests").disabled = false;
 }
 
-async function camera() {
+async function openCamera() {
   try {
-    return await navigator.mediaDevices.getUserMedia({ video: true, audio: true });
+    const stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: true });
+    notice("");
+    return stream;
   } catch (err) {
-    setText("peer-state", `No camera or microphone (${err.name}): you will only see and hear the other side.`);
+    notice(`No camera or microphone (${err.name}): you will only see and hear the other side.`);
     return null;
   }
+}
+
+function closeCamera() {
+  // Stop means stop: the camera light goes off, and nothing is sent until Start asks again.
+  for (const track of peer?.stream?.getTracks() ?? []) track.stop();
+  if (peer) peer.stream = null;
+  $("local").srcObject = null;
 }
 
 async function start() {
   running(true);
   const interests = parseInterests($("interests").value);
+  const stream = await openCamera();
+  $("local").srcObject = stream;
   if (!client) {
-    local = await camera();
-    $("local").srcObject = local;
     client = new RelayClient(relays, { interests });
     peer = new PeerSession(client, {
-      stream: local,
       rtcConfig,
       onTrack: (event) => {
         $("remote").srcObject = event.streams[0] || new MediaStream([event.track]);
@@ -79,17 +93,39 @@ async function start() {
     wire(client, peer);
     window.demo = { client, peer, resumed: 0, peerReconnected: 0 }; // for tests and the curious
   }
+  peer.stream = stream;
   setText("peer-state", "Looking for someone…");
   client.join({ interests });
 }
 
+function showConnection(text) {
+  clearInterval(countdown);
+  countdown = null;
+  setText("connection", text);
+}
+
 function wire(client, peer) {
-  client.addEventListener("connected", (e) => setText("connection", `Connected (${new URL(e.detail.url).host})`));
-  client.addEventListener("reconnecting", (e) =>
-    setText("connection", `Connection lost. Reconnecting in ${(e.detail.delay / 1000).toFixed(1)} s…`),
-  );
+  client.addEventListener("connected", (e) => {
+    showConnection(`Connected (${new URL(e.detail.url).host})`);
+    if (client.detached) setText("peer-state", "In a call. The server restarted; the call goes on.");
+  });
+  client.addEventListener("reconnecting", (e) => {
+    const until = Date.now() + e.detail.delay;
+    const show = () => {
+      const left = Math.max(0, until - Date.now());
+      setText("connection", `Connection lost. Reconnecting in ${(left / 1000).toFixed(1)} s…`);
+      if (left === 0) {
+        clearInterval(countdown);
+        countdown = null;
+        setText("connection", "Connection lost. Reconnecting…");
+      }
+    };
+    clearInterval(countdown);
+    show();
+    countdown = setInterval(show, 100);
+  });
   client.addEventListener("disconnected", (e) => {
-    if (!e.detail.willReconnect) setText("connection", "Disconnected");
+    if (!e.detail.willReconnect) showConnection("Disconnected");
   });
   client.addEventListener("queued", (e) => {
     setText("position", `You are #${e.detail.position} in line (${e.detail.queue_size} waiting).`);
@@ -98,11 +134,15 @@ function wire(client, peer) {
   client.addEventListener("matched", (e) => {
     setText("position", "");
     $("chat-log").replaceChildren();
-    const shared = e.detail.interests.length ? ` You both like ${e.detail.interests.join(", ")}.` : "";
-    setText("peer-state", `Matched! Connecting…${shared}`);
+    // In its own line, so that the connection's states do not write over it.
+    setText("shared", e.detail.interests.length ? `You both like ${e.detail.interests.join(", ")}.` : "");
+    setText("peer-state", "Matched! Connecting…");
+    $("report").disabled = false;
   });
   client.addEventListener("ended", (e) => {
     $("remote").srcObject = null;
+    setText("shared", "");
+    $("report").disabled = true;
     chatEnabled(false);
     if (e.detail.by === "peer") say("system", "The stranger left. Looking for someone new…");
     if (e.detail.by === "connection") say("system", "Connection to the server lost.");
@@ -110,7 +150,7 @@ function wire(client, peer) {
   client.addEventListener("error", (e) => console.warn("relay error:", e.detail.code, e.detail.message));
   client.addEventListener("resumed", () => {
     window.demo.resumed += 1;
-    setText("connection", `Connected again (${new URL(client.url).host}), nothing lost`);
+    showConnection(`Connected again (${new URL(client.url).host}), nothing lost`);
   });
   client.addEventListener("peerreconnecting", () => {
     window.demo.peerReconnected += 1;
@@ -151,9 +191,17 @@ $("next").addEventListener("click", () => {
 $("stop").addEventListener("click", () => {
   if (!client) return;
   client.leave();
+  closeCamera();
   running(false);
   setText("position", "");
   setText("peer-state", "Stopped. Press Start to meet someone.");
+});
+
+$("report").addEventListener("click", () => {
+  if (!client?.report("reported from the demo")) return;
+  $("chat-log").replaceChildren();
+  say("system", "Reported. You will not be matched with this person again.");
+  setText("peer-state", "Looking for someone…");
 });
 
 $("chat-form").addEventListener("submit", (event) => {

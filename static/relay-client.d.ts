@@ -85,6 +85,8 @@ export interface EndedDetail {
   reason: string;
   /** "peer": peer_left; "self": next, leave or close; "connection": the relay connection dropped and could not be resumed. */
   by: "peer" | "self" | "connection";
+  /** The relay had lost the session (it restarted) and the call went on without it. */
+  detached: boolean;
 }
 
 export interface RelayClientEventMap {
@@ -100,6 +102,8 @@ export interface RelayClientEventMap {
   reconnecting: CustomEvent<{ attempt: number; delay: number; url: string }>;
   disconnected: CustomEvent<{ code: number; reason: string; willReconnect: boolean }>;
   error: CustomEvent<ErrorMessage>;
+  /** Cancelable: the relay lost the session; preventDefault() keeps the call going without it. */
+  sessionlost: CustomEvent<MatchedMessage>;
 }
 
 /** Delay in ms before reconnect attempt `attempt` (0 first): uniform in [0, min(maxDelay, initialDelay * 2^attempt)). */
@@ -149,10 +153,16 @@ export class RelayClient extends EventTarget {
   /** The number of the last signal received. */
   readonly lastSignal: number;
   readonly session: MatchedMessage | null;
+  /** In a call the relay lost (it restarted): nothing is signaled; next() and leave() still work. */
+  readonly detached: boolean;
   readonly url: string | null;
   join(options?: { interests?: string[] }): void;
   next(): void;
   leave(): void;
+  /** Report the peer: the session ends, the two are never paired again. False when not matched. */
+  report(reason?: string): boolean;
+  /** The peer ended a detached call (it said so over the data channel). */
+  peerGone(reason?: string): void;
   signal(data: Record<string, unknown>): boolean;
   close(): void;
   addEventListener<K extends keyof RelayClientEventMap>(
@@ -193,7 +203,10 @@ export class PeerSession extends EventTarget {
   readonly client: RelayClient;
   stream: MediaStream | null;
   readonly pc: RTCPeerConnection | null;
+  /** The "chat" data channel (text). */
   readonly channel: RTCDataChannel | null;
+  /** The "control" data channel: {"bye": reason} when a side ends a call the relay lost. */
+  readonly control: RTCDataChannel | null;
   readonly sessionId: string | null;
   readonly polite: boolean;
   /** This session's ICE server errors (the last 10), e.g. errorCode 401 for refused TURN credentials. */

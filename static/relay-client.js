@@ -123,6 +123,11 @@ export class CandidateQueue {
  *   "self" (next, leave, close) or "connection" (the connection dropped and could not be resumed).
  * - `resumed`: the relay's `resumed` message: the connection came back and kept its place or session
  *   (the RTCPeerConnection never noticed); signals missed meanwhile follow.
+ * - `sessionlost`: cancelable, `detail` the session's `matched` message: the relay no longer knows the
+ *   session (it restarted, or the resume came too late). Cancel it (`preventDefault()`, as PeerSession
+ *   does while its call still connects the two browsers) to keep the call: the client is then
+ *   `detached`, the call goes on browser to browser, nothing more is signaled, and `next()`/`leave()`
+ *   still work (the peer is told over the data channel); else the session ends (`ended`, "connection").
  * - `peerreconnecting` / `peerresumed`: the peer's connection vanished / came back (the call goes on).
  * - `reconnecting`: `{attempt, delay, url}`: the next attempt, in `delay` ms.
  * - `disconnected`: `{code, reason, willReconnect}`: the WebSocket closed.
@@ -152,6 +157,7 @@ export class RelayClient extends EventTarget {
     this.resumeToken = null; // sent in `resume` after a lost connection
     this.lastSignal = 0; // the number ("n") of the last signal received: resume asks for the rest
     this.session = null; // the current `matched` message, while matched
+    this.detached = false; // the relay lost the session but the call goes on (see `sessionlost`)
     this.url = null; // the URL of the open connection
     this._wantMatch = false; // join/next called, and no leave since: re-join after a reconnect
     this._attempt = 0; // consecutive failed attempts, for the backoff
@@ -189,9 +195,26 @@ export class RelayClient extends EventTarget {
     if (!this._send({ type: "leave" })) this._resumable = false;
   }
 
+  /** Report the current peer (abuse): the session ends and the two are never paired again. */
+  report(reason = "") {
+    if (this.state !== "matched" || this.detached) return false;
+    this._endSession("reported", "self");
+    this._send({ type: "report", reason: String(reason).slice(0, 200) });
+    if (this._wantMatch) this._send({ type: "join", interests: this.interests });
+    return true;
+  }
+
+  /** The peer ended a detached session itself (it said so over the data channel): the call is over. */
+  peerGone(reason = "left") {
+    if (!this.detached || !this.session) return;
+    this._emit("peerleft", { type: "peer_left", session_id: this.session.session_id, reason });
+    this._endSession(reason, "peer");
+    if (this.options.rejoinAfterPeerLeft && this._wantMatch) this._send({ type: "join", interests: this.interests });
+  }
+
   /** Send `data` (a JSON-able object) to the current peer. Returns false if it could not be sent. */
   signal(data) {
-    if (this.state !== "matched") return false;
+    if (this.state !== "matched" || this.detached) return false;
     if (this.connection === "open" && !this._resuming) return this._send({ type: "signal", data });
     if (!this._resumable || this._outbox.length >= this.options.maxQueuedSignals) return false;
     this._outbox.push({ type: "signal", data }); // sent once the session is resumed
@@ -287,14 +310,27 @@ export class RelayClient extends EventTarget {
   }
 
   _start(welcome) {
-    // A new client on the relay: its own id, and (if we want one) a fresh match.
+    // A new client on the relay: its own id, and (if we want one and are not in a call) a fresh match.
     this.clientId = welcome.client_id;
     this.resumeToken = welcome.resume_token;
     this.lastSignal = 0;
     this._resumable = true;
     this._outbox = [];
     this._emit("connected", { clientId: this.clientId, url: this.url });
-    if (this._wantMatch) this._send({ type: "join", interests: this.interests });
+    if (this._wantMatch && !this.detached) this._send({ type: "join", interests: this.interests });
+  }
+
+  _sessionLost() {
+    // The relay no longer has our session: keep the call if a listener says it still connects us.
+    if (!this.session) return;
+    if (this.detached) return; // already on our own
+    const event = new CustomEvent("sessionlost", { detail: this.session, cancelable: true });
+    if (!this.dispatchEvent(event)) {
+      this.detached = true;
+      this._outbox = [];
+      return;
+    }
+    this._endSession("disconnected", "connection");
   }
 
   _resumed(msg) {
@@ -309,7 +345,8 @@ export class RelayClient extends EventTarget {
       return;
     }
     this._outbox = [];
-    if (this.session) this._endSession("disconnected", "connection"); // it ended while we were away
+    this._sessionLost(); // it ended while we were away (or, detached, it is not the relay's anyway)
+    if (this.detached) return; // in a call the relay does not know: join after it
     if (msg.state === "queued") {
       this.state = "queued";
       this._emit("queued", { type: "queued", position: msg.position, queue_size: msg.queue_size });
@@ -327,6 +364,7 @@ export class RelayClient extends EventTarget {
       case "matched":
         this.state = "matched";
         this.session = msg;
+        this.detached = false;
         this._emit("matched", msg);
         break;
       case "signal":
@@ -353,10 +391,10 @@ export class RelayClient extends EventTarget {
         break;
       case "error":
         if (msg.code === "resume_failed" && this._resuming) {
-          // Too late, or the relay restarted: start afresh on this connection.
+          // Too late, or the relay restarted: start afresh on this connection (a call may go on).
           const welcome = this._resuming;
           this._resuming = null;
-          if (this.session) this._endSession("disconnected", "connection");
+          this._sessionLost();
           this._start(welcome);
           break;
         }
@@ -370,9 +408,11 @@ export class RelayClient extends EventTarget {
   _endSession(reason, by) {
     // After this, signals still in flight from the old peer are dropped (see _handle "signal").
     const session = this.session;
+    const detached = this.detached;
     this.session = null;
+    this.detached = false;
     this.state = "idle";
-    if (session) this._emit("ended", { session_id: session.session_id, reason, by });
+    if (session) this._emit("ended", { session_id: session.session_id, reason, by, detached });
   }
 
   _failed() {
@@ -382,7 +422,7 @@ export class RelayClient extends EventTarget {
 
   _dropped(event) {
     // Keep the session: the next connection asks to resume it. Only if that fails does it end.
-    if (!this._resumable) this._endSession("disconnected", "connection");
+    if (!this._resumable) this._sessionLost();
     this._resuming = null;
     this.connection = "reconnecting";
     this._emit("disconnected", { code: event.code, reason: event.reason, willReconnect: !this._closed });
@@ -434,7 +474,8 @@ export class RelayClient extends EventTarget {
 /**
  * The WebRTC side of each match: one RTCPeerConnection per session, negotiated through the relay.
  *
- * - The `initiator` (the side that waited) adds its tracks and a "chat" data channel and makes the
+ * - The `initiator` (the side that waited) adds its tracks, a "chat" data channel (text messages) and
+ *   a "control" one (`{"bye": reason}` when a side ends a call the relay lost) and makes the
  *   offer; the other side adds its tracks when the offer arrives. Later renegotiations use the
  *   "perfect negotiation" pattern (the non-initiator is polite), so glare never deadlocks.
  * - ICE candidates that arrive before the remote description are queued, not lost.
@@ -468,10 +509,16 @@ export class PeerSession extends EventTarget {
     this._makingOffer = false;
     this._ignoreOffer = false;
     this._tracksAdded = false;
+    /** @type {RTCDataChannel | null} */
+    this.control = null;
     this._listeners = {
       matched: (e) => this._start(e.detail),
       signal: (e) => this._onSignal(e.detail.data).catch((err) => this._fail(err)),
-      ended: (e) => this._stop(e.detail.reason),
+      ended: (e) => this._ended(e.detail),
+      sessionlost: (e) => {
+        // The relay restarted under a working call: keep it (the two browsers need no relay to talk).
+        if (this.pc?.connectionState === "connected" && this.control?.readyState === "open") e.preventDefault();
+      },
     };
     for (const [type, fn] of Object.entries(this._listeners)) client.addEventListener(type, fn);
   }
@@ -510,7 +557,14 @@ export class PeerSession extends EventTarget {
         signalingState: pc.signalingState,
       });
     };
-    pc.onconnectionstatechange = pc.onsignalingstatechange = report;
+    pc.onsignalingstatechange = report;
+    pc.onconnectionstatechange = () => {
+      report();
+      // A call the relay lost that breaks: nobody can renegotiate it; it is over.
+      if (pc === this.pc && this.client.detached && ["failed", "closed"].includes(pc.connectionState)) {
+        this.client.peerGone("disconnected");
+      }
+    };
     pc.oniceconnectionstatechange = () => {
       report();
       // The network changed under the call (a phone switched to mobile data): the initiator
@@ -525,7 +579,7 @@ export class PeerSession extends EventTarget {
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && pc === this.pc) this.client.signal({ candidate: candidate.toJSON() });
     };
-    pc.ondatachannel = ({ channel }) => this._useChannel(channel);
+    pc.ondatachannel = ({ channel }) => (channel.label === "control" ? this._useControl(channel) : this._useChannel(channel));
     pc.onicecandidateerror = ({ errorCode, errorText, url }) => {
       if (pc !== this.pc) return;
       const error = { errorCode, errorText, url };
@@ -546,6 +600,7 @@ export class PeerSession extends EventTarget {
     };
     if (!this.polite) {
       this._useChannel(pc.createDataChannel("chat"));
+      this._useControl(pc.createDataChannel("control"));
       this._addTracks();
     }
     report();
@@ -567,6 +622,33 @@ export class PeerSession extends EventTarget {
     this.channel = channel;
     channel.onopen = () => channel === this.channel && this._emit("channelopen", {});
     channel.onmessage = (event) => channel === this.channel && this._emit("message", { text: String(event.data) });
+  }
+
+  _useControl(channel) {
+    this.control = channel;
+    channel.onmessage = (event) => {
+      if (channel !== this.control) return;
+      let msg;
+      try {
+        msg = JSON.parse(String(event.data));
+      } catch {
+        return;
+      }
+      if (msg && typeof msg.bye === "string") this.client.peerGone(msg.bye);
+    };
+  }
+
+  _ended({ reason, by, detached }) {
+    // A call the relay lost, ended here: the peer can only learn it from us.
+    const pc = this.pc;
+    if (pc && detached && by === "self" && this.control?.readyState === "open") {
+      this.control.send(JSON.stringify({ bye: reason }));
+      this.pc = this.channel = this.control = this.sessionId = null;
+      setTimeout(() => pc.close(), 300); // a moment later, so that the bye leaves first
+      this._emit("closed", { reason });
+      return;
+    }
+    this._stop(reason);
   }
 
   async _onSignal(data) {
@@ -604,6 +686,7 @@ export class PeerSession extends EventTarget {
     if (!pc) return;
     this.pc = null;
     this.channel = null;
+    this.control = null;
     this.sessionId = null;
     pc.close();
     this._emit("closed", { reason });

@@ -69,6 +69,9 @@ def open_page(browser) -> Iterator[Callable[..., object]]:
         page.set_default_timeout(TIMEOUT_MS)
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on(  # a file the page asks for and the relay does not have (a favicon, say)
+            "console", lambda m: "Failed to load resource" in m.text and errors.append(f"console: {m.text}")
+        )
         page.errors = errors  # type: ignore[attr-defined]
         page.goto(url)
         return page
@@ -158,24 +161,76 @@ def test_next_pairs_the_presser_with_the_waiting_third(relay, open_page):
     b.wait_for_selector("#position:has-text('#1 in line')")  # back in the queue on its own
 
 
-def test_reconnect_after_the_relay_is_killed_and_restarted(relay, open_page):
+def test_a_call_survives_a_relay_restart_and_next_still_works(relay, open_page):
     a, b = open_page(relay.url), open_page(relay.url)
     start(a)
     start(b)
     wait_connected(a)
     wait_connected(b)
     first = session_id(a)
-    relay.kill()
+    relay.kill()  # the relay loses every session...
     for page in (a, b):
         page.wait_for_selector("#connection:has-text('Reconnecting')")
-    relay.start()  # same port
+    relay.start()  # ...and comes back empty, on the same port
     for page in (a, b):
-        page.wait_for_function(
-            "(first) => window.demo.client.session && window.demo.client.session.session_id !== first", arg=first
-        )
+        page.wait_for_function("() => window.demo.client.connection === 'open' && window.demo.client.detached")
+    before = [frames_decoded(page) for page in (a, b)]
+    time.sleep(1.0)
+    for page, frames in zip((a, b), before, strict=True):  # ...while the call goes on, browser to browser
+        assert frames_decoded(page) > frames, "video stopped"
+        assert session_id(page) == first and page.evaluate("() => document.body.dataset.peerState") == "connected"
+    chat(a, b, "still here after the restart")
+    a.click("#next")  # the relay cannot tell b: a's browser does, over the data channel
+    b.wait_for_selector("#chat-log li.system:has-text('stranger left')")
+    for page in (a, b):  # both look for someone again, and (alone on the relay) find each other
+        page.wait_for_function("(first) => window.demo.client.session?.session_id !== undefined"
+                               " && window.demo.client.session.session_id !== first && !window.demo.client.detached",
+                               arg=first)  # fmt: skip
         wait_connected(page)
     assert session_id(a) == session_id(b)
     assert a.evaluate("() => performance.getEntriesByType('navigation').length") == 1  # no reload happened
+
+
+def test_stop_releases_the_camera_and_start_takes_it_again(relay, open_page):
+    page = open_page(relay.url)
+    start(page)
+    page.wait_for_function(
+        "() => document.getElementById('local').srcObject?.getVideoTracks()[0]?.readyState === 'live'"
+    )
+    page.evaluate("() => { window.firstStream = document.getElementById('local').srcObject; }")
+    page.click("#stop")
+    assert page.evaluate("() => window.firstStream.getTracks().every((t) => t.readyState === 'ended')")
+    assert page.evaluate("() => document.getElementById('local').srcObject === null")
+    start(page)
+    page.wait_for_function(
+        "() => document.getElementById('local').srcObject?.getVideoTracks()[0]?.readyState === 'live'"
+    )
+
+
+def test_what_people_must_read_stays_on_screen(relay, open_page, browser):
+    context = browser.new_context()
+    try:
+        denied = context.new_page()
+        denied.add_init_script(
+            "navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException('denied', 'NotAllowedError'));"
+        )
+        denied.errors = []  # type: ignore[attr-defined]
+        denied.goto(relay.url)
+        start(denied, "chess")
+        denied.wait_for_selector("#position:has-text('in line')")
+        assert "No camera or microphone (NotAllowedError)" in denied.inner_text("#notice")  # not written over
+        other = open_page(relay.url)
+        start(other, "chess")
+        wait_connected(denied)  # it sees the other's video (the other sees none: there is no camera to send)
+        other.wait_for_function("() => document.body.dataset.peerState === 'connected'")
+        for page in (denied, other):  # the shared interest outlives "Connecting…" and "Connected"
+            assert page.inner_text("#shared") == "You both like chess."
+        assert "No camera or microphone" in denied.inner_text("#notice")
+        other.click("#report")
+        other.wait_for_selector("#chat-log li.system:has-text('Reported')")
+        denied.wait_for_selector("#chat-log li.system:has-text('stranger left')")
+    finally:
+        context.close()
 
 
 def test_failover_to_the_second_url_when_the_first_is_dead(relay, open_page):

@@ -181,6 +181,42 @@ const tests = {
     equal(client.lastSignal, 8);
   },
 
+  client_keeps_a_working_call_the_relay_lost_and_next_ends_it() {
+    const { client, timers, events, last } = makeClient("ws://a/ws", { interests: ["music"] });
+    client.addEventListener("sessionlost", (e) => e.preventDefault()); // as PeerSession does while connected
+    last().welcome();
+    client.join();
+    last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: true, interests: ["music"], ice_servers: [] });
+    last().drop();
+    timers.fireNext();
+    last().welcome();
+    last().receive({ type: "error", code: "resume_failed", message: "cannot resume" }); // the relay restarted
+    assert(!events.some(([t]) => t === "ended"), "the call goes on");
+    equal([client.state, client.detached, client.session.session_id], ["matched", true, "s1"]);
+    equal(last().sent, [{ type: "resume", token: "c1.secret", last: 0 }], "no join while in the call");
+    assert(!client.signal({ x: 1 }), "nothing can be signaled: the relay does not know the session");
+    client.next();
+    equal(events.filter(([t]) => t === "ended").map(([, d]) => d),
+      [{ session_id: "s1", reason: "next", by: "self", detached: true }], "next ends it (the peer is told directly)");
+    equal(last().sent.at(-1), { type: "next" }, "and looks for someone new");
+    equal(client.detached, false);
+  },
+
+  client_ends_a_lost_call_when_the_peer_says_bye() {
+    const { client, timers, events, last } = makeClient("ws://a/ws", { interests: ["music"] });
+    client.addEventListener("sessionlost", (e) => e.preventDefault());
+    last().welcome();
+    client.join();
+    last().receive({ type: "matched", session_id: "s1", peer_id: "p", initiator: false, interests: [], ice_servers: [] });
+    last().drop();
+    timers.fireNext();
+    last().welcome();
+    last().receive({ type: "error", code: "resume_failed", message: "cannot resume" });
+    client.peerGone("next"); // what PeerSession calls when the peer's {"bye": "next"} arrives
+    equal(events.filter(([t]) => t === "ended").map(([, d]) => d.by), ["peer"]);
+    equal(last().sent.at(-1), { type: "join", interests: ["music"] }, "and joins again on its own");
+  },
+
   client_starts_afresh_when_the_resume_is_refused() {
     const { client, timers, events, last } = makeClient("ws://a/ws", { interests: ["music"] });
     last().welcome();
@@ -192,7 +228,7 @@ const tests = {
     last().receive({ type: "error", code: "resume_failed", message: "cannot resume" });
     equal(
       events.filter(([t]) => t === "ended").map(([, d]) => d),
-      [{ session_id: "s1", reason: "disconnected", by: "connection" }],
+      [{ session_id: "s1", reason: "disconnected", by: "connection", detached: false }],
       "the lost session ends only now",
     );
     equal(last().sent.at(-1), { type: "join", interests: ["music"] }, "joined again on the new connection");
