@@ -180,8 +180,11 @@ def test_a_call_survives_a_relay_restart_and_next_still_works(relay, open_page):
         assert frames_decoded(page) > frames, "video stopped"
         assert session_id(page) == first and page.evaluate("() => document.body.dataset.peerState") == "connected"
     chat(a, b, "still here after the restart")
+    b.evaluate(
+        "() => { window.endedBy = []; window.demo.client.addEventListener('ended', (e) => window.endedBy.push(e.detail.by)); }"
+    )
     a.click("#next")  # the relay cannot tell b: a's browser does, over the data channel
-    b.wait_for_selector("#chat-log li.system:has-text('stranger left')")
+    b.wait_for_function("() => window.endedBy.includes('peer')")
     for page in (a, b):  # both look for someone again, and (alone on the relay) find each other
         page.wait_for_function("(first) => window.demo.client.session?.session_id !== undefined"
                                " && window.demo.client.session.session_id !== first && !window.demo.client.detached",
@@ -454,3 +457,43 @@ def test_a_vanished_connection_resumes_and_the_call_goes_on(relay, open_page):
         assert a.evaluate("() => performance.getEntriesByType('navigation').length") == 1
     finally:
         proxy.close()
+
+
+def test_a_native_peer_written_from_the_docs_calls_a_browser(relay, open_page, tmp_path):
+    """examples/native_peer.py (aiortc) knows only docs/protocol.md: it sends video one way, and the
+    two chat both ways. It joins first, so it offers; the browser answers and re-offers its tracks."""
+    import subprocess
+    import sys
+
+    out = (tmp_path / "native.txt").open("w")
+    native = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "native_peer.py"), "--relay", relay.ws_url, "--loopback",
+         "--chat", "hello from python", "--seconds", "25"],
+        stdout=out, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # the native peer waits in the queue
+            with socket.create_connection(("127.0.0.1", relay.port)) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if b'"queued":1' in s.recv(4096):
+                    break
+            assert time.monotonic() < deadline, (tmp_path / "native.txt").read_text()
+            time.sleep(0.1)
+        page = open_page(relay.url)
+        start(page)
+        wait_connected(page)  # the native peer's video, decoded in Chromium
+        assert page.evaluate("() => window.demo.client.session.initiator") is False
+        page.wait_for_selector("#chat-log li.stranger:has-text('hello from python')")
+        chat_text = "hello from chromium"
+        page.fill("#chat-input", chat_text)
+        page.click("#chat-send")
+        deadline = time.monotonic() + 10
+        while f"chat: {chat_text}" not in (tmp_path / "native.txt").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "native.txt").read_text()
+            time.sleep(0.1)
+        assert "connection: connected" in (tmp_path / "native.txt").read_text()
+    finally:
+        native.kill()
+        native.wait(timeout=10)
+        out.close()

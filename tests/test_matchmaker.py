@@ -622,5 +622,6 @@ TestQueue = QueueMachine.TestCase
 
 def test_the_machine_reaches_compaction_and_forgets_old_blocks():
     before = QueueMachine.compactions, QueueMachine.evictions
-    run_state_machine_as_test(QueueMachine, settings=settings(max_examples=200, stateful_step_count=80, deadline=None))
+    runs = settings(max_examples=200, stateful_step_count=80, deadline=None, derandomize=True, database=None)
+    run_state_machine_as_test(QueueMachine, settings=runs)  # the same runs every time
     assert QueueMachine.compactions > before[0] and QueueMachine.evictions > before[1]
