@@ -181,7 +181,8 @@ def test_a_call_survives_a_relay_restart_and_next_still_works(relay, open_page):
         assert session_id(page) == first and page.evaluate("() => document.body.dataset.peerState") == "connected"
     chat(a, b, "still here after the restart")
     b.evaluate(
-        "() => { window.endedBy = []; window.demo.client.addEventListener('ended', (e) => window.endedBy.push(e.detail.by)); }"
+        "() => { window.endedBy = [];"
+        " window.demo.client.addEventListener('ended', (e) => window.endedBy.push(e.detail.by)); }"
     )
     a.click("#next")  # the relay cannot tell b: a's browser does, over the data channel
     b.wait_for_function("() => window.endedBy.includes('peer')")
