@@ -710,6 +710,104 @@ class Matchmaker:
 
 
 ########################################################################################################
+# The sans-I/O core: a client's lifecycle, and what it missed (resume)
+########################################################################################################
+
+NEW: Final = "new"  # connected, welcomed, nothing read yet: its first message may resume another client
+ACTIVE: Final = "active"  # talking
+AWAY: Final = "away"  # its connection vanished: it keeps its place or session for --resume-grace
+CLOSING: Final = "closing"  # the relay decided to close it (a code and reason): nothing more is sent
+GONE: Final = "gone"  # detached: its session ended and plugins were told; the end
+PHASES: Final = {  # a client's phase -> the phases it may move to (Client.move raises on any other)
+    NEW: frozenset({ACTIVE, AWAY, CLOSING, GONE}),
+    ACTIVE: frozenset({AWAY, CLOSING, GONE}),
+    CLOSING: frozenset({AWAY, GONE}),  # a client closed for not answering pings may still come back
+    AWAY: frozenset({GONE}),  # a resume takes it over: the new connection's client goes on in its stead
+    GONE: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A client was moved to a phase its own does not lead to (a bug: nothing was changed)."""
+
+
+class Mailbox:
+    """What a client was sent, kept so that a new connection can take up where a lost one left off.
+
+    Every signal relayed to the client takes the next number (``number``) and is kept in a ring of
+    the latest (``keep``), at most ``max_messages`` of at most ``max_bytes`` together; while the
+    client is away (``go_away``), the other messages sent to it wait too (``hold``), within the
+    same bounds. ``resume(last)`` hands over what it missed after signal number ``last``, in order:
+    those signals, then what was held. The bounds are where a resume must give up rather than leave
+    a silent gap: ``keep`` and ``hold`` answer False when something the away client has not received
+    would be lost, ``resume`` answers False when some of what it missed is gone; the relay then ends
+    the session (``overflow``). Pure: tests/test_mailbox.py drives it with a state machine.
+    """
+
+    __slots__ = ("count", "held", "held_bytes", "max_bytes", "max_messages", "ring", "ring_bytes")
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.count = 0  # signals numbered so far: the last one's "n"
+        self.ring: list[tuple[int, bytes]] = []  # (n, the signal as sent), oldest first (a list: smaller than a deque)
+        self.ring_bytes = 0
+        self.held: list[bytes] | None = None  # while away: the other messages sent to it; else None
+        self.held_bytes = 0
+
+    @property
+    def away(self) -> bool:
+        return self.held is not None
+
+    def number(self) -> int:
+        """The next signal's number."""
+        self.count += 1
+        return self.count
+
+    def keep(self, n: int, signal: bytes) -> bool:
+        """Keep signal ``n`` for a resume; False if, away, the ring lost one the client never got."""
+        ring = self.ring
+        ring.append((n, signal))
+        self.ring_bytes += len(signal)
+        if self.ring_bytes <= self.max_bytes and len(ring) <= self.max_messages:
+            return True
+        drop = 0
+        while drop < len(ring) and (self.ring_bytes > self.max_bytes or len(ring) - drop > self.max_messages):
+            self.ring_bytes -= len(ring[drop][1])
+            drop += 1
+        del ring[:drop]
+        return self.held is None  # connected, the dropped ones were delivered (or resume will say)
+
+    def go_away(self) -> None:
+        """The connection vanished: from now on, messages are held for a resume."""
+        self.held, self.held_bytes = [], 0
+
+    def hold(self, message: bytes) -> bool:
+        """Keep a message (not a signal) for the away client; False if it does not fit."""
+        assert self.held is not None, "hold() is for an away client"
+        if len(self.held) >= self.max_messages or self.held_bytes + len(message) > self.max_bytes:
+            return False
+        self.held.append(message)
+        self.held_bytes += len(message)
+        return True
+
+    def replace_held(self, message: bytes) -> None:
+        """Drop what was held and keep just this (the session ended: only its end matters)."""
+        self.held, self.held_bytes = [message], len(message)
+
+    def resume(self, last: int) -> tuple[list[bytes], bool]:
+        """The client is back, having received signals up to number ``last``: what it missed, in
+        order (those signals, then what was held), and True; or, if some of those signals fell out
+        of the ring, only what was held, and False (never some of the signals: that would be a
+        silent gap). It is connected again."""
+        missed = [signal for n, signal in self.ring if n > last]
+        held, self.held, self.held_bytes = self.held or [], None, 0
+        if self.count - last > len(missed):
+            return held, False
+        return missed + held, True
+
+
+########################################################################################################
 # The protocol, version 1 (docs/protocol.md has every message with examples)
 ########################################################################################################
 #
@@ -821,6 +919,16 @@ def _msg_matched(session: Session, client_id: str, ice_servers: list[dict[str, A
 
 def _msg_signal(data: dict[str, Any], n: int) -> bytes:
     return _dumps({"type": "signal", "data": data, "n": n})
+
+
+def relayed_signal(text: bytes, msg: dict[str, Any], mailbox: Mailbox) -> bytes:
+    """A ``signal`` as its recipient gets it: numbered for the recipient (``mailbox.number()``).
+    When the sender's text holds nothing but type and data, the number is spliced into it: the
+    relay path never encodes JSON (nor decodes text)."""
+    n = mailbox.number()
+    if len(msg) == 2 and text[0] == 0x7B:  # 0x7B: "{"
+        return b'{"n":%d,%b' % (n, text[1:])
+    return _msg_signal(msg["data"], n)
 
 
 def _msg_peer_left(session_id: str, reason: str) -> bytes:
@@ -1713,49 +1821,18 @@ async def _close_handshake(transport: _Transport, code: int, reason: str) -> Non
                 return
 
 
-class _AwayBuffer:
-    """Stands in for the transport of a client whose connection vanished: keeps what is sent to it,
-    in order, up to a count and a size, for the connection that resumes it."""
-
-    __slots__ = ("max_bytes", "max_messages", "messages", "size")
-    received = 0
-
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self.messages: list[bytes] = []
-        self.size = 0
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-
-    def send_text(self, text: bytes) -> bool:
-        if len(self.messages) >= self.max_messages or self.size + len(text) > self.max_bytes:
-            return False
-        self.messages.append(text)
-        self.size += len(text)
-        return True
-
-    def send_signal(self, text: bytes) -> bool:
-        return True  # signals wait in the client's replay ring
-
-
 class _Client:
-    """A client: who it is (id, user, peer: kept when it resumes on a new connection) and its
-    current connection. Plain slots: it is on the hot path."""
+    """A client: who it is (id, user, peer, mailbox: kept when it resumes on a new connection), its
+    phase (``PHASES``) and its current connection. Plain slots: it is on the hot path."""
 
     __slots__ = (  # noqa: RUF023 (grouped by meaning, not sorted)
-        "id", "secret", "user_id", "peer", "position", "connected_at", "joins",  # the client
-        "signals", "replay", "replay_bytes",
-        "transport", "remote", "address", "tokens", "stamp", "closing", "fresh", "floods",
+        "id", "secret", "user_id", "peer", "position", "connected_at", "joins", "mailbox",  # the client
+        "phase", "transport", "remote", "address", "tokens", "stamp", "close_code", "close_reason", "floods",
         "flood_start", "seen", "quiet_since", "pinged_at", "away_since",  # its connection
     )  # fmt: skip
 
     def __init__(
-        self,
-        transport: _Transport | _AwayBuffer,
-        remote: str,
-        address: _Address,
-        user_id: str | None,
-        now: float,
-        settings: Settings,
+        self, transport: _Transport, remote: str, address: _Address, user_id: str | None, now: float, settings: Settings
     ) -> None:
         self.id = secrets.token_urlsafe(9)
         self.secret = secrets.token_urlsafe(16)  # 128 bits: the private half of the resume token
@@ -1764,22 +1841,27 @@ class _Client:
         self.position = 0  # last position sent in "queued"
         self.connected_at = now
         self.joins: _Bucket | None = None  # joins and nexts, per minute (from the first one on)
-        self.signals = 0  # signals sent to this client: each carries its number "n"
-        self.replay: list[tuple[int, str]] = []  # the latest, for a resume (a list: ~550 bytes less than a deque)
-        self.replay_bytes = 0
+        self.mailbox = Mailbox(settings.resume_buffer_messages, settings.resume_buffer_bytes)
+        self.phase = NEW
         self.transport = transport
         self.remote = remote
         self.address = address  # its IP address's sockets and budgets
         self.tokens = float(settings.message_burst)  # message rate limit bucket
         self.stamp = now
-        self.closing: tuple[int, str] | None = None  # (code, reason) once a close is decided
-        self.fresh = True  # no message read yet: a resume is still allowed
+        self.close_code = CLOSE_NORMAL  # the close decided (phase CLOSING)
+        self.close_reason = ""
         self.floods = 0  # messages refused by the rate limit since flood_start
         self.flood_start = now
         self.seen = 0  # transport.received at the heartbeat's last look
         self.quiet_since = now
         self.pinged_at: float | None = None
-        self.away_since: float | None = None  # the connection vanished; it may resume until the grace ends
+        self.away_since = 0.0  # when its connection vanished (phase AWAY)
+
+    def move(self, phase: str) -> None:
+        """Go on to ``phase``, if the current one leads there (``PHASES``); else IllegalTransition."""
+        if phase not in PHASES[self.phase]:
+            raise IllegalTransition(f"client {self.id}: {self.phase} -> {phase}")
+        self.phase = phase
 
     @property
     def token(self) -> str:
@@ -2293,7 +2375,6 @@ class Relay:
         self._stopped = trio.Event()
         self._nursery: trio.Nursery  # the server's root nursery (serve()): flushers run there
         self._cork = _Cork()  # shared by every transport: writes wait while a read's messages are acted on
-        self._replay_messages = settings.resume_buffer_messages
         self._too_many = f"more than {settings.message_rate:g} messages a second: slow down"
         self._too_much = f"more than {settings.bytes_per_second_per_ip} bytes a second from your address: slow down"
         self._handlers: dict[str, Callable[[_Client, dict[str, Any]], None]] = {
@@ -2448,15 +2529,14 @@ class Relay:
                 c = self._open_websocket(fd, counted, upgrade)
                 early, upgrade = upgrade.early, None  # frames the client sent right behind its request
                 try:
-                    await self._read_loop(c, c.transport, early)  # type: ignore[arg-type]
+                    await self._read_loop(c, c.transport, early)
                 except Exception:
                     log.exception("client %s: handler failed", c.id)
                     self._close(c, CLOSE_INTERNAL, "internal error")
             finally:
                 if c is not None:
-                    code, reason = c.closing or (CLOSE_NORMAL, "")
+                    code, reason = c.close_code, c.close_reason
                     transport = c.transport
-                    assert isinstance(transport, _Transport)
                     self._connection_lost(c, transport)
             if c is not None:
                 await _close_handshake(transport, code, reason)
@@ -2632,23 +2712,24 @@ class Relay:
     def _connection_lost(self, c: _Client, transport: _Transport) -> None:
         """The connection ended. A client that vanished (no close frame, no pong) may come back:
         it keeps its place or session for ``--resume-grace``. Any other end is final."""
-        if self._clients.get(c.id) is not c:
-            return  # already detached (kicked, expired)
-        vanished = transport.close_received is None and c.closing is None
+        if c.phase is GONE or self._clients.get(c.id) is not c:
+            return  # already detached (kicked, expired), or its id went on (resumed)
+        closing = c.phase is CLOSING
+        vanished = transport.close_received is None and not closing
         if (
-            (vanished or (c.closing or (0,))[0] == CLOSE_HEARTBEAT)
+            (vanished or (closing and c.close_code == CLOSE_HEARTBEAT))
             and self.settings.resume_grace > 0
             and not self.draining
         ):
             self._suspend(c)
         else:
-            self._detach(c, transport.close_received or (c.closing or (None,))[0])
+            self._detach(c, transport.close_received or (c.close_code if closing else None))
 
     def _suspend(self, c: _Client) -> None:
         s = self.settings
+        c.move(AWAY)
         c.away_since = trio.current_time()
-        c.transport = _AwayBuffer(s.resume_buffer_messages, s.resume_buffer_bytes)
-        c.closing = None
+        c.mailbox.go_away()
         self._away[c.id] = c
         self.matchmaker.hold(c.id)
         log.debug("client %s: connection lost; it may resume within %.0f s", c.id, s.resume_grace)
@@ -2662,6 +2743,7 @@ class Relay:
         the connection just dropped)."""
         if self._clients.get(c.id) is not c:
             return
+        c.move(GONE)
         del self._clients[c.id]
         self._away.pop(c.id, None)
         self._apply(self.matchmaker.disconnect(c.id))
@@ -2681,7 +2763,7 @@ class Relay:
         message, cork, fd = self._message, self._cork, transport.fd
         while True:
             if not data:  # one read per wake-up (Transport.receive, inline: one coroutine less per read)
-                if c.closing is not None:  # decided while this task was busy: interrupt() woke nobody
+                if c.phase is CLOSING:  # decided while this task was busy: interrupt() woke nobody
                     return
                 if transport.waiting:
                     try:
@@ -2707,7 +2789,7 @@ class Relay:
                     if opcode == OP_CLOSE:  # the client closes: answer with the same code, then the end
                         transport.close_received = close_code(payload)
                         return
-                    if c.closing is not None:
+                    if c.phase is CLOSING:
                         return
                     # Every frame costs a message (pings and pongs included) and its bytes.
                     now = clock()
@@ -2730,7 +2812,8 @@ class Relay:
                                 self._too_slow(c)
                         elif opcode == OP_BINARY:
                             self._error(c, "bad_message", "binary frames are not supported: send JSON text")
-                        c.fresh = False
+                        if c.phase is NEW:
+                            c.move(ACTIVE)
             finally:
                 cork.release()
             if failed is not None:
@@ -2746,19 +2829,12 @@ class Relay:
                 peer = c.peer
                 if peer is None:
                     raise ProtocolError("not_matched", "no peer to signal: wait for matched")
-                # Number it for the peer; splice the number into the client's own text when it
-                # holds nothing but type and data (no JSON encoding on the relay path).
-                n = peer.signals = peer.signals + 1
-                if len(msg) == 2 and text[0] == 0x7B:  # 0x7B: "{"
-                    out = b'{"n":%d,%b' % (n, text[1:])
-                else:
-                    out = _msg_signal(msg["data"], n)
-                peer.replay.append((n, out))
-                peer.replay_bytes += len(out)
-                if peer.replay_bytes > self.settings.resume_buffer_bytes or len(peer.replay) > self._replay_messages:
-                    self._trim(peer)
-                if peer.closing is None and not peer.transport.send_signal(out):
-                    self._too_slow(peer)
+                out = relayed_signal(text, msg, peer.mailbox)
+                if not peer.mailbox.keep(peer.mailbox.count, out):
+                    self._overflow(peer)
+                elif peer.phase is ACTIVE or peer.phase is NEW:  # away, the mailbox has it for the resume
+                    if not peer.transport.send_text(out):
+                        self._too_slow(peer)
                 self._signals += 1
             else:
                 self._handlers[kind](c, msg)
@@ -2841,25 +2917,23 @@ class Relay:
         )
 
     def _on_resume(self, c: _Client, msg: dict[str, Any]) -> None:
-        """Take back a vanished client: its id, place or session, and what was sent to it meanwhile.
-        The connection's own, unused identity ends quietly."""
+        """Take back a vanished client ``x``: this connection's client takes its id, place or
+        session and mailbox (what was sent meanwhile); its own, unused identity ends quietly."""
         cid, _, secret = msg["token"].partition(".")
         x = self._away.get(cid)
         if (
-            not c.fresh
+            c.phase is not NEW
             or x is None
             or not hmac.compare_digest(x.secret.encode(), secret.encode())
             or x.user_id != c.user_id
         ):
             raise ProtocolError("resume_failed", "cannot resume (too late, or not yours): join again")
-        del self._away[cid]
         mm = self.matchmaker
-        # This connection's provisional client never did anything: it ends without a trace.
-        del self._clients[c.id]
-        mm.disconnect(c.id)
+        del self._away[cid], self._clients[c.id]
+        mm.disconnect(c.id)  # the provisional client never did anything
         self._call_hooks("relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
-        # It becomes the vanished client.
-        c.id, c.user_id, c.peer, c.position = x.id, x.user_id, x.peer, x.position
+        x.move(GONE)
+        c.id, c.user_id, c.peer, c.position, c.mailbox = x.id, x.user_id, x.peer, x.position, x.mailbox
         c.connected_at, c.joins = x.connected_at, x.joins
         c.secret = secrets.token_urlsafe(16)  # a token is good once
         if c.peer is not None:
@@ -2867,27 +2941,22 @@ class Relay:
         self._clients[c.id] = c
         self._resumed += 1
         log.debug("client %s resumed from %s", c.id, c.remote)
+        missed, complete = c.mailbox.resume(msg["last"])
         session = mm.session_of(c.id)
+        if not complete and session is not None:  # some fell out: rather than a silent gap, the session ends
+            log.info("client %s: missed more than was kept, ending its session", c.id)
+            missed.append(_msg_peer_left(session.id, "overflow"))
+            self._apply(mm.leave(c.id, "overflow"))
+            session = None
         if session is not None:
             details = {"session_id": session.id, "peer_id": session.peer_of(c.id)}
         elif mm.state(c.id) == "queued":
             details = {"position": mm.position_of(c.id), "queue_size": mm.queue_size}
         else:
             details = {}
-        c.signals, c.replay, c.replay_bytes = x.signals, x.replay, x.replay_bytes
-        missed = [out for n, out in c.replay if n > msg["last"]]
-        if x.signals - msg["last"] > len(missed):  # some fell out of the ring: they cannot be replayed
-            c.away_since = x.away_since
-            c.transport, transport = x.transport, c.transport
-            self._overflow(c)
-            c.away_since, c.transport = None, transport
-            session, missed, details = None, [], {}
         self._send(c, _msg_resumed(c.id, c.token, mm.state(c.id), **details))
-        for out in missed:  # in their order, then what else came while it was away
+        for out in missed:  # the signals it missed, in their order, then what else came meanwhile
             self._send(c, out)
-        assert isinstance(x.transport, _AwayBuffer)
-        for text in x.transport.messages:
-            self._send(c, text)
         if c.peer is not None and session is not None:
             self._send(c.peer, _msg_peer("peer_resumed", session.id))
         self._apply(mm.release(c.id))
@@ -2945,45 +3014,29 @@ class Relay:
 
     # -- sending and closing ----------------------------------------------------------------------
 
-    def _send(self, c: _Client, text: str) -> None:
-        """Write a message to ``c`` now (never waits); a client that cannot keep up is closed."""
-        if c.closing is None and not c.transport.send_text(text):
+    def _send(self, c: _Client, text: bytes) -> None:
+        """Write a message to ``c`` now (never waits): into its socket, or, away, into its mailbox.
+        A client that cannot keep up is closed; one away that cannot, loses its session."""
+        phase = c.phase
+        if phase is AWAY:
+            if not c.mailbox.hold(text):
+                self._overflow(c)
+        elif phase is not CLOSING and phase is not GONE and not c.transport.send_text(text):
             self._too_slow(c)
 
     def _too_slow(self, c: _Client) -> None:
-        if c.away_since is not None:
-            self._overflow(c)
-            return
         self._closed_slow += 1
         log.info("client %s: send buffer full, closing", c.id)
         self._close(c, CLOSE_TOO_SLOW, "too slow: send buffer full")
 
-    def _trim(self, c: _Client) -> None:
-        """Keep a client's replay ring in its bounds; for a vanished client, what falls out would be
-        lost, so its session ends instead."""
-        s = self.settings
-        replay = c.replay
-        drop = 0
-        while drop < len(replay) and (
-            c.replay_bytes > s.resume_buffer_bytes or len(replay) - drop > s.resume_buffer_messages
-        ):
-            c.replay_bytes -= len(replay[drop][1])
-            drop += 1
-        del replay[:drop]
-        if c.away_since is not None:
-            self._overflow(c)
-
     def _overflow(self, c: _Client) -> None:
-        """More was sent to a vanished client than it may be kept for it: rather than lose messages
+        """More was sent to an away client than its mailbox keeps: rather than lose messages
         silently, its session ends ("overflow"); when it resumes, it learns just that."""
         session = self.matchmaker.session_of(c.id)
         if session is None:
             return  # nothing but a finished session's messages could pile up: drop this one
         log.info("client %s: too much waiting while it is away, ending its session", c.id)
-        assert isinstance(c.transport, _AwayBuffer)
-        c.transport.messages.clear()
-        c.transport.size = 0
-        c.transport.send_text(_msg_peer_left(session.id, "overflow"))
+        c.mailbox.replace_held(_msg_peer_left(session.id, "overflow"))
         self._apply(self.matchmaker.leave(c.id, "overflow"))
 
     def _error(self, c: _Client, code: str, message: str) -> None:
@@ -2995,11 +3048,12 @@ class Relay:
 
         Its read loop stops at once; its own task then detaches it and closes the WebSocket.
         """
-        if c.away_since is not None:  # no connection to close: it ends now
+        if c.phase is AWAY:  # no connection to close: it ends now
             self._detach(c)
-        elif c.closing is None:
-            c.closing = (code, reason)
-            c.transport.interrupt()  # type: ignore[union-attr]  (away clients are detached above)
+        elif c.phase is NEW or c.phase is ACTIVE:
+            c.move(CLOSING)
+            c.close_code, c.close_reason = code, reason
+            c.transport.interrupt()
 
     # -- background tasks -------------------------------------------------------------------------
 
@@ -3011,7 +3065,7 @@ class Relay:
             await trio.sleep(min(s.heartbeat_interval, s.heartbeat_timeout) / 2)
             now = trio.current_time()
             for c in list(self._clients.values()):
-                if c.away_since is not None:
+                if c.phase is AWAY:
                     continue
                 received = c.transport.received
                 if received != c.seen:
@@ -3035,7 +3089,6 @@ class Relay:
             self._apply(self.matchmaker.tick())
             while self._away:
                 c = next(iter(self._away.values()))  # the oldest: the grace is the same for all
-                assert c.away_since is not None
                 if now - c.away_since < self.settings.resume_grace:
                     break
                 log.debug("client %s: did not come back in time", c.id)
@@ -3070,7 +3123,7 @@ class Relay:
                 c = clients[cid]
                 if c.position != position:
                     c.position = position
-                    if c.away_since is None:
+                    if c.phase is not AWAY:
                         self._send(c, _msg_queued(position, size))
 
     async def _drain_deadline(self) -> None:
