@@ -101,6 +101,7 @@ except ImportError:  # a platform without websockets' compiled speedups
     from websockets.utils import apply_mask as _apply_mask
 
 __all__ = [
+    "PHASES",
     "SHUTDOWN_TIMEOUT",
     "Auth",
     "Ended",
@@ -109,6 +110,8 @@ __all__ = [
     "HttpRequest",
     "HttpResponse",
     "IllegalMove",
+    "IllegalTransition",
+    "Mailbox",
     "Matchmaker",
     "Paired",
     "PluginError",
@@ -125,9 +128,11 @@ __all__ = [
     "hookspec",
     "main",
     "make_plugin_manager",
+    "next_phase",
     "parse_head",
     "parse_interests",
     "parse_message",
+    "relayed_signal",
     "serve_http",
     "setting",
 ]
@@ -198,6 +203,10 @@ class PluginError(Exception):
 
 class StartupError(Exception):
     """The relay cannot start as configured (say, its port is in use): one line, exit 2."""
+
+
+class IllegalTransition(RuntimeError):
+    """A client was moved to a phase its own does not lead to (a bug in the relay: nothing changed)."""
 
 
 ########################################################################################################
@@ -727,8 +736,11 @@ PHASES: Final = {  # a client's phase -> the phases it may move to (Client.move 
 }
 
 
-class IllegalTransition(RuntimeError):
-    """A client was moved to a phase its own does not lead to (a bug: nothing was changed)."""
+def next_phase(phase: str, to: str) -> str:
+    """``to``, if a client in ``phase`` may move there (``PHASES``); else IllegalTransition."""
+    if to not in PHASES[phase]:
+        raise IllegalTransition(f"{phase} -> {to}")
+    return to
 
 
 class Mailbox:
@@ -1859,9 +1871,7 @@ class _Client:
 
     def move(self, phase: str) -> None:
         """Go on to ``phase``, if the current one leads there (``PHASES``); else IllegalTransition."""
-        if phase not in PHASES[self.phase]:
-            raise IllegalTransition(f"client {self.id}: {self.phase} -> {phase}")
-        self.phase = phase
+        self.phase = next_phase(self.phase, phase)
 
     @property
     def token(self) -> str:
