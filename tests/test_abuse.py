@@ -57,18 +57,21 @@ async def test_flooding_escalates_from_errors_to_a_close(make_harness):
     h = await make_harness(message_rate=1, message_burst=5, flood_limit=10)
     flooder = await h.connect()
     bystander_a, bystander_b, _, _ = await h.pair()
+    started = trio.current_time()
     for _ in range(40):
         try:
             await flooder.send(type="ping")
         except Exception:
             break
+    refills = int(trio.current_time() - started) + 1  # tokens the bucket regained meanwhile, at most (rate 1/s)
     answers = []
     while True:
         try:
             answers.append((await flooder.recv())["type"])
         except Exception:
             break
-    assert answers.count("pong") == 5 and answers.count("error") == 9  # the burst, then refusals...
+    assert 5 <= answers.count("pong") <= 5 + refills, answers  # the burst (and what a slow machine refilled)...
+    assert answers.count("error") == 9  # ...then refusals...
     reason = flooder.ws.closed
     assert reason is not None and reason.code == 1008  # ...then the door
     await bystander_a.send(type="signal", data={"ok": 1})  # nobody else noticed
@@ -94,7 +97,7 @@ async def test_report_ends_the_session_and_the_two_never_meet_again(nursery):
         def relay_report(self, session, reporter, reported, reason, users):
             reports.append((session.id, reporter, reported, reason))
 
-    r = await start_relay(nursery, plugins=[Record()], interest_timeout=0.1)
+    r = await start_relay(nursery, plugins=[Record()])
     h = Harness(nursery, r)
     a, b, ma, _ = await h.pair()
     await a.send(type="report", reason="spam")
@@ -104,8 +107,7 @@ async def test_report_ends_the_session_and_the_two_never_meet_again(nursery):
     await a.send(type="join")
     await a.expect("queued")
     await b.send(type="join")
-    await b.expect("queued")  # the only other waiting client, and still not a match
-    await trio.sleep(0.3)
+    await b.expect("queued")  # the only other waiting client, and still not a match: decided at the join
     await a.quiet()
     c = await h.connect()
     await c.send(type="join")

@@ -113,6 +113,14 @@ def frames_decoded(page) -> int:
     )
 
 
+def wait_for_new_frames(page, frames: int) -> None:
+    """Until the page has decoded more than ``frames`` video frames: the call's video flows."""
+    deadline = time.monotonic() + 10
+    while frames_decoded(page) <= frames:
+        assert time.monotonic() < deadline, "video stopped"
+        time.sleep(0.1)
+
+
 def session_id(page) -> str | None:
     return page.evaluate("() => window.demo?.client?.session?.session_id ?? null")
 
@@ -175,9 +183,8 @@ def test_a_call_survives_a_relay_restart_and_next_still_works(relay, open_page):
     for page in (a, b):
         page.wait_for_function("() => window.demo.client.connection === 'open' && window.demo.client.detached")
     before = [frames_decoded(page) for page in (a, b)]
-    time.sleep(1.0)
     for page, frames in zip((a, b), before, strict=True):  # ...while the call goes on, browser to browser
-        assert frames_decoded(page) > frames, "video stopped"
+        wait_for_new_frames(page, frames)
         assert session_id(page) == first and page.evaluate("() => document.body.dataset.peerState") == "connected"
     chat(a, b, "still here after the restart")
     b.evaluate(
@@ -449,11 +456,7 @@ def test_a_vanished_connection_resumes_and_the_call_goes_on(relay, open_page):
         b.wait_for_selector("#peer-state:has-text('is back')")
         assert session_id(a) == session_id(b) == session  # the same match
         assert a.evaluate("() => window.demo.peer.pc === window.firstPc")  # the call itself never stopped
-        frames = frames_decoded(b)
-        deadline = time.monotonic() + 10
-        while frames_decoded(b) <= frames:  # video still flows
-            assert time.monotonic() < deadline, "no new frames after the resume"
-            time.sleep(0.1)
+        wait_for_new_frames(b, frames_decoded(b))  # video still flows
         chat(a, b, "still here")
         assert a.evaluate("() => performance.getEntriesByType('navigation').length") == 1
     finally:

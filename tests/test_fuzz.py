@@ -20,7 +20,7 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import UPGRADE, RelayProcess
+from tests.conftest import STEP, UPGRADE, RelayProcess
 
 TYPES = ["join", "next", "leave", "signal", "ping", "report", "resume", "welcome", "", "JOIN", "signal\x00"]
 
@@ -122,7 +122,9 @@ class GoodPair:
                         self.sent[side] += 1
                         await ws.send_message(json.dumps({"type": "signal", "data": {"i": self.sent[side]}}))
                     await trio.sleep(0.05)  # 20 a second each way: well within the rate limit
-                await trio.sleep(1.0)  # the last ones arrive
+                with trio.move_on_after(STEP):  # the last ones arrive (or the check below says what is missing)
+                    while self.received != self.sent:
+                        await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             self.problems.append(repr(exc))

@@ -67,6 +67,18 @@ def one_round(port: int, i: int) -> None:
     a.sock.close()
 
 
+def wait_until_empty(port: int) -> None:
+    """Until /healthz counts no client (the vanished ones' resume grace ran out)."""
+    deadline = time.monotonic() + STEP
+    while True:
+        with socket.create_connection(("127.0.0.1", port), timeout=STEP) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            if b'"connections":0,' in s.recv(65536):
+                return
+        assert time.monotonic() < deadline, "clients left behind"
+        time.sleep(0.05)
+
+
 def collect(port: int) -> dict:
     with socket.create_connection(("127.0.0.1", port), timeout=STEP) as s:
         s.sendall(b"GET /_gc HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -84,7 +96,7 @@ def test_connections_and_messages_leave_no_reference_cycles(tmp_path):
         for rounds in (200, 400):  # 200 rounds (500 connections), then 400 more
             for i in range(rounds):
                 one_round(relay.port, i)
-            time.sleep(0.6)  # the vanished ones expire
+            wait_until_empty(relay.port)  # the vanished ones expire
             found.append(collect(relay.port))
     finally:
         relay.kill()

@@ -4,6 +4,7 @@ gets back every signal it missed, once and in order — including those written 
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 import relay as relay_mod
 from tests.conftest import Client, Harness, start_relay
@@ -28,7 +29,7 @@ async def test_cut_mid_negotiation_every_signal_arrives_once_in_order(make_harne
     last = (await b.expect("signal", data={"description": "offer"}))["n"]
     for i in range(10):  # b stops reading: these reach its socket, then die with it
         await a.send(type="signal", data={"i": i})
-    await trio.sleep(0.1)
+    await trio.testing.wait_all_tasks_blocked()  # the relay has read and written all ten
     await cut(b)
     await a.expect("peer_reconnecting", session_id=session)
     for i in range(10, 20):  # a keeps negotiating while b is away

@@ -32,6 +32,6 @@ def test_soak_leaves_nothing_behind(tmp_path):
     # The first two rounds warm the allocator up; from then on memory must stay put. (Calibrated: with
     # lazier GC thresholds, whose garbage cycles piled up, this grew 12.8 MiB over rounds 2 to 5.)
     rss = [r["rss"] / MIB for r in results]
-    assert rss[-1] - rss[1] < 3, rss
+    assert rss[-1] - rss[1] < 6, rss  # measured here: under 1 MiB; the leak it guards against: 12.8
     text = log.read_text()
     assert "Traceback" not in text and " ERROR " not in text
