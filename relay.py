@@ -12,20 +12,24 @@ Run it::
 
 Architecture
 ============
-Read top to bottom, this file is:
+Read top to bottom, this file is: constants, exceptions and the public types plugins see
+(``HttpRequest``, ``Auth``, ``HttpResponse``, ``RelayStatistics``), then
 
-1. **The sans-I/O core** (``Matchmaker``): a plain class with an injected clock and ``random.Random``.
+1. **The sans-I/O core.** ``Matchmaker``: a plain class with an injected clock and ``random.Random``.
    Its moves (``join``, ``next``, ``leave``, ``disconnect``, ``tick``) return *decisions*
    (``Paired``, ``Queued``, ``Ended``) and never do I/O; an illegal move raises ``IllegalMove`` and
    changes nothing. Waiting clients are indexed by interest in heaps keyed by their queue ticket, so
-   a join costs O(interests * log n), never a scan of the queue.
+   a join costs O(interests * log n), never a scan of the queue. A client's lifecycle is one
+   ``phase`` (``PHASES``: new, active, away, closing, gone; ``next_phase`` refuses any other move),
+   and what a resume must hand over is one ``Mailbox``: the numbered ring of the latest signals and
+   what waits for an away client, with the bounds at which it gives up rather than leave a gap.
 2. **The protocol** (one section: ``parse_message``, the ``_msg_*`` builders, error and close codes):
    JSON text frames, documented with examples in ``docs/protocol.md``. Every message is validated
    (strict JSON, by orjson, from the frame's bytes); bad input gets an ``error`` message or a close
    code and never touches another client.
 3. **WebSocket frames** (``FrameParser``, sans I/O): the server's side of RFC 6455, bytes in, whole
    messages out, every violation a close code; held against wsproto by a hypothesis test.
-4. **Plugin hooks** (``HookSpecs``) and **settings** (``Settings``, one field per command-line flag).
+4. **Plugin hooks** (``HookSpecs``).
 5. **The I/O shell** (``Relay``): one listening port. Every TCP connection counts against its
    address and the socket cap from accept on; its task reads the HTTP request head (``parse_head``) and
    routes it: ``/healthz`` is answered at once, ``GET /ws`` with an upgrade is answered by the relay
@@ -39,10 +43,12 @@ Read top to bottom, this file is:
    ``--send-buffer-bytes``, whatever the frame: messages, pongs, close frames) and drained by a
    flusher task started on demand; a client whose buffer overflows is closed with 1013. So relaying
    a signal never waits for the peer, and a slow reader can only hurt itself. One task pings quiet
-   clients. A connection that *vanishes* leaves its client suspended for
-   ``--resume-grace``: held in the queue or kept in its session, with messages for it kept (bounded)
-   and the last relayed signals in a small numbered ring, so that ``resume`` on a new connection
-   replays exactly what was missed.
+   clients. A connection that *vanishes* leaves its client away for ``--resume-grace``: held in
+   the queue or kept in its session, its mailbox keeping what is sent to it, so that ``resume`` on
+   a new connection replays exactly what was missed (or, if the mailbox overflowed, ends the
+   session as ``overflow``: never a silent gap).
+6. **Settings and the command line** (``Settings``: each setting declared once, with its flag,
+   variable, bounds and help; the README's table is checked against it) and ``main()``.
 
 Plugins (pluggy, project name ``relay``; ``docs/plugins.md``) add flags and commands, configure
 themselves, start tasks, see connects, matches, session ends and disconnects, answer HTTP requests
@@ -207,6 +213,90 @@ class StartupError(Exception):
 
 class IllegalTransition(RuntimeError):
     """A client was moved to a phase its own does not lead to (a bug in the relay: nothing changed)."""
+
+
+class WebSocketError(Exception):
+    """A client broke RFC 6455 (or a limit): its connection closes with ``code`` and ``reason``.
+    ``events`` are those the same bytes completed before the violation: act on them first."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.events: list[tuple[int, bytes]] = []
+
+
+class HttpError(Exception):
+    """A request the relay cannot read: answered with ``status`` (400, 411, 431, 501), then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SettingError(ValueError):
+    """A setting out of its range or not of its form; the message names the flag."""
+
+
+########################################################################################################
+# What plugins see: the HTTP side of the port, and the relay's statistics
+########################################################################################################
+
+
+@attrs.frozen
+class HttpRequest:
+    """A plain HTTP request on the relay's port, as ``relay_http_request`` sees it."""
+
+    method: str
+    path: str  # the target up to "?", not decoded: compare it exactly
+    query: str  # after "?", not decoded
+    headers: dict[str, str]  # names in lower case; a header sent several times is joined with ", "
+    body: bytes  # at most MAX_REQUEST_BODY bytes
+    remote: str  # "host:port" of the TCP connection (a proxy's, behind one)
+    ip: str = ""  # the client's IP address: the connection's, or what a --trusted-proxy says
+
+
+@attrs.frozen
+class Auth:
+    """What ``relay_authenticate`` decides about a WebSocket upgrade."""
+
+    user_id: str | None = None  # accepted as this user
+    refuse: int = 0  # an HTTP status (401, 403) to refuse with; 0 accepts
+    reason: str = ""  # why, sent with the refusal
+    subprotocol: str | None = None  # the Sec-WebSocket-Protocol value to accept with
+
+
+@attrs.frozen
+class HttpResponse:
+    """What a plugin answers to an ``HttpRequest``. The connection closes after it."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+    cache: str = "no-store"  # the Cache-Control header
+
+
+@attrs.frozen
+class RelayStatistics:
+    """A snapshot of the relay, read by ``/healthz`` and metrics plugins."""
+
+    connections: int  # WebSocket clients connected now
+    sockets: int  # TCP connections open now (WebSockets, HTTP requests, handshakes)
+    queued: int  # clients waiting for a match
+    queued_with_interests: int  # of those, the ones with interests
+    sessions: int  # sessions in progress
+    uptime_s: float
+    draining: bool
+    connections_total: int  # clients accepted since start
+    matches_total: int
+    signals_relayed: int
+    sessions_ended: dict[str, int]  # by reason
+    errors: dict[str, int]  # error messages sent, by code
+    closed_slow: int  # clients closed (1013) because their send buffer overflowed
+    away: int  # vanished clients that may still resume
+    resumed: int  # clients that resumed since start
+    counters: dict[str, int]  # what plugins counted in ``Relay.counters`` (e.g. ``sessions_dropped``)
 
 
 ########################################################################################################
@@ -984,17 +1074,6 @@ _REMOTE_CLOSE_CODES: Final = frozenset((1000, 1001, 1002, 1003, *range(1007, 101
 _ACCEPT_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's suffix for Sec-WebSocket-Accept
 
 
-class WebSocketError(Exception):
-    """A client broke RFC 6455 (or a limit): its connection closes with ``code`` and ``reason``.
-    ``events`` are those the same bytes completed before the violation: act on them first."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.events: list[tuple[int, bytes]] = []
-
-
 class FrameParser:
     """The reading half of a WebSocket server: bytes from a client in, whole messages out.
 
@@ -1387,221 +1466,6 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[str]:
         where = getattr(plugin, "__file__", None) or f"{type(plugin).__qualname__} from {type(plugin).__module__}"
         out.append(f"{name} ({where}{', ' + dists[id(plugin)] if id(plugin) in dists else ''})")
     return out
-
-
-########################################################################################################
-# Settings and statistics
-########################################################################################################
-
-
-class SettingError(ValueError):
-    """A setting out of its range or not of its form; the message names the flag."""
-
-
-def setting(
-    default: Any,
-    help: str,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    parse: Callable[[str], Any] | None = None,
-    check: Callable[[Any], str | None] | None = None,
-    flag: str = "",
-    env: str | None = "",
-    many: bool = False,
-    choices: tuple[str, ...] = (),
-    fly: Any = None,
-) -> Any:
-    """A field of ``Settings`` and everything about it, in one place: its default and help, its
-    flag (``--name-with-dashes`` unless ``flag`` says), its environment variable (``RELAY_NAME``
-    unless ``env`` says; None for none), how a string becomes its value (``parse``, else the
-    default's type), its bounds (``low``, ``high``, ``choices``, ``check``: an error message or
-    None) and, for ``many``, that the flag repeats (and the variable is a comma-separated list);
-    ``fly``: the default on Fly.io. The command line, its help and the README's table are made from
-    these; the bounds are checked whenever a ``Settings`` is made."""
-    return attrs.field(
-        default=default,
-        validator=_check_setting,
-        metadata={
-            "help": help, "low": low, "high": high, "parse": parse, "check": check, "flag": flag, "env": env,
-            "many": many, "choices": choices, "fly": fly,
-        },
-    )  # fmt: skip
-
-
-def flag_of(field: attrs.Attribute) -> str:
-    return "--" + (field.metadata["flag"] or field.name.replace("_", "-"))
-
-
-def _parse_of(field: attrs.Attribute) -> Callable[[str], Any]:
-    """How a string (one, for a repeatable setting) becomes the setting's value."""
-    return field.metadata["parse"] or (str if field.metadata["many"] else type(field.default))
-
-
-def env_of(field: attrs.Attribute) -> str | None:
-    env = field.metadata["env"]
-    return None if env is None else env or "RELAY_" + field.name.upper()
-
-
-def _check_setting(instance: Any, field: attrs.Attribute, value: Any) -> None:
-    m = field.metadata
-    for item in value if m["many"] else (value,):
-        why = None
-        if m["low"] is not None and item < m["low"]:
-            why = f"at least {m['low']:g}"
-        elif m["high"] is not None and item > m["high"]:
-            why = f"at most {m['high']:g}"
-        elif m["choices"] and item not in m["choices"]:
-            why = "one of " + ", ".join(m["choices"])
-        elif m["check"] is not None and (problem := m["check"](item)) is not None:
-            raise SettingError(f"{flag_of(field)} {item!r}: {problem}")
-        if why is not None:
-            raise SettingError(f"{flag_of(field)} must be {why}, not {item!r}")
-
-
-def _network(value: str) -> str:
-    """One ``--trusted-proxy``: an IP network (``10.0.0.0/8``) or address."""
-    try:
-        return str(ipaddress.ip_network(value.strip(), strict=False))
-    except ValueError:
-        raise ValueError(f"not an IP network or address: {value!r}") from None
-
-
-def _ice_server(value: str) -> dict[str, Any]:
-    """One ``--ice-server``: a URL (``stun:host:3478``) or a JSON RTCIceServer object."""
-    if value.lstrip().startswith("{"):
-        server = json.loads(value)
-        if not isinstance(server, dict) or "urls" not in server:
-            raise ValueError("an ICE server object needs 'urls'")
-        return server
-    if not value.startswith(("stun:", "stuns:", "turn:", "turns:")):
-        raise ValueError("an ICE server URL starts with stun:, stuns:, turn: or turns:")
-    return {"urls": value}
-
-
-def _host_problem(host: str) -> str | None:
-    if host in ("", "localhost") or re.fullmatch(r"[0-9a-fA-F:.]*:[0-9a-fA-F:.]*", host):  # IPv6 is checked below
-        pass
-    elif re.fullmatch(r"[0-9.]+", host) or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return "not an IP address or a host name"
-        return None
-    if ":" in host:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return "not an IP address"
-    return None
-
-
-def _origin_problem(origin: str) -> str | None:
-    if origin == "null" or re.fullmatch(
-        r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?", origin
-    ):
-        return None
-    return "an origin is scheme://host[:port], e.g. https://chat.example.com (no path, no slash at the end)"
-
-
-def _directory_problem(path: str) -> str | None:
-    return None if not path or Path(path).is_dir() else "no such directory"
-
-
-@attrs.frozen
-class Settings:
-    """Every tunable of the relay, each declared once (``setting``): ``main()`` makes the command
-    line from these fields and fills them from it and the environment; a bound is checked whenever a
-    ``Settings`` is made (``SettingError``)."""
-
-    host: str = setting(DEFAULT_HOST, "listen address", check=_host_problem, env="HOST")
-    port: int = setting(DEFAULT_PORT, "listen port (0: any free one)", low=0, high=65535, env="PORT")
-    interest_timeout: float = setting(10.0, "seconds a client with interests waits for someone sharing one", low=0)
-    rematch_cooldown: float = setting(30.0, "seconds before two former peers are paired again while others wait", low=0)
-    max_message_bytes: int = setting(64 * 1024, "largest message accepted; larger closes with 1009", low=16)
-    message_rate: float = setting(
-        50.0, "messages (WebSocket pings too) per second a client may send, sustained", low=0.01
-    )
-    message_burst: int = setting(200, "messages a client may send in a burst", low=1)
-    max_connections: int = setting(10_000, "WebSocket clients at once; more get 503", low=1)
-    send_buffer_bytes: int = setting(
-        256 * 1024, "bytes held for a client that reads slowly before it is closed (1013)", low=1
-    )
-    heartbeat_interval: float = setting(20.0, "seconds a client may be quiet before it is pinged", low=0.01)
-    heartbeat_timeout: float = setting(20.0, "seconds to wait for the pong before closing (1001)", low=0.01)
-    handshake_timeout: float = setting(5.0, "seconds allowed for the HTTP request and the WebSocket upgrade", low=0.01)
-    drain_seconds: float = setting(30.0, "on SIGTERM, seconds sessions get to finish before the 1012 close", low=0)
-    resume_grace: float = setting(
-        20.0, "seconds a vanished client keeps its place or session to resume (0: never)", low=0
-    )
-    resume_buffer_messages: int = setting(64, "signals kept for a vanished client; more end its session", low=1)
-    resume_buffer_bytes: int = setting(
-        16 * 1024, "bytes of signals kept for a vanished client; more end its session", low=1
-    )
-    joins_per_minute: int = setting(30, "join and next messages a client may send per minute", low=1)
-    joins_per_minute_per_ip: int = setting(
-        300, "joins and nexts per minute from one IP address, across reconnects", low=1
-    )
-    joins_per_minute_per_user: int = setting(
-        60, "joins and nexts per minute from one user (under auth), across reconnects", low=1
-    )
-    bytes_per_second_per_ip: int = setting(
-        256 * 1024, "bytes of messages per second from one IP address, sustained", low=1
-    )
-    bytes_burst_per_ip: int = setting(1024 * 1024, "bytes of messages from one IP address in a burst", low=1)
-    flood_limit: int = setting(
-        50, f"refused messages within {FLOOD_WINDOW:g} s before a client is closed (1008)", low=1
-    )
-    max_sockets: int = setting(
-        0, "TCP connections open at once, HTTP included (0: the descriptor limit less 64)", low=0
-    )
-    max_connections_per_ip: int = setting(20, "TCP connections open at once from one IP address; more get 429", low=1)
-    connect_rate_per_ip: float = setting(2.0, "new WebSockets per second from one IP address, sustained", low=0.001)
-    connect_burst_per_ip: int = setting(20, "new WebSockets from one IP address in a burst", low=1)
-    allowed_origins: tuple[str, ...] = setting(
-        (), "an Origin a WebSocket may come from, e.g. https://chat.example.com (default: any)",
-        flag="allowed-origin", many=True, check=_origin_problem,
-    )  # fmt: skip
-    trusted_proxies: tuple[str, ...] = setting(
-        (), "a proxy network (CIDR) whose --proxy-header is believed (default: none; on Fly.io its private ranges)",
-        flag="trusted-proxy", many=True, parse=_network, fly=FLY_PROXIES,
-    )  # fmt: skip
-    proxy_header: str = setting(
-        "x-forwarded-for", "the header a trusted proxy writes the client's address in (fly-client-ip on Fly.io)",
-        parse=str.lower, choices=("x-forwarded-for", "fly-client-ip"), fly="fly-client-ip",
-    )  # fmt: skip
-    proxy_hops: int = setting(1, "with X-Forwarded-For: the entry this far from the right (proxies in a row)", low=1)
-    ice_servers: tuple[dict[str, Any], ...] = setting(
-        (), "an ICE server for matched: stun:host:port or a JSON RTCIceServer object (default: none)",
-        flag="ice-server", many=True, parse=_ice_server, env=None,
-    )  # fmt: skip
-    static_dir: str = setting(str(STATIC_DIR), "directory served at / ('' for none)", check=_directory_problem)
-    plugins: tuple[str, ...] = setting(
-        (), "a plugin to load: a module name, or a .py file (default: the installed ones only)",
-        flag="plugin", many=True, env=None,
-    )  # fmt: skip
-
-
-@attrs.frozen
-class RelayStatistics:
-    """A snapshot of the relay, read by ``/healthz`` and metrics plugins."""
-
-    connections: int  # WebSocket clients connected now
-    sockets: int  # TCP connections open now (WebSockets, HTTP requests, handshakes)
-    queued: int  # clients waiting for a match
-    queued_with_interests: int  # of those, the ones with interests
-    sessions: int  # sessions in progress
-    uptime_s: float
-    draining: bool
-    connections_total: int  # clients accepted since start
-    matches_total: int
-    signals_relayed: int
-    sessions_ended: dict[str, int]  # by reason
-    errors: dict[str, int]  # error messages sent, by code
-    closed_slow: int  # clients closed (1013) because their send buffer overflowed
-    away: int  # vanished clients that may still resume
-    resumed: int  # clients that resumed since start
-    counters: dict[str, int]  # what plugins counted in ``Relay.counters`` (e.g. ``sessions_dropped``)
 
 
 ########################################################################################################
@@ -2075,40 +1939,6 @@ def _refuse_now(fd: int, status: int, reason: str) -> None:
         pass
 
 
-@attrs.frozen
-class HttpRequest:
-    """A plain HTTP request on the relay's port, as ``relay_http_request`` sees it."""
-
-    method: str
-    path: str  # the target up to "?", not decoded: compare it exactly
-    query: str  # after "?", not decoded
-    headers: dict[str, str]  # names in lower case; a header sent several times is joined with ", "
-    body: bytes  # at most MAX_REQUEST_BODY bytes
-    remote: str  # "host:port" of the TCP connection (a proxy's, behind one)
-    ip: str = ""  # the client's IP address: the connection's, or what a --trusted-proxy says
-
-
-@attrs.frozen
-class Auth:
-    """What ``relay_authenticate`` decides about a WebSocket upgrade."""
-
-    user_id: str | None = None  # accepted as this user
-    refuse: int = 0  # an HTTP status (401, 403) to refuse with; 0 accepts
-    reason: str = ""  # why, sent with the refusal
-    subprotocol: str | None = None  # the Sec-WebSocket-Protocol value to accept with
-
-
-@attrs.frozen
-class HttpResponse:
-    """What a plugin answers to an ``HttpRequest``. The connection closes after it."""
-
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = ()
-    cache: str = "no-store"  # the Cache-Control header
-
-
 _NO_AUTH: Final = Auth()  # no auth plugin answered: open
 _AUTH_FAILED: Final = Auth(refuse=401, reason="authentication failed")  # an auth plugin raised: refused
 _RETRY: Final = (("Retry-After", "5"),)  # sent with 429 and 503
@@ -2140,14 +1970,6 @@ class _Head(NamedTuple):
     request: HttpRequest
     upgrade: bool  # asks for a WebSocket (then no body is read)
     rest: bytes
-
-
-class HttpError(Exception):
-    """A request the relay cannot read: answered with ``status`` (400, 411, 431, 501), then closed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
@@ -2340,13 +2162,13 @@ class Relay:
 
     def __init__(
         self,
-        settings: Settings = Settings(),
+        settings: Settings | None = None,
         *,
         plugin_manager: pluggy.PluginManager | None = None,
         rng: random.Random | None = None,
         options: argparse.Namespace | None = None,
     ) -> None:
-        self.settings = settings
+        self.settings = settings = settings if settings is not None else Settings()
         #: The parsed command line (plugins read their flags here); empty when built without one.
         self.options = options if options is not None else argparse.Namespace()
         #: Plugins count their own events here (``relay.counters["sessions_dropped"] += 1``);
@@ -3181,8 +3003,190 @@ class Relay:
 
 
 ########################################################################################################
-# Command line
+# Settings and the command line
 ########################################################################################################
+def setting(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    parse: Callable[[str], Any] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    flag: str = "",
+    env: str | None = "",
+    many: bool = False,
+    choices: tuple[str, ...] = (),
+    fly: Any = None,
+) -> Any:
+    """A field of ``Settings`` and everything about it, in one place: its default and help, its
+    flag (``--name-with-dashes`` unless ``flag`` says), its environment variable (``RELAY_NAME``
+    unless ``env`` says; None for none), how a string becomes its value (``parse``, else the
+    default's type), its bounds (``low``, ``high``, ``choices``, ``check``: an error message or
+    None) and, for ``many``, that the flag repeats (and the variable is a comma-separated list);
+    ``fly``: the default on Fly.io. The command line, its help and the README's table are made from
+    these; the bounds are checked whenever a ``Settings`` is made."""
+    return attrs.field(
+        default=default,
+        validator=_check_setting,
+        metadata={
+            "help": help, "low": low, "high": high, "parse": parse, "check": check, "flag": flag, "env": env,
+            "many": many, "choices": choices, "fly": fly,
+        },
+    )  # fmt: skip
+
+
+def flag_of(field: attrs.Attribute) -> str:
+    return "--" + (field.metadata["flag"] or field.name.replace("_", "-"))
+
+
+def _parse_of(field: attrs.Attribute) -> Callable[[str], Any]:
+    """How a string (one, for a repeatable setting) becomes the setting's value."""
+    return field.metadata["parse"] or (str if field.metadata["many"] else type(field.default))
+
+
+def env_of(field: attrs.Attribute) -> str | None:
+    env = field.metadata["env"]
+    return None if env is None else env or "RELAY_" + field.name.upper()
+
+
+def _check_setting(instance: Any, field: attrs.Attribute, value: Any) -> None:
+    m = field.metadata
+    for item in value if m["many"] else (value,):
+        why = None
+        if m["low"] is not None and item < m["low"]:
+            why = f"at least {m['low']:g}"
+        elif m["high"] is not None and item > m["high"]:
+            why = f"at most {m['high']:g}"
+        elif m["choices"] and item not in m["choices"]:
+            why = "one of " + ", ".join(m["choices"])
+        elif m["check"] is not None and (problem := m["check"](item)) is not None:
+            raise SettingError(f"{flag_of(field)} {item!r}: {problem}")
+        if why is not None:
+            raise SettingError(f"{flag_of(field)} must be {why}, not {item!r}")
+
+
+def _network(value: str) -> str:
+    """One ``--trusted-proxy``: an IP network (``10.0.0.0/8``) or address."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"not an IP network or address: {value!r}") from None
+
+
+def _ice_server(value: str) -> dict[str, Any]:
+    """One ``--ice-server``: a URL (``stun:host:3478``) or a JSON RTCIceServer object."""
+    if value.lstrip().startswith("{"):
+        server = json.loads(value)
+        if not isinstance(server, dict) or "urls" not in server:
+            raise ValueError("an ICE server object needs 'urls'")
+        return server
+    if not value.startswith(("stun:", "stuns:", "turn:", "turns:")):
+        raise ValueError("an ICE server URL starts with stun:, stuns:, turn: or turns:")
+    return {"urls": value}
+
+
+def _host_problem(host: str) -> str | None:
+    if host in ("", "localhost") or re.fullmatch(r"[0-9a-fA-F:.]*:[0-9a-fA-F:.]*", host):  # IPv6 is checked below
+        pass
+    elif re.fullmatch(r"[0-9.]+", host) or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return "not an IP address or a host name"
+        return None
+    if ":" in host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return "not an IP address"
+    return None
+
+
+def _origin_problem(origin: str) -> str | None:
+    if origin == "null" or re.fullmatch(
+        r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?", origin
+    ):
+        return None
+    return "an origin is scheme://host[:port], e.g. https://chat.example.com (no path, no slash at the end)"
+
+
+def _directory_problem(path: str) -> str | None:
+    return None if not path or Path(path).is_dir() else "no such directory"
+
+
+@attrs.frozen
+class Settings:
+    """Every tunable of the relay, each declared once (``setting``): ``main()`` makes the command
+    line from these fields and fills them from it and the environment; a bound is checked whenever a
+    ``Settings`` is made (``SettingError``)."""
+
+    host: str = setting(DEFAULT_HOST, "listen address", check=_host_problem, env="HOST")
+    port: int = setting(DEFAULT_PORT, "listen port (0: any free one)", low=0, high=65535, env="PORT")
+    interest_timeout: float = setting(10.0, "seconds a client with interests waits for someone sharing one", low=0)
+    rematch_cooldown: float = setting(30.0, "seconds before two former peers are paired again while others wait", low=0)
+    max_message_bytes: int = setting(64 * 1024, "largest message accepted; larger closes with 1009", low=16)
+    message_rate: float = setting(
+        50.0, "messages (WebSocket pings too) per second a client may send, sustained", low=0.01
+    )
+    message_burst: int = setting(200, "messages a client may send in a burst", low=1)
+    max_connections: int = setting(10_000, "WebSocket clients at once; more get 503", low=1)
+    send_buffer_bytes: int = setting(
+        256 * 1024, "bytes held for a client that reads slowly before it is closed (1013)", low=1
+    )
+    heartbeat_interval: float = setting(20.0, "seconds a client may be quiet before it is pinged", low=0.01)
+    heartbeat_timeout: float = setting(20.0, "seconds to wait for the pong before closing (1001)", low=0.01)
+    handshake_timeout: float = setting(5.0, "seconds allowed for the HTTP request and the WebSocket upgrade", low=0.01)
+    drain_seconds: float = setting(30.0, "on SIGTERM, seconds sessions get to finish before the 1012 close", low=0)
+    resume_grace: float = setting(
+        20.0, "seconds a vanished client keeps its place or session to resume (0: never)", low=0
+    )
+    resume_buffer_messages: int = setting(64, "signals kept for a vanished client; more end its session", low=1)
+    resume_buffer_bytes: int = setting(
+        16 * 1024, "bytes of signals kept for a vanished client; more end its session", low=1
+    )
+    joins_per_minute: int = setting(30, "join and next messages a client may send per minute", low=1)
+    joins_per_minute_per_ip: int = setting(
+        300, "joins and nexts per minute from one IP address, across reconnects", low=1
+    )
+    joins_per_minute_per_user: int = setting(
+        60, "joins and nexts per minute from one user (under auth), across reconnects", low=1
+    )
+    bytes_per_second_per_ip: int = setting(
+        256 * 1024, "bytes of messages per second from one IP address, sustained", low=1
+    )
+    bytes_burst_per_ip: int = setting(1024 * 1024, "bytes of messages from one IP address in a burst", low=1)
+    flood_limit: int = setting(
+        50, f"refused messages within {FLOOD_WINDOW:g} s before a client is closed (1008)", low=1
+    )
+    max_sockets: int = setting(
+        0, "TCP connections open at once, HTTP included (0: the descriptor limit less 64)", low=0
+    )
+    max_connections_per_ip: int = setting(20, "TCP connections open at once from one IP address; more get 429", low=1)
+    connect_rate_per_ip: float = setting(2.0, "new WebSockets per second from one IP address, sustained", low=0.001)
+    connect_burst_per_ip: int = setting(20, "new WebSockets from one IP address in a burst", low=1)
+    allowed_origins: tuple[str, ...] = setting(
+        (), "an Origin a WebSocket may come from, e.g. https://chat.example.com (default: any)",
+        flag="allowed-origin", many=True, check=_origin_problem,
+    )  # fmt: skip
+    trusted_proxies: tuple[str, ...] = setting(
+        (), "a proxy network (CIDR) whose --proxy-header is believed (default: none; on Fly.io its private ranges)",
+        flag="trusted-proxy", many=True, parse=_network, fly=FLY_PROXIES,
+    )  # fmt: skip
+    proxy_header: str = setting(
+        "x-forwarded-for", "the header a trusted proxy writes the client's address in (fly-client-ip on Fly.io)",
+        parse=str.lower, choices=("x-forwarded-for", "fly-client-ip"), fly="fly-client-ip",
+    )  # fmt: skip
+    proxy_hops: int = setting(1, "with X-Forwarded-For: the entry this far from the right (proxies in a row)", low=1)
+    ice_servers: tuple[dict[str, Any], ...] = setting(
+        (), "an ICE server for matched: stun:host:port or a JSON RTCIceServer object (default: none)",
+        flag="ice-server", many=True, parse=_ice_server, env=None,
+    )  # fmt: skip
+    static_dir: str = setting(str(STATIC_DIR), "directory served at / ('' for none)", check=_directory_problem)
+    plugins: tuple[str, ...] = setting(
+        (), "a plugin to load: a module name, or a .py file (default: the installed ones only)",
+        flag="plugin", many=True, env=None,
+    )  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
