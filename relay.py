@@ -30,12 +30,14 @@ Read top to bottom, this file is: constants, exceptions and the public types plu
 3. **WebSocket frames** (``FrameParser``, sans I/O): the server's side of RFC 6455, bytes in, whole
    messages out, every violation a close code; held against wsproto by a hypothesis test.
 4. **Plugin hooks** (``HookSpecs``).
-5. **The I/O shell** (``Relay``): one listening port. Every TCP connection counts against its
-   address and the socket cap from accept on; its task reads the HTTP request head (``parse_head``) and
-   routes it: ``/healthz`` is answered at once, ``GET /ws`` with an upgrade is answered by the relay
-   itself (101), ``/ws`` without one gets 426, plugins' routes and the static files the rest, else
-   404. Before an upgrade: the handshake's headers, draining and capacity, the origin, the address's
-   connection rate, then the auth hook (401 before any WebSocket exists; an error refuses).
+5. **The I/O shell.** ``_Port`` is every TCP connection on the one listening port, from accept to
+   close. A connection counts against its address and the socket cap from accept on; its task
+   reads the HTTP request head (``parse_head``) and routes it: ``/healthz`` is answered at once,
+   ``GET /ws`` with an upgrade is answered by the relay itself (101), ``/ws`` without one gets 426,
+   plugins' routes and the static files the rest, else 404. Before an upgrade: the handshake's
+   headers, draining and capacity, the origin, the address's connection rate, then the auth hook
+   (401 before any WebSocket exists; an error refuses). ``Relay`` is every client's state and the
+   moves on it (synchronous: they decide and write, never wait), its timers and its public API.
    A WebSocket client then has one task: it waits until its socket is readable, reads, feeds the
    frame parser and acts on each message (rate-limit, parse, dispatch): no reader task, no channel.
    Every write to a client goes through its ``_Transport``: one non-blocking ``writev`` straight into
@@ -1468,6 +1470,38 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[str]:
     return out
 
 
+def call_hooks(hook: pluggy.HookRelay, name: str, *, on_error: Any = None, **kwargs: Any) -> Any:
+    """Call every implementation of a hook, each on its own: one that raises is logged and
+    skipped, so a plugin bug never reaches the relay or another plugin; but when ``on_error`` is
+    given (a security decision: fail closed), the first that raises makes the answer
+    ``on_error``. A ``firstresult`` hook returns the first answer that is not ``None``
+    (pluggy's order: last registered first); others return the list of answers that are not
+    ``None``. (Not pluggy's own loop: that one stops at the first plugin that raises.)"""
+    caller = getattr(hook, name)
+    first = caller.spec is not None and caller.spec.opts.get("firstresult")
+    results = []
+    for impl in reversed(caller.get_hookimpls()):
+        try:
+            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except Exception:
+            log.exception("plugin %s failed in %s", impl.plugin_name, name)
+            if on_error is not None:
+                return on_error
+            continue
+        if result is not None:
+            if first:
+                return result
+            results.append(result)
+    return None if first else results
+
+
+async def _finish_plugin(finish: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await finish()
+    except Exception:
+        log.exception("plugin failed to finish at shutdown")
+
+
 ########################################################################################################
 # I/O: clients, HTTP, the server
 ########################################################################################################
@@ -2157,250 +2191,197 @@ def _load_static(directory: str) -> dict[str, tuple[bytes, str, str]]:
     return files
 
 
-class Relay:
-    """The server: owns the listener, the matchmaker and every client. See the module docstring."""
+class _Port:
+    """Every TCP connection on the relay's port, from accept to close: the I/O around the relay.
 
-    def __init__(
-        self,
-        settings: Settings | None = None,
-        *,
-        plugin_manager: pluggy.PluginManager | None = None,
-        rng: random.Random | None = None,
-        options: argparse.Namespace | None = None,
-    ) -> None:
-        self.settings = settings = settings if settings is not None else Settings()
-        #: The parsed command line (plugins read their flags here); empty when built without one.
-        self.options = options if options is not None else argparse.Namespace()
-        #: Plugins count their own events here (``relay.counters["sessions_dropped"] += 1``);
-        #: ``statistics()`` and the metrics plugin report them.
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager(settings.plugins)
-        self.hook = self.pm.hook
-        self.matchmaker = Matchmaker(
-            clock=trio.current_time,
-            rng=rng if rng is not None else random.Random(),
-            interest_timeout=settings.interest_timeout,
-            rematch_cooldown=settings.rematch_cooldown,
-        )
-        self.port: int | None = None  # the bound port, once listening
-        self.draining = False  # refusing new clients (drain() or shutdown())
-        self.stopping = False  # shutdown() was called: serve() returns once every client is gone
-        self._configured = False
-        self._clients: dict[str, _Client] = {}
-        self._away: dict[str, _Client] = {}  # vanished clients that may resume, oldest first
-        self._addresses: dict[str, _Address] = {}  # per IP address: open connections, budgets
-        self._user_joins: dict[str, _Bucket] = {}  # per user id (under auth): joins and nexts per minute
-        self._proxies = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies)
-        self._sockets = 0  # TCP connections open now
-        self.max_sockets = settings.max_sockets  # the cap serve() enforces (set from the descriptor limit)
-        self._closing = 0  # WebSocket tasks not finished yet (attached, or still sending their close)
-        self._started = 0.0
-        self._connections_total = 0
-        self._matches = 0
-        self._signals = 0
-        self._ended: dict[str, int] = {}
-        self._errors: dict[str, int] = {}
-        self._closed_slow = 0
-        self._resumed = 0
-        self._static = _load_static(settings.static_dir)
-        self._drain_requested = trio.Event()
-        self._stopped = trio.Event()
-        self._nursery: trio.Nursery  # the server's root nursery (serve()): flushers run there
-        self._cork = _Cork()  # shared by every transport: writes wait while a read's messages are acted on
-        self._too_many = f"more than {settings.message_rate:g} messages a second: slow down"
-        self._too_much = f"more than {settings.bytes_per_second_per_ip} bytes a second from your address: slow down"
-        self._handlers: dict[str, Callable[[_Client, dict[str, Any]], None]] = {
-            "join": self._on_join,
-            "next": self._on_next,
-            "leave": self._on_leave,
-            "ping": self._on_ping,
-            "report": self._on_report,
-            "resume": self._on_resume,
-        }
+    Every connection counts from accept on: against ``max_sockets`` (so the relay never runs out
+    of file descriptors) and against its address's ``--max-connections-per-ip`` (a proxy's
+    connections count for the client it names, once the request head has said who that is). Its
+    request gets ``--handshake-timeout``; a plain request is answered (health, plugins' routes,
+    static files, 404), an upgrade checked (the handshake's headers, draining and capacity, the
+    origin, the address's connection rate, then the auth hook) and accepted. A WebSocket is then
+    served in the connection's own task: its frames are read, rate-limited and each text message
+    handed to the relay (``Relay._message``), until it closes, vanishes or the relay closes it.
+    """
 
-    # -- public API -------------------------------------------------------------------------------
+    def __init__(self, relay: Relay) -> None:
+        s = self.settings = relay.settings
+        self.relay = relay
+        self.proxies = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in s.trusted_proxies)
+        self.addresses: dict[str, _Address] = {}  # per IP address: open connections, budgets
+        self.sockets = 0  # TCP connections open now
+        self.max_sockets = s.max_sockets  # the cap (serve() sets it from the descriptor limit)
+        self.static = _load_static(s.static_dir)
+        self.websockets = 0  # WebSocket tasks not finished yet (attached, or still sending their close)
+        self.cork = _Cork()  # shared by every transport: writes wait while a read's messages are acted on
+        self.nursery: trio.Nursery  # the server's root nursery (serve()): flushers run there
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until ``shutdown()`` has drained every client.
-
-        Reports the bound port through ``task_status.started()`` once listening. Raises what a
-        plugin's ``relay_configure`` raises (``PluginError``: it refuses to start).
-        """
-        s = self.settings
-        self.configure()
-        self.max_sockets = _socket_cap(s.max_sockets)
-        listeners = _listen(s.host, s.port)
-        self.port = listeners[0].getsockname()[1]
-        self._started = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._call_hooks("relay_startup", relay=self, nursery=nursery)
-            nursery.start_soon(self._tick_loop)
-            nursery.start_soon(self._heartbeat_loop)
-            nursery.start_soon(self._position_loop)
-            nursery.start_soon(self._drain_deadline)
-            for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, self._handle_stream, nursery)
-            log.info("relay listening on %s:%d (at most %d connections at once)", s.host, self.port, self.max_sockets)
-            task_status.started(self.port)
-            await self._stopped.wait()
-            finishers = self._call_hooks("relay_shutdown", relay=self)
-            with trio.move_on_after(SHUTDOWN_TIMEOUT):
-                async with trio.open_nursery() as finishing:
-                    for finish in finishers:
-                        finishing.start_soon(self._finish_plugin, finish)
-            nursery.cancel_scope.cancel()
-        log.info("relay stopped")
-
-    def configure(self) -> None:
-        """Let plugins configure themselves (``relay_configure``), once. ``serve()`` calls it if
-        nobody did; raises ``PluginError`` if a plugin refuses to start."""
-        if not self._configured:
-            self._configured = True
-            self.hook.relay_configure(relay=self)
-            check_plugins(self.pm)  # again: plugins register objects of their own in relay_configure
-            log.info("plugins: %s", "; ".join(describe_plugins(self.pm)) or "none")
-
-    def drain(self, deadline_s: float | None = None) -> None:
-        """Stop taking clients: ``/healthz`` answers 503, new WebSockets are refused, every client
-        gets a ``draining`` note, idle and queued ones are closed (1012) so they reconnect elsewhere.
-        Sessions go on; a client is closed when its session ends. ``undrain()`` takes clients again.
-        """
-        if self.draining:
-            return
-        self.draining = True
-        log.info("draining %d clients", len(self._clients))
-        note = _msg_draining(deadline_s)
-        for c in list(self._away.values()):  # cannot resume here any more
-            self._detach(c)
-        for c in list(self._clients.values()):
-            self._send(c, note)
-            if c.peer is None:
-                self._close(c, CLOSE_RESTART, "server restarting")
-
-    def undrain(self) -> None:
-        """Take clients again after ``drain()`` (not after ``shutdown()``)."""
-        if not self.stopping:
-            self.draining = False
-            log.info("taking clients again")
-
-    def shutdown(self) -> None:
-        """Drain, give sessions ``--drain-seconds`` to end, close the rest (1012); then ``serve()``
-        lets plugins finish and returns."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.draining = False  # so that drain() below sends the shutdown's deadline
-        self.drain(self.settings.drain_seconds)
-        self._drain_requested.set()
-        self._check_drained()
-
-    def kick(self, client_id: str, reason: str = "kicked by an operator") -> bool:
-        """Close a client (1008); its peer gets ``peer_left``. False if no such client."""
-        c = self._clients.get(client_id)
-        if c is None:
-            return False
-        log.info("client %s: kicked", client_id)
-        self._close(c, CLOSE_POLICY, reason)
-        return True
-
-    def statistics(self) -> RelayStatistics:
-        mm = self.matchmaker
-        return RelayStatistics(
-            connections=len(self._clients) - len(self._away),
-            sockets=self._sockets,
-            queued=mm.queue_size,
-            queued_with_interests=mm.queued_with_interests,
-            sessions=mm.session_count,
-            uptime_s=round(trio.current_time() - self._started, 3),
-            draining=self.draining,
-            connections_total=self._connections_total,
-            matches_total=self._matches,
-            signals_relayed=self._signals,
-            sessions_ended=dict(self._ended),
-            errors=dict(self._errors),
-            closed_slow=self._closed_slow,
-            away=len(self._away),
-            resumed=self._resumed,
-            counters=dict(self.counters),
-        )
-
-    # -- connections: HTTP routing ----------------------------------------------------------------
-
-    async def _handle_stream(self, fd: int, address: Any) -> None:
-        """Serve one TCP connection, then close it. Nothing raised here may reach the server's nursery.
-
-        Every connection counts from accept on: against ``max_sockets`` (so the relay never runs out
-        of file descriptors) and against its address's ``--max-connections-per-ip`` (a proxy's
-        connections count for the client it names, once the request head has said who that is).
-        The request, and a WebSocket's upgrade, get ``--handshake-timeout``. A WebSocket is then
-        served in this same task, with nothing of the request kept and no cancel scope of its own
-        (``_Transport.interrupt`` stops its read loop): an idle connection costs its memory all day.
-        """
+    async def serve(self, fd: int, address: Any) -> None:
+        """Serve one TCP connection, then close it. Nothing raised here may reach the server's
+        nursery. A WebSocket keeps nothing of its request and no cancel scope of its own
+        (``_Transport.interrupt`` stops its read loop): an idle connection costs its memory all day."""
         peer = _peer(address)
         del address
-        counted: _Address | None = None
-        c: _Client | None = None
-        self._sockets += 1
+        relay, counted, c = self.relay, None, None
+        self.sockets += 1
         try:
-            if self._sockets > self.max_sockets:
-                _refuse_now(fd, 503, "relay at capacity, try again")
-                return
-            if not self._trusted(peer[0]):
-                counted = self._count(peer[0])
-                if counted.count > self.settings.max_connections_per_ip:
-                    _refuse_now(fd, 429, "too many connections from your address")
-                    return
-            upgrade = None
-            with trio.move_on_after(self.settings.handshake_timeout):
-                counted, upgrade = await self._request(fd, peer, counted)
+            counted, upgrade = await self.enter(fd, peer)
             if upgrade is None:
                 return
-            assert counted is not None
+            c = self._open_websocket(fd, counted, upgrade)  # type: ignore[arg-type]  (an upgrade is counted)
+            transport = c.transport
             try:
-                c = self._open_websocket(fd, counted, upgrade)
-                early, upgrade = upgrade.early, None  # frames the client sent right behind its request
-                try:
-                    await self._read_loop(c, c.transport, early)
-                except Exception:
-                    log.exception("client %s: handler failed", c.id)
-                    self._close(c, CLOSE_INTERNAL, "internal error")
+                await self._read_loop(c, transport, upgrade.early)  # early: frames sent behind the request
+            except Exception:
+                log.exception("client %s: handler failed", c.id)
+                relay._close(c, CLOSE_INTERNAL, "internal error")
             finally:
-                if c is not None:
-                    code, reason = c.close_code, c.close_reason
-                    transport = c.transport
-                    self._connection_lost(c, transport)
-            if c is not None:
-                await _close_handshake(transport, code, reason)
+                code, reason = c.close_code, c.close_reason
+                relay._connection_lost(c, transport)
+            await _close_handshake(transport, code, reason)
         except Exception:
             log.exception("connection from %s failed", peer)
         finally:
-            self._sockets -= 1
+            self.sockets -= 1
             if counted is not None:
                 counted.count -= 1
             try:
                 if c is not None:
-                    self._closing -= 1
-                    self._check_drained()
-                    await transport.drain()  # what is pending gets CLOSE_TIMEOUT to go out
+                    self.websockets -= 1
+                    relay._check_drained()
+                    await c.transport.drain()  # what is pending gets CLOSE_TIMEOUT to go out
             finally:
                 _close_socket(fd)
 
+    async def enter(self, fd: int, peer: tuple[str, int]) -> tuple[_Address | None, _Upgrade | None]:
+        """Answer the connection's request, or accept its upgrade. Returns the address it counts
+        against (the caller takes the count off again) and the accepted upgrade, if any."""
+        if self.sockets > self.max_sockets:
+            _refuse_now(fd, 503, "relay at capacity, try again")
+            return None, None
+        counted = None
+        if not self._trusted(peer[0]):
+            counted = self._count(peer[0])
+            if counted.count > self.settings.max_connections_per_ip:
+                _refuse_now(fd, 429, "too many connections from your address")
+                return counted, None
+        try:
+            with trio.move_on_after(self.settings.handshake_timeout):
+                return await self._request(fd, peer, counted)
+        except BaseException:
+            if counted is not None:
+                counted.count -= 1
+            raise
+        return counted, None
+
+    def sweep(self, now: float) -> None:
+        """Forget the addresses with nothing open and nothing spent."""
+        for ip, a in list(self.addresses.items()):
+            if a.idle(self.settings, now):
+                del self.addresses[ip]
+
+    # -- a WebSocket --------------------------------------------------------------------------------
+
+    def _open_websocket(self, fd: int, address: _Address, upgrade: _Upgrade) -> _Client:
+        """Accept an upgrade: the handshake's answer and the welcome go out in one write."""
+        s = self.settings
+        transport = _Transport(fd, s.send_buffer_bytes, s.max_message_bytes, self.nursery, self.cork)
+        c = _Client(transport, upgrade.remote, address, upgrade.user_id, trio.current_time(), s)
+        self.websockets += 1
+        self.cork.on = True
+        try:
+            transport.send_raw(_switching_protocols(upgrade.key, upgrade.subprotocol))
+            self.relay._attach(c)
+        finally:
+            self.cork.release()
+        return c
+
+    async def _read_loop(self, c: _Client, transport: _Transport, data: bytes) -> None:
+        """Wait for a client's bytes and act on them: the relay's hot path. Returns when the client
+        closed (close frame) or vanished, or when the relay closes it."""
+        act, read, fd = self._act, transport.read, transport.fd
+        while True:
+            if not data:  # one read per wake-up (Transport.receive, inline: one coroutine less per read)
+                if c.phase is CLOSING:  # decided while this task was busy: interrupt() woke nobody
+                    return
+                if transport.waiting:
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:  # interrupted: the relay closes this client
+                        return
+                else:
+                    await trio.lowlevel.checkpoint()
+                data = read()
+                if data is None:
+                    continue
+                if not data:
+                    return  # the connection dropped: no close frame
+            if not act(c, transport, data):
+                return
+            data = b""
+
+    def _act(self, c: _Client, transport: _Transport, data: bytes) -> bool:
+        """Parse one read's frames, rate-limit each and act on it; False once the connection ends."""
+        s, relay, cork, clock, message = self.settings, self.relay, self.cork, trio.current_time, self.relay._message
+        rate, burst, address_bytes = s.message_rate, s.message_burst, c.address.bytes
+        failed: tuple[int, str] | None = None  # (not the exception: its traceback would hold this frame)
+        try:
+            events = transport.parser.feed(data)
+        except WebSocketError as exc:
+            events, failed = exc.events, (exc.code, exc.reason)
+        cork.on = True
+        try:
+            for opcode, payload in events:
+                if opcode == OP_CLOSE:  # the client closes: answer with the same code, then the end
+                    transport.close_received = close_code(payload)
+                    return False
+                if c.phase is CLOSING:
+                    return False
+                # Every frame costs a message (pings and pongs included) and its bytes.
+                now = clock()
+                tokens = c.tokens + (now - c.stamp) * rate
+                c.stamp = now
+                if tokens > burst:
+                    tokens = burst
+                if tokens < 1.0:
+                    c.tokens = tokens
+                    relay._refused(c, now, relay._too_many)
+                elif not address_bytes.take(len(payload), s.bytes_per_second_per_ip, s.bytes_burst_per_ip, now):
+                    c.tokens = tokens
+                    relay._refused(c, now, relay._too_much)
+                else:
+                    c.tokens = tokens - 1.0
+                    if opcode == OP_TEXT:
+                        message(c, payload)
+                    elif opcode == OP_PING:
+                        if not transport.send_control(OP_PONG, payload):
+                            relay._too_slow(c)
+                    elif opcode == OP_BINARY:
+                        relay._error(c, "bad_message", "binary frames are not supported: send JSON text")
+                    if c.phase is NEW:
+                        c.move(ACTIVE)
+        finally:
+            cork.release()
+        if failed is not None:
+            relay._close(c, *failed)
+            return False
+        return True
+
     def _trusted(self, host: str) -> bool:
         """Whether ``host`` is a --trusted-proxy, whose headers say who the client is."""
-        if not self._proxies:
+        if not self.proxies:
             return False
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             return False
-        return any(ip in network for network in self._proxies)
+        return any(ip in network for network in self.proxies)
 
     def _count(self, ip: str) -> _Address:
         """One more open connection from ``ip``; the caller takes it off again."""
-        address = self._addresses.get(ip)
+        address = self.addresses.get(ip)
         if address is None:
-            address = self._addresses[ip] = _Address(self.settings, trio.current_time())
+            address = self.addresses[ip] = _Address(self.settings, trio.current_time())
         address.count += 1
         return address
 
@@ -2469,8 +2450,9 @@ class Relay:
     def _admit(self, request: HttpRequest, address: _Address) -> tuple[int, str] | None:
         """Whether a WebSocket may open: (status, reason) to refuse it, or None. Cheap checks first."""
         s = self.settings
-        if self.draining or len(self._clients) >= s.max_connections:
-            return 503, "relay draining, try again" if self.draining else "relay at capacity, try again"
+        relay = self.relay
+        if relay.draining or len(relay._clients) >= s.max_connections:
+            return 503, "relay draining, try again" if relay.draining else "relay at capacity, try again"
         if s.allowed_origins and request.headers.get("origin") not in s.allowed_origins:
             return 403, "origin not allowed"
         if not address.connects.take(1, s.connect_rate_per_ip, s.connect_burst_per_ip, trio.current_time()):
@@ -2480,7 +2462,7 @@ class Relay:
     def _authenticate(self, request: HttpRequest) -> Auth:
         """Ask the auth hooks. Fails closed: a hook that raises, or answers with something that is not
         an ``Auth``, refuses the connection (401, logged); no answer at all accepts it."""
-        auth = self._call_hooks("relay_authenticate", request=request, on_error=_AUTH_FAILED)
+        auth = call_hooks(self.relay.hook, "relay_authenticate", request=request, on_error=_AUTH_FAILED)
         if auth is None:
             return _NO_AUTH
         if not isinstance(auth, Auth):
@@ -2494,7 +2476,7 @@ class Relay:
         if path == WS_PATH:
             return HttpResponse(426, b"426 this endpoint speaks WebSocket only\n", headers=(("Upgrade", "websocket"),))
         if path == HEALTH_PATH and method in ("GET", "HEAD"):
-            stats = self.statistics()
+            stats = self.relay.statistics()
             body = {
                 "status": "draining" if stats.draining else "ok",
                 "connections": stats.connections,
@@ -2503,10 +2485,10 @@ class Relay:
                 "uptime_s": stats.uptime_s,
             }
             return HttpResponse(503 if stats.draining else 200, _dumps(body), "application/json")
-        answer = self._call_hooks("relay_http_request", request=request)
+        answer = call_hooks(self.relay.hook, "relay_http_request", request=request)
         if answer is not None:
             return answer
-        static = self._static.get(path)
+        static = self.static.get(path)
         if static is None and path != HEALTH_PATH:
             return HttpResponse(404, b"404 not found\n")
         if method not in ("GET", "HEAD") or static is None:
@@ -2517,28 +2499,168 @@ class Relay:
             return HttpResponse(304, b"", content_type, headers, cache="no-cache")
         return HttpResponse(200, body, content_type, headers, cache="no-cache")
 
-    # -- connections: WebSocket clients -----------------------------------------------------------
 
-    def _open_websocket(self, fd: int, address: _Address, upgrade: _Upgrade) -> _Client:
-        """Accept an upgrade: the handshake's answer and the welcome go out in one write."""
+class Relay:
+    """The server: owns the listener, the matchmaker and every client. See the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        rng: random.Random | None = None,
+        options: argparse.Namespace | None = None,
+    ) -> None:
+        self.settings = settings = settings if settings is not None else Settings()
+        #: The parsed command line (plugins read their flags here); empty when built without one.
+        self.options = options if options is not None else argparse.Namespace()
+        #: Plugins count their own events here (``relay.counters["sessions_dropped"] += 1``);
+        #: ``statistics()`` and the metrics plugin report them.
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager(settings.plugins)
+        self.hook = self.pm.hook
+        self.matchmaker = Matchmaker(
+            clock=trio.current_time,
+            rng=rng if rng is not None else random.Random(),
+            interest_timeout=settings.interest_timeout,
+            rematch_cooldown=settings.rematch_cooldown,
+        )
+        self.port: int | None = None  # the bound port, once listening
+        self.draining = False  # refusing new clients (drain() or shutdown())
+        self.stopping = False  # shutdown() was called: serve() returns once every client is gone
+        self._configured = False
+        self._clients: dict[str, _Client] = {}
+        self._away: dict[str, _Client] = {}  # vanished clients that may resume, oldest first
+        self._user_joins: dict[str, _Bucket] = {}  # per user id (under auth): joins and nexts per minute
+        self._started = 0.0
+        self._connections_total = self._matches = self._signals = self._closed_slow = self._resumed = 0  # statistics()
+        self._ended: dict[str, int] = {}
+        self._errors: dict[str, int] = {}
+        self._port = _Port(self)  # every connection's way in
+        self._drain_requested = trio.Event()
+        self._stopped = trio.Event()
+        self._too_many = f"more than {settings.message_rate:g} messages a second: slow down"
+        self._too_much = f"more than {settings.bytes_per_second_per_ip} bytes a second from your address: slow down"
+        self._handlers: dict[str, Callable[[_Client, dict[str, Any]], None]] = {  # every type but "signal"
+            kind: getattr(self, "_on_" + kind) for kind in CLIENT_TYPES - {"signal"}
+        }
+
+    # -- public API -------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until ``shutdown()`` has drained every client.
+
+        Reports the bound port through ``task_status.started()`` once listening. Raises what a
+        plugin's ``relay_configure`` raises (``PluginError``: it refuses to start).
+        """
         s = self.settings
-        transport = _Transport(fd, s.send_buffer_bytes, s.max_message_bytes, self._nursery, self._cork)
-        c = _Client(transport, upgrade.remote, address, upgrade.user_id, trio.current_time(), s)
-        self._closing += 1
-        self._cork.on = True
-        try:
-            transport.send_raw(_switching_protocols(upgrade.key, upgrade.subprotocol))
-            self._attach(c)
-        finally:
-            self._cork.release()
-        return c
+        self.configure()
+        port = self._port
+        port.max_sockets = _socket_cap(s.max_sockets)
+        listeners = _listen(s.host, s.port)
+        self.port = listeners[0].getsockname()[1]
+        self._started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            port.nursery = nursery
+            call_hooks(self.hook, "relay_startup", relay=self, nursery=nursery)
+            nursery.start_soon(self._tick_loop)
+            nursery.start_soon(self._heartbeat_loop)
+            nursery.start_soon(self._position_loop)
+            nursery.start_soon(self._drain_deadline)
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, port.serve, nursery)
+            log.info("relay listening on %s:%d (at most %d connections at once)", s.host, self.port, port.max_sockets)
+            task_status.started(self.port)
+            await self._stopped.wait()
+            finishers = call_hooks(self.hook, "relay_shutdown", relay=self)
+            with trio.move_on_after(SHUTDOWN_TIMEOUT):
+                async with trio.open_nursery() as finishing:
+                    for finish in finishers:
+                        finishing.start_soon(_finish_plugin, finish)
+            nursery.cancel_scope.cancel()
+        log.info("relay stopped")
+
+    def configure(self) -> None:
+        """Let plugins configure themselves (``relay_configure``), once. ``serve()`` calls it if
+        nobody did; raises ``PluginError`` if a plugin refuses to start."""
+        if not self._configured:
+            self._configured = True
+            self.hook.relay_configure(relay=self)
+            check_plugins(self.pm)  # again: plugins register objects of their own in relay_configure
+            log.info("plugins: %s", "; ".join(describe_plugins(self.pm)) or "none")
+
+    def drain(self, deadline_s: float | None = None) -> None:
+        """Stop taking clients: ``/healthz`` answers 503, new WebSockets are refused, every client
+        gets a ``draining`` note, idle and queued ones are closed (1012) so they reconnect elsewhere.
+        Sessions go on; a client is closed when its session ends. ``undrain()`` takes clients again.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining %d clients", len(self._clients))
+        note = _msg_draining(deadline_s)
+        for c in list(self._away.values()):  # cannot resume here any more
+            self._detach(c)
+        for c in list(self._clients.values()):
+            self._send(c, note)
+            if c.peer is None:
+                self._close(c, CLOSE_RESTART, "server restarting")
+
+    def undrain(self) -> None:
+        """Take clients again after ``drain()`` (not after ``shutdown()``)."""
+        if not self.stopping:
+            self.draining = False
+            log.info("taking clients again")
+
+    def shutdown(self) -> None:
+        """Drain, give sessions ``--drain-seconds`` to end, close the rest (1012); then ``serve()``
+        lets plugins finish and returns."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.draining = False  # so that drain() below sends the shutdown's deadline
+        self.drain(self.settings.drain_seconds)
+        self._drain_requested.set()
+        self._check_drained()
+
+    def kick(self, client_id: str, reason: str = "kicked by an operator") -> bool:
+        """Close a client (1008); its peer gets ``peer_left``. False if no such client."""
+        c = self._clients.get(client_id)
+        if c is None:
+            return False
+        log.info("client %s: kicked", client_id)
+        self._close(c, CLOSE_POLICY, reason)
+        return True
+
+    def statistics(self) -> RelayStatistics:
+        mm = self.matchmaker
+        return RelayStatistics(
+            connections=len(self._clients) - len(self._away),
+            sockets=self._port.sockets,
+            queued=mm.queue_size,
+            queued_with_interests=mm.queued_with_interests,
+            sessions=mm.session_count,
+            uptime_s=round(trio.current_time() - self._started, 3),
+            draining=self.draining,
+            connections_total=self._connections_total,
+            matches_total=self._matches,
+            signals_relayed=self._signals,
+            sessions_ended=dict(self._ended),
+            errors=dict(self._errors),
+            closed_slow=self._closed_slow,
+            away=len(self._away),
+            resumed=self._resumed,
+            counters=dict(self.counters),
+        )
+
+    # -- clients: attached, away, gone -------------------------------------------------------------
 
     def _attach(self, c: _Client) -> None:
         self._clients[c.id] = c
         self._connections_total += 1
         self.matchmaker.connect(c.id, identity=c.user_id)
         log.debug("client %s connected from %s%s", c.id, c.remote, f" as {c.user_id}" if c.user_id else "")
-        self._call_hooks("relay_client_connected", client_id=c.id, remote=c.remote, user_id=c.user_id)
+        call_hooks(self.hook, "relay_client_connected", client_id=c.id, remote=c.remote, user_id=c.user_id)
         self._send(c, _msg_welcome(c.id, c.token))
 
     def _connection_lost(self, c: _Client, transport: _Transport) -> None:
@@ -2581,76 +2703,8 @@ class Relay:
         self._apply(self.matchmaker.disconnect(c.id))
         duration = trio.current_time() - c.connected_at
         log.debug("client %s disconnected (code %s, %.1f s)", c.id, code, duration)
-        self._call_hooks("relay_client_disconnected", client_id=c.id, code=code, duration=duration)
+        call_hooks(self.hook, "relay_client_disconnected", client_id=c.id, code=code, duration=duration)
         self._check_drained()
-
-    async def _read_loop(self, c: _Client, transport: _Transport, data: bytes) -> None:
-        """Receive, rate-limit, parse and act on one client's messages: the relay's hot path.
-        Returns when the client closed (close frame) or vanished, or when the relay closes it."""
-        s = self.settings
-        rate, burst = s.message_rate, s.message_burst
-        byte_rate, byte_burst = s.bytes_per_second_per_ip, s.bytes_burst_per_ip
-        address_bytes = c.address.bytes
-        feed, read, clock = transport.parser.feed, transport.read, trio.current_time
-        message, cork, fd = self._message, self._cork, transport.fd
-        while True:
-            if not data:  # one read per wake-up (Transport.receive, inline: one coroutine less per read)
-                if c.phase is CLOSING:  # decided while this task was busy: interrupt() woke nobody
-                    return
-                if transport.waiting:
-                    try:
-                        await trio.lowlevel.wait_readable(fd)
-                    except trio.ClosedResourceError:  # interrupted: the relay closes this client
-                        return
-                else:
-                    await trio.lowlevel.checkpoint()
-                data = read()
-                if data is None:
-                    continue
-                if not data:
-                    return  # the connection dropped: no close frame
-            failed: tuple[int, str] | None = None  # (not the exception: its traceback would hold this frame)
-            try:
-                events = feed(data)
-            except WebSocketError as exc:
-                events, failed = exc.events, (exc.code, exc.reason)
-            data = b""
-            cork.on = True
-            try:
-                for opcode, payload in events:
-                    if opcode == OP_CLOSE:  # the client closes: answer with the same code, then the end
-                        transport.close_received = close_code(payload)
-                        return
-                    if c.phase is CLOSING:
-                        return
-                    # Every frame costs a message (pings and pongs included) and its bytes.
-                    now = clock()
-                    tokens = c.tokens + (now - c.stamp) * rate
-                    c.stamp = now
-                    if tokens > burst:
-                        tokens = burst
-                    if tokens < 1.0:
-                        c.tokens = tokens
-                        self._refused(c, now, self._too_many)
-                    elif not address_bytes.take(len(payload), byte_rate, byte_burst, now):
-                        c.tokens = tokens
-                        self._refused(c, now, self._too_much)
-                    else:
-                        c.tokens = tokens - 1.0
-                        if opcode == OP_TEXT:
-                            message(c, payload)
-                        elif opcode == OP_PING:
-                            if not transport.send_control(OP_PONG, payload):
-                                self._too_slow(c)
-                        elif opcode == OP_BINARY:
-                            self._error(c, "bad_message", "binary frames are not supported: send JSON text")
-                        if c.phase is NEW:
-                            c.move(ACTIVE)
-            finally:
-                cork.release()
-            if failed is not None:
-                self._close(c, *failed)
-                return
 
     def _message(self, c: _Client, text: bytes) -> None:
         """One text message: parse it and act on it."""
@@ -2744,8 +2798,14 @@ class Relay:
         self._send(c, _REPORTED)
         self._apply(decisions)
         users = self._users(session)
-        self._call_hooks(
-            "relay_report", session=session, reporter=c.id, reported=reported, reason=msg["reason"], users=users
+        call_hooks(
+            self.hook,
+            "relay_report",
+            session=session,
+            reporter=c.id,
+            reported=reported,
+            reason=msg["reason"],
+            users=users,
         )
 
     def _on_resume(self, c: _Client, msg: dict[str, Any]) -> None:
@@ -2760,19 +2820,8 @@ class Relay:
             or x.user_id != c.user_id
         ):
             raise ProtocolError("resume_failed", "cannot resume (too late, or not yours): join again")
+        self._take_over(c, x)
         mm = self.matchmaker
-        del self._away[cid], self._clients[c.id]
-        mm.disconnect(c.id)  # the provisional client never did anything
-        self._call_hooks("relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
-        x.move(GONE)
-        c.id, c.user_id, c.peer, c.position, c.mailbox = x.id, x.user_id, x.peer, x.position, x.mailbox
-        c.connected_at, c.joins = x.connected_at, x.joins
-        c.secret = secrets.token_urlsafe(16)  # a token is good once
-        if c.peer is not None:
-            c.peer.peer = c
-        self._clients[c.id] = c
-        self._resumed += 1
-        log.debug("client %s resumed from %s", c.id, c.remote)
         missed, complete = c.mailbox.resume(msg["last"])
         session = mm.session_of(c.id)
         if not complete and session is not None:  # some fell out: rather than a silent gap, the session ends
@@ -2792,6 +2841,21 @@ class Relay:
         if c.peer is not None and session is not None:
             self._send(c.peer, _msg_peer("peer_resumed", session.id))
         self._apply(mm.release(c.id))
+
+    def _take_over(self, c: _Client, x: _Client) -> None:
+        """``c`` becomes the away client ``x``: its id, user, peer, place and mailbox."""
+        del self._away[x.id], self._clients[c.id]
+        self.matchmaker.disconnect(c.id)  # the provisional client never did anything
+        call_hooks(self.hook, "relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
+        x.move(GONE)
+        c.id, c.user_id, c.peer, c.position, c.mailbox = x.id, x.user_id, x.peer, x.position, x.mailbox
+        c.connected_at, c.joins = x.connected_at, x.joins
+        c.secret = secrets.token_urlsafe(16)  # a token is good once
+        if c.peer is not None:
+            c.peer.peer = c
+        self._clients[c.id] = c
+        self._resumed += 1
+        log.debug("client %s resumed from %s", c.id, c.remote)
 
     def _users(self, session: Session) -> dict[str, str | None]:
         clients = self._clients
@@ -2822,27 +2886,31 @@ class Relay:
                 self._matches += 1
                 # Both get matched before this returns, so the initiator's offer cannot overtake it.
                 for c in (a, b):
-                    ice = self._call_hooks("relay_ice_servers", session=s, client_id=c.id)
+                    ice = call_hooks(self.hook, "relay_ice_servers", session=s, client_id=c.id)
                     self._send(c, _msg_matched(s, c.id, list(self.settings.ice_servers) if ice is None else ice))
-                self._call_hooks("relay_matched", session=s, users={s.initiator: a.user_id, s.answerer: b.user_id})
+                call_hooks(self.hook, "relay_matched", session=s, users={s.initiator: a.user_id, s.answerer: b.user_id})
             elif type(d) is Ended:
-                s = d.session
-                users = self._users(s)
-                for cid in (s.initiator, s.answerer):
-                    c = clients.get(cid)
-                    if c is not None:
-                        c.peer = None
-                notify = clients.get(d.notify)
-                if notify is not None:
-                    # The reported side is not told it was reported: for it, the peer left.
-                    self._send(notify, _msg_peer_left(s.id, "left" if d.reason == "reported" else d.reason))
-                    if self.draining:
-                        self._close(notify, CLOSE_RESTART, "server restarting")
-                self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
-                duration = trio.current_time() - s.started_at
-                self._call_hooks(
-                    "relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration, users=users
-                )
+                self._session_ended(d)
+
+    def _session_ended(self, d: Ended) -> None:
+        """A session ended: its peers are free, the one left behind is told (and, draining, closed)."""
+        s = d.session
+        users = self._users(s)
+        for cid in (s.initiator, s.answerer):
+            c = self._clients.get(cid)
+            if c is not None:
+                c.peer = None
+        notify = self._clients.get(d.notify)
+        if notify is not None:
+            # The reported side is not told it was reported: for it, the peer left.
+            self._send(notify, _msg_peer_left(s.id, "left" if d.reason == "reported" else d.reason))
+            if self.draining:
+                self._close(notify, CLOSE_RESTART, "server restarting")
+        self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
+        duration = trio.current_time() - s.started_at
+        call_hooks(
+            self.hook, "relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration, users=users
+        )
 
     # -- sending and closing ----------------------------------------------------------------------
 
@@ -2933,9 +3001,7 @@ class Relay:
         """Forget the addresses and users with nothing open and nothing spent: the tables stay as
         small as the traffic of the last minute."""
         s = self.settings
-        for ip, a in list(self._addresses.items()):
-            if a.idle(s, now):
-                del self._addresses[ip]
+        self._port.sweep(now)
         per_minute = s.joins_per_minute_per_user
         for user, bucket in list(self._user_joins.items()):
             if bucket.level(per_minute / 60, per_minute, now) >= per_minute:
@@ -2968,38 +3034,8 @@ class Relay:
         self._stopped.set()
 
     def _check_drained(self) -> None:
-        if self.stopping and not self._closing:
+        if self.stopping and not self._port.websockets:
             self._stopped.set()
-
-    async def _finish_plugin(self, finish: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await finish()
-        except Exception:
-            log.exception("plugin failed to finish at shutdown")
-
-    def _call_hooks(self, name: str, *, on_error: Any = None, **kwargs: Any) -> Any:
-        """Call every implementation of a hook, each on its own: one that raises is logged and
-        skipped, so a plugin bug never reaches the relay or another plugin; but when ``on_error`` is
-        given (a security decision: fail closed), the first that raises makes the answer
-        ``on_error``. A ``firstresult`` hook returns the first answer that is not ``None``
-        (pluggy's order: last registered first); others return the list of answers that are not
-        ``None``."""
-        caller = getattr(self.hook, name)
-        first = caller.spec is not None and caller.spec.opts.get("firstresult")
-        results = []
-        for impl in reversed(caller.get_hookimpls()):
-            try:
-                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-            except Exception:
-                log.exception("plugin %s failed in %s", impl.plugin_name, name)
-                if on_error is not None:
-                    return on_error
-                continue
-            if result is not None:
-                if first:
-                    return result
-                results.append(result)
-        return None if first else results
 
 
 ########################################################################################################

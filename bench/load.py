@@ -3,6 +3,7 @@
     python bench/load.py                      # the figures in the README (3 alternating repetitions)
     python bench/load.py --repeat 1 --seconds 3 --idle 2000
     python bench/load.py --compare relay+plugins relay --only throughput --repeat 10 --seconds 3
+    python bench/load.py --compare baseline relay --baseline /tmp/before --only throughput memory
 
 Each server runs pinned to core 0 (`taskset`), a fresh process for each group of figures; the load
 generator (`bench/loadgen.mjs`, Node, raw WebSocket frames) runs pinned to core 1; both get the same
@@ -55,9 +56,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+BASELINE = ROOT  # --baseline: another checkout (git worktree add /tmp/before <commit>), to measure a change
+
+
 def server_command(kind: str, port: int) -> list[str]:
-    relay = [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", str(port), *LIFTED]
-    if kind == "relay":
+    script = (BASELINE if kind == "baseline" else ROOT) / "relay.py"
+    relay = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port), *LIFTED]
+    if kind in ("relay", "baseline"):
         return [*relay, "--sessions-db", ""]
     if kind == "relay+plugins":  # session persistence (SQLite, a fresh file) and metrics, scraped
         return [*relay, "--sessions-db", "/tmp/bench-sessions.db", "--metrics", "--metrics-port", "0"]
@@ -241,10 +246,14 @@ def report(runs: dict[str, list[dict]], first: str, second: str, args: argparse.
             f"| KB per connection, {args.idle:,} welcomed | {med(('idle_bytes',), first) / 1024:.1f} | "
             f"{med(('idle_bytes',), second) / 1024:.1f} | **{med_ratio(('idle_bytes',)):.2f}** |"
         )
-        for kind in (first, second):
-            if "joined_bytes" in runs[kind][0]:
-                cells = [f"{med(('joined_bytes',), kind) / 1024:.1f}" if k == kind else "" for k in (first, second)]
-                lines.append(f"| KB per connection, {args.idle:,} joined and matched | {cells[0]} | {cells[1]} | |")
+        joined = [
+            f"{med(('joined_bytes',), k) / 1024:.1f}" if "joined_bytes" in runs[k][0] else "" for k in (first, second)
+        ]
+        if any(joined):  # PeerJS has no queue: one row, with a ratio when both servers have the figure
+            ratio = f"**{med_ratio(('joined_bytes',)):.2f}**" if all(joined) else ""
+            lines.append(
+                f"| KB per connection, {args.idle:,} joined and matched | {joined[0]} | {joined[1]} | {ratio} |"
+            )
     if "latency" in runs[first][0]:
         lat = ("latency",)
         lines.append(
@@ -270,15 +279,21 @@ def main() -> None:
     parser.add_argument("--generator-core", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3, help="alternating repetitions (medians reported)")
     parser.add_argument(
-        "--compare", nargs=2, default=["relay", "peerjs"], choices=["relay", "relay+plugins", "peerjs"],
-        metavar="SERVER", help="the two servers: relay, relay+plugins or peerjs (default: relay peerjs)",
+        "--compare", nargs=2, default=["relay", "peerjs"], choices=["relay", "relay+plugins", "baseline", "peerjs"],
+        metavar="SERVER", help="the two servers: relay, relay+plugins, baseline or peerjs (default: relay peerjs)",
     )  # fmt: skip
+    parser.add_argument("--baseline", type=Path, help="the checkout the 'baseline' server runs relay.py from")
     parser.add_argument(
         "--only", nargs="+", choices=["throughput", "handshakes", "memory", "latency"],
         default=["throughput", "handshakes", "memory", "latency"], help="which figures",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print every run's figures as JSON too")
     args = parser.parse_args()
+    if "baseline" in args.compare:
+        if args.baseline is None or not (args.baseline / "relay.py").is_file():
+            parser.error("--compare baseline needs --baseline DIR, a checkout with relay.py")
+        global BASELINE
+        BASELINE = args.baseline.resolve()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the generator holds --idle sockets
     first, second = args.compare
