@@ -1568,8 +1568,6 @@ class _Transport:
         self._write(_TEXT_HEADERS[size] if size < 126 else _frame_header(OP_TEXT, size), payload)
         return True
 
-    send_signal = send_text
-
     def send_control(self, opcode: int, payload: bytes = b"") -> bool:
         """Write a ping, pong or close frame now, within the same bound."""
         if self._pending and len(self._pending) + len(payload) + 2 > self.limit:
