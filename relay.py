@@ -36,7 +36,10 @@ Read top to bottom, this file is: constants, exceptions and the public types plu
    ``GET /ws`` with an upgrade is answered by the relay itself (101), ``/ws`` without one gets 426,
    plugins' routes and the static files the rest, else 404. Before an upgrade: the handshake's
    headers, draining and capacity, the origin, the address's connection rate, then the auth hook
-   (401 before any WebSocket exists; an error refuses). ``Relay`` is every client's state and the
+   (401 before any WebSocket exists; an error refuses). A plugin's route may answer with an
+   ``HttpStream`` instead: admitted as an upgrade is, the connection is then a client whose messages
+   go out in the plugin's framing and whose own come by other requests (``ClientLink``): the HTTP
+   fallback. ``Relay`` is every client's state and the
    moves on it (synchronous: they decide and write, never wait), its timers and its public API.
    A WebSocket client then has one task: it waits until its socket is readable, reads, feeds the
    frame parser and acts on each message (rate-limit, parse, dispatch): no reader task, no channel.
@@ -54,7 +57,8 @@ Read top to bottom, this file is: constants, exceptions and the public types plu
 
 Plugins (pluggy, project name ``relay``; ``docs/plugins.md``) add flags and commands, configure
 themselves, start tasks, see connects, matches, session ends and disconnects, answer HTTP requests
-on the shared port, choose the ICE servers sent in ``matched`` and finish their work at shutdown.
+on the shared port (or make them clients: ``HttpStream``), choose the ICE servers sent in
+``matched`` and finish their work at shutdown.
 Hooks are synchronous and never called per relayed message; a plugin needing I/O runs its own task.
 Session persistence (SQLite by default, or PostgreSQL), Prometheus metrics and an admin dashboard
 ship in ``plugins/``.
@@ -96,7 +100,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final, NamedTuple, NoReturn, TypeAlias
+from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeAlias
 
 import attrs
 import orjson
@@ -112,11 +116,13 @@ __all__ = [
     "PHASES",
     "SHUTDOWN_TIMEOUT",
     "Auth",
+    "ClientLink",
     "Ended",
     "FrameParser",
     "HttpError",
     "HttpRequest",
     "HttpResponse",
+    "HttpStream",
     "IllegalMove",
     "IllegalTransition",
     "Mailbox",
@@ -131,6 +137,7 @@ __all__ = [
     "SettingError",
     "Settings",
     "StartupError",
+    "StreamFraming",
     "WebSocketError",
     "hookimpl",
     "hookspec",
@@ -169,6 +176,7 @@ MAX_BLOCKS: Final = 1000  # people one identity has blocked by reporting (the ol
 MAX_BLOCKING_IDENTITIES: Final = 100_000  # identities with a block list kept (the oldest are forgotten)
 MAX_REQUEST_HEAD: Final = 16 * 1024  # bytes of HTTP request line + headers before 431
 MAX_REQUEST_BODY: Final = 64 * 1024  # bytes of an HTTP request body (plugins' POSTs) before 413
+MAX_LINGER_BYTES: Final = 1024 * 1024  # bytes of a refused request's body read away so the answer arrives
 LISTEN_BACKLOG: Final = 4096  # connections the kernel queues for accept (capped by net.core.somaxconn)
 ACCEPT_BATCH: Final = 256  # connections accepted per wake-up of the accept loop, at most
 CLOSE_TIMEOUT: Final = 5.0  # seconds a closing client gets to take its last messages and close frame
@@ -277,6 +285,69 @@ class HttpResponse:
     content_type: str = "text/plain; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
     cache: str = "no-store"  # the Cache-Control header
+
+
+class StreamFraming(Protocol):
+    """How a plugin's ``HttpStream`` writes the relay's messages into an HTTP response (one object per
+    stream; every method is called on the hot path and must only build bytes)."""
+
+    def opening(self, link: ClientLink) -> bytes:
+        """The first bytes after the head, before ``welcome``: ``link`` is this stream's client."""
+
+    def message(self, text: bytes) -> bytes:
+        """One protocol message (compact JSON) to the client."""
+
+    def keepalive(self) -> bytes:
+        """Written when the client has been quiet for ``--heartbeat-interval``: it must show a sign
+        of life (send anything) within ``--heartbeat-timeout``, as a WebSocket answers a ping."""
+
+    def closing(self, code: int, reason: str) -> bytes:
+        """The last bytes, when the relay ends the client (a WebSocket close code and reason)."""
+
+    def closed(self) -> None:
+        """The stream ended (either side): forget its link."""
+
+
+@attrs.frozen
+class HttpStream:
+    """What a plugin answers to an ``HttpRequest`` to make its connection a client of the relay
+    without a WebSocket (``relay_plugins.fallback``). The relay admits it as it admits an upgrade
+    (draining and capacity, ``--allowed-origin``, the address's connection rate, then
+    ``relay_authenticate``: a refusal is an ordinary 401/403/429/503), sends a 200 head without a
+    length (``Cache-Control: no-store``, ``X-Accel-Buffering: no``, then ``headers``) and serves a
+    client on the connection: queue, sessions, resume, limits and hooks as for a WebSocket. What
+    the client sends comes by other requests, which the plugin passes on with ``ClientLink.receive``.
+    The connection's end without the relay closing it leaves the client away (resumable)."""
+
+    framing: StreamFraming
+    content_type: str = "text/event-stream"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class ClientLink:
+    """A client served on an ``HttpStream``, as the plugin that opened it sees it."""
+
+    __slots__ = ("_client", "_port")
+
+    def __init__(self, port: _Port, client: _Client) -> None:
+        self._port = port
+        self._client = client
+
+    @property
+    def open(self) -> bool:
+        """Whether the client can still send (its stream is up and the relay is not closing it)."""
+        return self._client.phase is NEW or self._client.phase is ACTIVE
+
+    def receive(self, texts: list[bytes]) -> bool:
+        """Messages the client sent, in order: each is rate-limited, parsed and acted on exactly as
+        a WebSocket text frame would be (up to one that makes the relay close the client). False,
+        and nothing done, if the link was not ``open``."""
+        if not self.open:
+            return False
+        c = self._client
+        c.transport.received += 1  # a sign of life, for the heartbeat
+        self._port._act(c, c.transport, [(OP_TEXT, text) for text in texts], None)
+        return True
 
 
 @attrs.frozen
@@ -942,6 +1013,7 @@ CLOSE_TOO_BIG: Final = 1009  # a frame over --max-message-bytes (trio-websocket 
 CLOSE_INTERNAL: Final = 1011  # a bug in the relay while serving this client (logged)
 CLOSE_RESTART: Final = 1012  # the relay is shutting down, after a "draining" message: reconnect
 CLOSE_TOO_SLOW: Final = 1013  # "try again later": the client did not read its messages fast enough
+CLOSE_RESUMED: Final = 4000  # the client resumed on another connection (this one may have been half dead)
 _FAIL_CODES: Final = frozenset((CLOSE_PROTOCOL_ERROR, CLOSE_BAD_DATA, CLOSE_TOO_BIG, CLOSE_TOO_SLOW))  # not waited for
 
 _loads = orjson.loads  # strict JSON: no NaN or Infinity, no lone surrogates, numbers that fit a double, depth 1024
@@ -1367,13 +1439,15 @@ class HookSpecs:
         """
 
     @hookspec(firstresult=True)
-    def relay_http_request(self, request: HttpRequest) -> HttpResponse | None:
+    def relay_http_request(self, request: HttpRequest) -> HttpResponse | HttpStream | None:
         """Called for each plain HTTP request on the relay's port other than ``/ws`` and
         ``/healthz``, before the static files are looked at.
 
         ``request`` has the method, the path (not decoded), the query string, the headers (names in
         lower case), the body (at most 64 KiB) and the remote address. Return an ``HttpResponse`` to
-        answer it, or ``None`` to let others (then the static files, then 404) answer.
+        answer it, an ``HttpStream`` to make the connection a client of the relay that is not a
+        WebSocket (admitted and authenticated as an upgrade is; ``relay_plugins.fallback``), or
+        ``None`` to let others (then the static files, then 404) answer.
         """
 
     @hookspec
@@ -1699,6 +1773,41 @@ class _Transport:
             self._pending.clear()
 
 
+class _StreamTransport(_Transport):
+    """A client's ``HttpStream``: the same socket, bound and writes as a WebSocket's, in the plugin's
+    framing; no frames come back on it (the client sends by other requests, ``ClientLink``)."""
+
+    __slots__ = ("framing",)
+
+    def __init__(self, fd: int, limit: int, max_message: int, nursery: trio.Nursery, cork: _Cork, framing: Any) -> None:
+        super().__init__(fd, limit, max_message, nursery, cork)
+        self.framing = framing
+
+    def send_text(self, payload: bytes) -> bool:
+        data = self.framing.message(payload)
+        if self._pending and len(self._pending) + len(data) > self.limit:
+            return False
+        self._write(b"", data)
+        return True
+
+    def send_ping(self) -> bool:
+        data = self.framing.keepalive()
+        if self._pending and len(self._pending) + len(data) > self.limit:
+            return False
+        self._write(b"", data)
+        return True
+
+
+def _stream_head(stream: HttpStream) -> bytes:
+    """The head of an ``HttpStream``'s response: no length (it ends when the connection does), never
+    cached, never buffered by a proxy (nginx reads ``X-Accel-Buffering``)."""
+    lines = [
+        "HTTP/1.1 200 OK", f"Content-Type: {stream.content_type}", "Cache-Control: no-store", "X-Accel-Buffering: no",
+        "X-Content-Type-Options: nosniff", "Connection: close", *(f"{name}: {value}" for name, value in stream.headers),
+    ]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 async def _close_handshake(transport: _Transport, code: int, reason: str) -> None:
     """End a WebSocket within ``CLOSE_TIMEOUT``. If the client closed first, its code is echoed. Else
     the relay's close frame goes out, and, for an orderly close, the client's answer (or the end of
@@ -1840,6 +1949,23 @@ async def _recv(fd: int) -> bytes:
         except OSError:
             return b""
         await trio.lowlevel.wait_readable(fd)
+
+
+async def _linger(fd: int) -> None:
+    """After answering a request whose body will not be read (413): stop writing and read the body
+    away (at most ``MAX_LINGER_BYTES``, for ``CLOSE_TIMEOUT``), as nginx's lingering close does, so
+    that closing does not reset the connection before the client has read the answer."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        sock = socket.socket(fileno=fd)  # borrowed: detached again below, never closed here
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        finally:
+            sock.detach()
+        read = 0
+        while read < MAX_LINGER_BYTES and (chunk := await _recv(fd)):
+            read += len(chunk)
 
 
 async def _send_all(fd: int, data: bytes) -> None:
@@ -1994,6 +2120,7 @@ class _Upgrade(NamedTuple):
     user_id: str | None
     remote: str
     early: bytes  # frames sent right behind the request
+    stream: HttpStream | None = None  # not a WebSocket: a plugin's stream (key and early are empty)
 
 
 class _Head(NamedTuple):
@@ -2097,6 +2224,7 @@ async def _read_request(fd: int, remote: str, client_ip: Callable[[dict[str, str
     if not upgrade:
         if length > MAX_REQUEST_BODY:
             await _respond(fd, 413, b"413 request body too large\n")
+            await _linger(fd)
             return None
         while len(rest) < length:
             chunk = await _recv(fd)
@@ -2226,17 +2354,23 @@ class _Port:
             counted, upgrade = await self.enter(fd, peer)
             if upgrade is None:
                 return
-            c = self._open_websocket(fd, counted, upgrade)  # type: ignore[arg-type]  (an upgrade is counted)
-            transport = c.transport
+            c = self._open_client(fd, counted, upgrade)  # type: ignore[arg-type]  (an upgrade is counted)
+            transport, stream, early, upgrade = c.transport, upgrade.stream, upgrade.early, None
             try:
-                await self._read_loop(c, transport, upgrade.early)  # early: frames sent behind the request
+                if stream is None:
+                    await self._read_loop(c, transport, early)  # early: frames sent behind the request
+                else:
+                    await self._stream_loop(c, transport)
             except Exception:
                 log.exception("client %s: handler failed", c.id)
                 relay._close(c, CLOSE_INTERNAL, "internal error")
             finally:
                 code, reason = c.close_code, c.close_reason
                 relay._connection_lost(c, transport)
-            await _close_handshake(transport, code, reason)
+            if stream is None:
+                await _close_handshake(transport, code, reason)
+            elif not transport.ended:  # the relay ends it: say how (a stream that vanished is not written to)
+                transport.send_raw(stream.framing.closing(code, reason))
         except Exception:
             log.exception("connection from %s failed", peer)
         finally:
@@ -2280,24 +2414,46 @@ class _Port:
 
     # -- a WebSocket --------------------------------------------------------------------------------
 
-    def _open_websocket(self, fd: int, address: _Address, upgrade: _Upgrade) -> _Client:
-        """Accept an upgrade: the handshake's answer and the welcome go out in one write."""
-        s = self.settings
-        transport = _Transport(fd, s.send_buffer_bytes, s.max_message_bytes, self.nursery, self.cork)
+    def _open_client(self, fd: int, address: _Address, upgrade: _Upgrade) -> _Client:
+        """Accept a client: the handshake's answer (or a stream's head and opening) and the welcome
+        go out in one write."""
+        s, stream = self.settings, upgrade.stream
+        if stream is None:
+            transport = _Transport(fd, s.send_buffer_bytes, s.max_message_bytes, self.nursery, self.cork)
+        else:
+            transport = _StreamTransport(fd, s.send_buffer_bytes, 0, self.nursery, self.cork, stream.framing)
         c = _Client(transport, upgrade.remote, address, upgrade.user_id, trio.current_time(), s)
         self.websockets += 1
         self.cork.on = True
         try:
-            transport.send_raw(_switching_protocols(upgrade.key, upgrade.subprotocol))
+            if stream is None:
+                transport.send_raw(_switching_protocols(upgrade.key, upgrade.subprotocol))
+            else:
+                transport.send_raw(_stream_head(stream) + stream.framing.opening(ClientLink(self, c)))
             self.relay._attach(c)
         finally:
             self.cork.release()
         return c
 
+    async def _stream_loop(self, c: _Client, transport: _Transport) -> None:
+        """A stream's client sends by other requests: wait for the connection's end (or the relay's
+        close); whatever arrives on it is read away."""
+        try:
+            while c.phase is not CLOSING:
+                try:
+                    await trio.lowlevel.wait_readable(transport.fd)
+                except trio.ClosedResourceError:  # interrupted: the relay closes this client
+                    return
+                while (data := transport.read()) is not None:
+                    if not data:
+                        return  # the connection dropped: the client is away
+        finally:
+            transport.framing.closed()  # type: ignore[attr-defined]
+
     async def _read_loop(self, c: _Client, transport: _Transport, data: bytes) -> None:
         """Wait for a client's bytes and act on them: the relay's hot path. Returns when the client
         closed (close frame) or vanished, or when the relay closes it."""
-        act, read, fd = self._act, transport.read, transport.fd
+        act, read, feed, fd = self._act, transport.read, transport.parser.feed, transport.fd
         while True:
             if not data:  # one read per wake-up (Transport.receive, inline: one coroutine less per read)
                 if c.phase is CLOSING:  # decided while this task was busy: interrupt() woke nobody
@@ -2314,19 +2470,22 @@ class _Port:
                     continue
                 if not data:
                     return  # the connection dropped: no close frame
-            if not act(c, transport, data):
-                return
+            failed: tuple[int, str] | None = None  # (not the exception: its traceback would hold this frame)
+            try:
+                events = feed(data)
+            except WebSocketError as exc:
+                events, failed = exc.events, (exc.code, exc.reason)
             data = b""
+            if not act(c, transport, events, failed):
+                return
 
-    def _act(self, c: _Client, transport: _Transport, data: bytes) -> bool:
-        """Parse one read's frames, rate-limit each and act on it; False once the connection ends."""
+    def _act(
+        self, c: _Client, transport: _Transport, events: list[tuple[int, bytes]], failed: tuple[int, str] | None
+    ) -> bool:
+        """Rate-limit one read's frames and act on each (then on ``failed``, the read's violation of
+        the frame protocol, if any); False once the connection ends."""
         s, relay, cork, clock, message = self.settings, self.relay, self.cork, trio.current_time, self.relay._message
         rate, burst, address_bytes = s.message_rate, s.message_burst, c.address.bytes
-        failed: tuple[int, str] | None = None  # (not the exception: its traceback would hold this frame)
-        try:
-            events = transport.parser.feed(data)
-        except WebSocketError as exc:
-            events, failed = exc.events, (exc.code, exc.reason)
         cork.on = True
         try:
             for opcode, payload in events:
@@ -2422,6 +2581,8 @@ class _Port:
         request = head.request
         if request.path != WS_PATH or not head.upgrade:
             response = self._answer_http(request)
+            if type(response) is HttpStream:
+                return await self._accept(fd, request, address, response)
             await _respond(
                 fd, response.status, response.body, response.content_type,
                 head_only=request.method == "HEAD", headers=response.headers, cache=response.cache,
@@ -2432,6 +2593,12 @@ class _Port:
             status, reason, headers = bad
             await _respond(fd, status, f"{status} {reason}\n".encode(), headers=headers)
             return None
+        return await self._accept(fd, request, address, None, head.rest)
+
+    async def _accept(
+        self, fd: int, request: HttpRequest, address: _Address, stream: HttpStream | None, early: bytes = b""
+    ) -> _Upgrade | None:
+        """Admit a new client (a WebSocket, or a plugin's stream) or refuse it with an HTTP status."""
         refusal = self._admit(request, address)
         if refusal is not None:
             status, reason = refusal
@@ -2439,11 +2606,13 @@ class _Port:
             return None
         auth = self._authenticate(request)
         if auth.refuse:
-            log.info("refused a WebSocket from %s: %s", request.ip, auth.reason)
+            log.info("refused a client from %s: %s", request.ip, auth.reason)
             await _respond(fd, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
             return None
         remote = request.remote if request.ip == request.remote.rsplit(":", 1)[0] else request.ip
-        return _Upgrade(request.headers["sec-websocket-key"], auth.subprotocol, auth.user_id, remote, head.rest)
+        if stream is not None:
+            return _Upgrade("", None, auth.user_id, remote, b"", stream)
+        return _Upgrade(request.headers["sec-websocket-key"], auth.subprotocol, auth.user_id, remote, early)
 
     def _admit(self, request: HttpRequest, address: _Address) -> tuple[int, str] | None:
         """Whether a WebSocket may open: (status, reason) to refuse it, or None. Cheap checks first."""
@@ -2468,7 +2637,7 @@ class _Port:
             return _AUTH_FAILED
         return auth
 
-    def _answer_http(self, request: HttpRequest) -> HttpResponse:
+    def _answer_http(self, request: HttpRequest) -> HttpResponse | HttpStream:
         """Everything on the port that is not a WebSocket: health, plugins, the static files, 404."""
         method, path = request.method, request.path
         if path == WS_PATH:
@@ -2807,17 +2976,24 @@ class Relay:
         )
 
     def _on_resume(self, c: _Client, msg: dict[str, Any]) -> None:
-        """Take back a vanished client ``x``: this connection's client takes its id, place or
-        session and mailbox (what was sent meanwhile); its own, unused identity ends quietly."""
+        """Take back client ``x``: this connection's client takes its id, place or session and
+        mailbox (what was sent meanwhile); its own, unused identity ends quietly. ``x`` is away, or
+        still connected (a connection that died without the relay noticing yet, or a client moving
+        to another transport): then that connection is closed (``CLOSE_RESUMED``)."""
         cid, _, secret = msg["token"].partition(".")
-        x = self._away.get(cid)
+        x = self._clients.get(cid)
         if (
             c.phase is not NEW
             or x is None
+            or x is c
+            or x.phase is CLOSING
             or not hmac.compare_digest(x.secret.encode(), secret.encode())
             or x.user_id != c.user_id
         ):
             raise ProtocolError("resume_failed", "cannot resume (too late, or not yours): join again")
+        was_away = x.phase is AWAY
+        if not was_away:
+            self._close(x, CLOSE_RESUMED, "resumed on another connection")
         self._take_over(c, x)
         mm = self.matchmaker
         missed, complete = c.mailbox.resume(msg["last"])
@@ -2836,13 +3012,14 @@ class Relay:
         self._send(c, _msg_resumed(c.id, c.token, mm.state(c.id), **details))
         for out in missed:  # the signals it missed, in their order, then what else came meanwhile
             self._send(c, out)
-        if c.peer is not None and session is not None:
+        if c.peer is not None and session is not None and was_away:
             self._send(c.peer, _msg_peer("peer_resumed", session.id))
         self._apply(mm.release(c.id))
 
     def _take_over(self, c: _Client, x: _Client) -> None:
         """``c`` becomes the away client ``x``: its id, user, peer, place and mailbox."""
-        del self._away[x.id], self._clients[c.id]
+        self._away.pop(x.id, None)
+        del self._clients[c.id]
         self.matchmaker.disconnect(c.id)  # the provisional client never did anything
         call_hooks(self.hook, "relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
         x.move(GONE)

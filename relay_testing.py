@@ -149,7 +149,8 @@ async def http_get(
     with trio.fail_after(STEP):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}{length}\r\n"
+            close = "" if "connection:" in headers.lower() else "Connection: close\r\n"  # it reads to the end
+            head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{close}{headers}{length}\r\n"
             await stream.send_all(head.encode() + body)
             data = b""
             while chunk := await stream.receive_some():

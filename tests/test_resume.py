@@ -86,7 +86,7 @@ async def test_a_queued_client_keeps_its_place_and_wait(nursery):
 async def test_refusals_look_alike_and_leave_the_connection_usable(make_harness):
     h = await make_harness(resume_grace=0.3)
     a, b, _, _ = await h.pair()
-    live = await h.connect()
+    await h.connect()  # a bystander
     refusals = []
 
     async def refused(token: str, **extra) -> Client:
@@ -95,8 +95,9 @@ async def test_refusals_look_alike_and_leave_the_connection_usable(make_harness)
         refusals.append(answer["message"])
         return c
 
-    await refused(live.welcome["resume_token"])  # a client that is still connected: not yours to take
-    await live.quiet()  # and it is unaffected
+    await refused(f"{b.id}.{'A' * 22}")  # the right id, a wrong secret: the connected client is unaffected
+    await b.send(type="signal", data={"still": "here"})
+    await a.expect("signal", data={"still": "here"})
     await refused(f"{b.id}.{'A' * 22}")  # the right id, a wrong secret
     await refused("no-such-client.whatever")
     token = b.welcome["resume_token"]
@@ -149,3 +150,25 @@ async def test_a_clean_close_is_final(make_harness):
     await b.ws.aclose()  # the user closed the tab: the peer should not wait
     await a.expect("peer_left", session_id=ma["session_id"], reason="disconnected")
     assert h.relay.statistics().away == 0
+
+
+async def test_resume_takes_over_a_client_whose_old_connection_still_looks_alive(make_harness):
+    """A phone that switched networks reconnects before the relay can tell its old connection died:
+    the token takes the client over at once (the old connection gets 4000), and nothing is missed."""
+    h = await make_harness(resume_grace=10)
+    a, b, _, _ = await h.pair()
+    await a.send(type="signal", data={"i": 0})
+    last = (await b.expect("signal", data={"i": 0}))["n"]
+    for i in range(1, 4):  # written into b's old connection, never read there
+        await a.send(type="signal", data={"i": i})
+    b2, resumed = await resume(h, b.welcome["resume_token"], last)
+    assert (resumed["type"], resumed["client_id"], resumed["state"]) == ("resumed", b.id, "matched"), resumed
+    for i in range(1, 4):
+        await b2.expect("signal", data={"i": i}, n=last + i)
+    await b2.quiet()
+    closed = await b.closed()
+    assert closed.code == relay_mod.CLOSE_RESUMED, closed
+    await a.quiet()  # the peer never saw b away: no peer_reconnecting, no peer_resumed
+    await b2.send(type="signal", data={"answer": True})
+    await a.expect("signal", data={"answer": True})
+    assert h.relay.statistics().resumed == 1 and h.relay.statistics().connections == 2
