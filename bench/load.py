@@ -4,6 +4,8 @@
     python bench/load.py --repeat 1 --seconds 3 --idle 2000
     python bench/load.py --compare relay+plugins relay --only throughput --repeat 10 --seconds 3
     python bench/load.py --compare baseline relay --baseline /tmp/before --only throughput memory
+    python bench/load.py --only fallback       # the HTTP fallback's pairs, as ratios to WebSocket pairs
+    python bench/load.py --compare relay relay-nofallback --only throughput   # WebSockets, fallback on / off
 
 Each server runs pinned to core 0 (`taskset`), a fresh process for each group of figures; the load
 generator (`bench/loadgen.mjs`, Node, raw WebSocket frames) runs pinned to core 1; both get the same
@@ -20,7 +22,10 @@ but its concurrent-connection limit (5,000), lifted for the memory figure. Figur
   server CPU, with 100 connections in flight;
 * memory (RSS) per connection with 10,000 open: welcomed, and (relay) joined and matched;
 * latency under the same load for both (500 pairs at half the slower server's capacity): the
-  relay's join -> matched, PeerJS's first message between two fresh connections (it has no queue).
+  relay's join -> matched, PeerJS's first message between two fresh connections (it has no queue);
+* with ``--only fallback``, for the relay alone: relayed messages per second of server CPU and the
+  match latency (join -> matched, while the pairs stream), for pairs whose both sides use WebSockets,
+  one side the HTTP fallback, or both, as ratios to the WebSocket pairs of the same repetition.
 
 Ratios are taken within a repetition (servers alternate, their order flipping), then the median.
 """
@@ -64,6 +69,8 @@ def server_command(kind: str, port: int) -> list[str]:
     relay = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port), *LIFTED]
     if kind in ("relay", "baseline"):
         return [*relay, "--sessions-db", ""]
+    if kind == "relay-nofallback":  # the same, without the HTTP fallback plugin
+        return [*relay, "--sessions-db", "", "--no-fallback"]
     if kind == "relay+plugins":  # session persistence (SQLite, a fresh file) and metrics, scraped
         return [*relay, "--sessions-db", "/tmp/bench-sessions.db", "--metrics", "--metrics-port", "0"]
     return ["node", str(PEERJS), "--host", "127.0.0.1", "--port", str(port), "--concurrent_limit", "100000"]
@@ -189,6 +196,52 @@ def latency(kind: str, args: argparse.Namespace, rate: float) -> dict:
         )
 
 
+MIXES = ("ws-ws", "ws-fb", "fb-fb")  # which sides of each pair use the HTTP fallback (loadgen.mjs MIX)
+
+
+def fallback(args: argparse.Namespace) -> dict:
+    """The relay's pairs in each mix, on one server, flat out, with match-latency probes meanwhile."""
+    n = min(args.pairs)
+    figures = {}
+    with Server("relay", args.server_core) as server:
+        for mix in MIXES:
+            run = with_cpu(
+                server,
+                lambda mix=mix: generator(
+                    args.generator_core,
+                    "throughput",
+                    "relay",
+                    server.port,
+                    n,
+                    args.seconds,
+                    0,
+                    args.latency_probes,
+                    mix,
+                ),
+            )
+            run["per_core"] = run["msgs_per_s"] / run["server_cpu"]
+            figures[mix] = run
+    return figures
+
+
+def fallback_report(runs: list[dict], args: argparse.Namespace) -> str:
+    def med(mix: str, key: str, relative: bool = False) -> float:
+        return statistics.median(r[mix][key] / (r["ws-ws"][key] if relative else 1) for r in runs)
+
+    names = {"ws-ws": "WebSocket - WebSocket", "ws-fb": "WebSocket - fallback", "fb-fb": "fallback - fallback"}
+    lines = [
+        f"| pairs ({min(args.pairs)}, flat out) | msgs/s per server core | ratio | match p50 / p99 | ratio p50 / p99 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mix in MIXES:
+        lines.append(
+            f"| {names[mix]} | {med(mix, 'per_core'):,.0f} | **{med(mix, 'per_core', True):.2f}** | "
+            f"{med(mix, 'latency_p50_ms'):.1f} / {med(mix, 'latency_p99_ms'):.1f} ms | "
+            f"{med(mix, 'latency_p50_ms', True):.2f} / {med(mix, 'latency_p99_ms', True):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def ensure_peerjs() -> None:
     if not PEERJS.exists():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BENCH, check=True)
@@ -279,12 +332,13 @@ def main() -> None:
     parser.add_argument("--generator-core", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3, help="alternating repetitions (medians reported)")
     parser.add_argument(
-        "--compare", nargs=2, default=["relay", "peerjs"], choices=["relay", "relay+plugins", "baseline", "peerjs"],
-        metavar="SERVER", help="the two servers: relay, relay+plugins, baseline or peerjs (default: relay peerjs)",
+        "--compare", nargs=2, default=["relay", "peerjs"],
+        choices=["relay", "relay+plugins", "relay-nofallback", "baseline", "peerjs"],
+        metavar="SERVER", help="the two servers: relay, relay+plugins, relay-nofallback, baseline or peerjs",
     )  # fmt: skip
     parser.add_argument("--baseline", type=Path, help="the checkout the 'baseline' server runs relay.py from")
     parser.add_argument(
-        "--only", nargs="+", choices=["throughput", "handshakes", "memory", "latency"],
+        "--only", nargs="+", choices=["throughput", "handshakes", "memory", "latency", "fallback"],
         default=["throughput", "handshakes", "memory", "latency"], help="which figures",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print every run's figures as JSON too")
@@ -296,6 +350,16 @@ def main() -> None:
         BASELINE = args.baseline.resolve()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the generator holds --idle sockets
+    if args.only == ["fallback"]:
+        runs = [fallback(args) for _ in range(args.repeat)]
+        if args.json:
+            print(json.dumps(runs, indent=2))
+        print(
+            f"medians of {args.repeat} repetitions; server on core {args.server_core}, "
+            f"generator on core {args.generator_core}"
+        )
+        print(fallback_report(runs, args))
+        return
     first, second = args.compare
     if "peerjs" in args.compare:
         ensure_peerjs()

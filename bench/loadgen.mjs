@@ -1,7 +1,7 @@
 // The load generator of bench/load.py, in Node: drives the relay or PeerJS 1.0.2 with the same
 // traffic from one process and prints one line of JSON.
 //
-//   node bench/loadgen.mjs throughput relay|peerjs PORT PAIRS SECONDS [RATE] [PROBES]
+//   node bench/loadgen.mjs throughput relay|peerjs PORT PAIRS SECONDS [RATE] [PROBES] [MIX]
 //   node bench/loadgen.mjs handshakes relay|peerjs PORT SECONDS CONCURRENCY
 //   node bench/loadgen.mjs idle relay|peerjs PORT COUNT [join]       (prints "ready", waits for stdin to close)
 //
@@ -12,6 +12,9 @@
 // then ten ICE candidates of ~250 B, over and over, both ways), the same window (at most WINDOW
 // messages in flight per side); only the envelope differs: the relay's {"type":"signal","data":...}
 // to the peer it matched, PeerJS's {"type":"OFFER","dst":id,"payload":...} to the id it names.
+// MIX (relay only): "ws-ws" (the default), "ws-fb" or "fb-fb": which sides of each pair (and of the
+// latency probes) use the relay's HTTP fallback (a stream of Server-Sent Events; one POST at a time,
+// on a connection of its own, carrying what waits, one message per line) instead of a WebSocket.
 import net from "node:net";
 import crypto from "node:crypto";
 
@@ -43,11 +46,12 @@ const CANDIDATE = {
   },
 };
 
-function cycle(to) {
-  // what one side sends, over and over: 11 frames in one buffer
+function cycle(to, fallback = false) {
+  // what one side sends, over and over: 11 frames in one buffer (for the fallback: 11 lines)
   const wrap = RELAY
     ? (data) => JSON.stringify({ type: "signal", data })
     : (data) => JSON.stringify({ type: data.sdp ? "OFFER" : "CANDIDATE", dst: to, payload: data });
+  if (fallback) return [wrap(SDP), ...Array(10).fill(wrap(CANDIDATE))].join("\n");
   return Buffer.concat([frame(wrap(SDP)), ...Array(10).fill(frame(wrap(CANDIDATE)))]);
 }
 const CYCLE_LENGTH = 11;
@@ -151,11 +155,116 @@ class Conn {
   }
 }
 
+class FallbackConn {
+  // One client of the relay's HTTP fallback, with Conn's interface.
+  constructor(id) {
+    this.id = id;
+    this.buf = "";
+    this.received = 0;
+    this.onFrames = null;
+    this.waiters = [];
+    this.outbox = [];
+    this.posting = false;
+  }
+
+  open() {
+    return new Promise((resolve, reject) => {
+      const sock = net.connect({ port: PORT, host: "127.0.0.1" });
+      this.sock = sock;
+      sock.setNoDelay(true);
+      sock.setEncoding("utf8");
+      let head = "";
+      const onData = (chunk) => {
+        head += chunk;
+        const end = head.indexOf("\r\n\r\n");
+        if (end < 0) return;
+        sock.off("data", onData);
+        if (!head.startsWith("HTTP/1.1 200")) {
+          reject(new Error(head.slice(0, end)));
+          return;
+        }
+        this.opened = resolve;
+        sock.on("data", (data) => this.data(data));
+        this.data(head.slice(end + 4));
+      };
+      sock.on("data", onData);
+      sock.on("error", (err) => reject(err));
+      sock.on("connect", () => {
+        sock.write(`POST /fallback/open HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Relay-Fallback: 1\r\nContent-Length: 0\r\n\r\n`);
+      });
+    });
+  }
+
+  data(chunk) {
+    const buf = this.buf + chunk;
+    let pos = 0;
+    let frames = 0;
+    let end;
+    while ((end = buf.indexOf("\n\n", pos)) >= 0) {
+      if (buf.startsWith("data: ", pos)) {
+        frames += 1;
+        if (this.waiters.length) this.message(buf.slice(pos + 6, end));
+      } else if (buf.startsWith("event: stream\ndata: ", pos)) {
+        this.credential = JSON.parse(buf.slice(pos + 20, end)).stream;
+        this.opened(this);
+      } else if (buf[pos] === ":") {
+        this.send('{"type":"ping"}'); // a keepalive: a sign of life
+      }
+      pos = end + 2;
+    }
+    this.buf = buf.slice(pos);
+    this.received += frames;
+    if (this.onFrames && frames) this.onFrames(frames);
+  }
+
+  message(text) {
+    Conn.prototype.message.call(this, text);
+  }
+
+  expect(...types) {
+    return new Promise((resolve) => this.waiters.push({ types, resolve }));
+  }
+
+  send(data) {
+    this.outbox.push(data);
+    this.post();
+  }
+
+  post() {
+    if (this.posting || !this.outbox.length) return;
+    this.posting = true;
+    const body = Buffer.from(this.outbox.splice(0).join("\n"));
+    const s = net.connect({ port: PORT, host: "127.0.0.1" });
+    s.setNoDelay(true);
+    s.on("connect", () => {
+      s.write(
+        `POST /fallback/send HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Relay-Stream: ${this.credential}\r\n` +
+          `Content-Length: ${body.length}\r\n\r\n`,
+      );
+      s.write(body);
+    });
+    const done = () => {
+      if (!this.posting) return;
+      this.posting = false;
+      this.post();
+    };
+    s.on("data", () => {});
+    s.on("close", done);
+    s.on("error", done);
+  }
+
+  close() {
+    this.sock.destroy();
+  }
+}
+
 let counter = 0;
 const newId = () => `${process.pid}x${(counter += 1)}`;
 
-async function connect() {
-  const c = new Conn(newId());
+const MIX = (process.argv[9] || "ws-ws").split("-"); // per side of a pair: "ws" or "fb"
+
+async function connect(kind = "ws") {
+  const c = kind === "fb" ? new FallbackConn(newId()) : new Conn(newId());
   const ready = c.expect(RELAY ? "welcome" : "OPEN");
   await c.open();
   await ready;
@@ -163,8 +272,8 @@ async function connect() {
 }
 
 async function pair() {
-  const a = await connect();
-  const b = await connect();
+  const a = await connect(MIX[0]);
+  const b = await connect(MIX[1]);
   if (RELAY) {
     const queued = a.expect("queued");
     a.send('{"type":"join"}');
@@ -191,8 +300,8 @@ function percentile(sorted, p) {
 async function probeLatency(samples) {
   // relay: join sent -> matched received by the side that completes a pair. PeerJS has no queue: its
   // equivalent is the first message between two fresh connections (sent -> received).
-  const a = await connect();
-  const b = await connect();
+  const a = await connect(MIX[0]);
+  const b = await connect(MIX[1]);
   let start;
   if (RELAY) {
     const queued = a.expect("queued");
@@ -224,13 +333,15 @@ async function throughput(pairs, seconds, rate, probes) {
   // (and, paced, when it has a token: cycles per side per 10 ms tick)
   const perTick = rate ? rate / CYCLE_LENGTH / sides.length / 100 : 0;
   for (const [from, to] of sides) {
-    const blob = cycle(to.id);
+    const fallback = from instanceof FallbackConn;
+    const blob = cycle(to.id, fallback);
     from.inFlight = 0;
     const pump = () => {
       while (from.inFlight <= WINDOW - CYCLE_LENGTH && (!perTick || from.tokens >= 1)) {
         from.inFlight += CYCLE_LENGTH;
         if (perTick) from.tokens -= 1;
-        from.sock.write(blob);
+        if (fallback) from.send(blob);
+        else from.sock.write(blob);
       }
     };
     from.pump = pump;

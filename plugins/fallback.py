@@ -18,6 +18,11 @@ relay's one port:
   wrong credential, ``410`` once the stream has ended (open a new one and ``resume``), ``413`` for
   a body over 64 KiB.
 
+A page served from another origin than the relay's may use the fallback too: the preflight
+(``OPTIONS``) and every answer allow exactly the page's ``Origin`` when it is one of
+``--allowed-origin`` (or any origin when that is not set: the same rule as for WebSockets, which
+carry no ambient authority either: no cookies, only the token the page itself sends).
+
 Why this shape: Server-Sent Events framing is what proxies know to pass through as it comes (with
 ``X-Accel-Buffering: no`` for nginx), but the browser client reads it with ``fetch()``, not
 ``EventSource``: a POST carries ``Origin`` (so ``--allowed-origin`` applies as it does to WebSocket
@@ -39,6 +44,7 @@ import argparse
 import hmac
 import secrets
 
+import attrs
 import orjson
 
 import relay
@@ -49,9 +55,14 @@ SEND_PATH = "/fallback/send"
 STREAM_HEADER = "x-relay-stream"  # the stream's credential, on every post
 OPEN_HEADER = "x-relay-fallback"  # on the request that opens a stream: a cross-site form cannot send it
 
+_NO_CONTENT = HttpResponse(204)
+_PREFLIGHT = (
+    ("Access-Control-Allow-Methods", "POST"),
+    ("Access-Control-Allow-Headers", "X-Relay-Fallback, X-Relay-Stream, Authorization, Content-Type"),
+    ("Access-Control-Max-Age", "600"),  # seconds a browser may keep this answer
+)
 _REFUSED = HttpResponse(403, b"403 missing or wrong X-Relay-Stream\n")
 _GONE = HttpResponse(410, b"410 this stream has ended: open another and resume\n")
-_NO_CONTENT = HttpResponse(204)
 _KEEPALIVE = b": keepalive\n\n"
 
 
@@ -101,18 +112,30 @@ class Fallback:
 
     @relay.hookimpl
     def relay_http_request(self, request: HttpRequest) -> HttpResponse | HttpStream | None:
-        if request.path == OPEN_PATH:
-            if request.method != "POST":
-                return HttpResponse(405, b"405 open a stream with POST\n", headers=(("Allow", "POST"),))
-            if request.headers.get(OPEN_HEADER) != "1":
-                return HttpResponse(403, b"403 a stream is opened with X-Relay-Fallback: 1\n")
-            self.relay.counters["fallback_streams"] += 1
-            return HttpStream(_Stream(self))
+        if request.path != OPEN_PATH and request.path != SEND_PATH:
+            return None
+        cors = self._cors(request)
+        if request.method == "OPTIONS":  # a cross-origin page's preflight
+            if cors is None:
+                return HttpResponse(403, b"403 origin not allowed\n")
+            return HttpResponse(204, headers=(*cors, *_PREFLIGHT))
+        if request.method != "POST":
+            return HttpResponse(405, b"405 use POST\n", headers=(("Allow", "POST"),))
         if request.path == SEND_PATH:
-            if request.method != "POST":
-                return HttpResponse(405, b"405 send with POST\n", headers=(("Allow", "POST"),))
-            return self._send(request)
-        return None
+            answer = self._send(request)
+            return attrs.evolve(answer, headers=(*answer.headers, *cors)) if cors else answer
+        if request.headers.get(OPEN_HEADER) != "1":
+            return HttpResponse(403, b"403 a stream is opened with X-Relay-Fallback: 1\n")
+        self.relay.counters["fallback_streams"] += 1
+        return HttpStream(_Stream(self), headers=cors or ())
+
+    def _cors(self, request: HttpRequest) -> tuple[tuple[str, str], ...] | None:
+        """The CORS headers that let the request's page read the answer, if its origin may."""
+        origin = request.headers.get("origin")
+        allowed = self.relay.settings.allowed_origins
+        if origin is None or (allowed and origin not in allowed):
+            return None
+        return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
 
     def _send(self, request: HttpRequest) -> HttpResponse:
         stream_id, _, secret = request.headers.get(STREAM_HEADER, "").partition(".")

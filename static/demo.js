@@ -83,7 +83,8 @@ async function start() {
   const stream = await openCamera();
   $("local").srcObject = stream;
   if (!client) {
-    client = new RelayClient(relays, { interests });
+    const upgrade = Number(params.get("upgrade-interval")); // on the HTTP fallback: ms between WebSocket tries
+    client = new RelayClient(relays, { interests, ...(upgrade > 0 ? { upgradeInterval: upgrade } : {}) });
     peer = new PeerSession(client, {
       rtcConfig,
       onTrack: (event) => {
@@ -105,9 +106,15 @@ function showConnection(text) {
 }
 
 function wire(client, peer) {
-  client.addEventListener("connected", (e) => {
-    showConnection(`Connected (${new URL(e.detail.url).host})`);
+  const connectedText = () =>
+    `Connected (${new URL(client.url).host}${client.transport === "fallback" ? ", over HTTP: WebSockets are blocked here" : ""})`;
+  client.addEventListener("connected", () => {
+    showConnection(connectedText());
     if (client.detached) setText("peer-state", "In a call. The server restarted; the call goes on.");
+  });
+  client.addEventListener("transport", () => {
+    document.body.dataset.transport = client.transport;
+    if (client.connection === "open") showConnection(connectedText());
   });
   client.addEventListener("reconnecting", (e) => {
     const until = Date.now() + e.detail.delay;

@@ -23,6 +23,10 @@ export interface RelayClientOptions {
   token: string | (() => string) | null;
   /** Signals kept while a lost connection is being resumed. Default 100. */
   maxQueuedSignals: number;
+  /** After attemptsPerUrl failed WebSockets to a relay whose /healthz answers, use its HTTP fallback. Default true. */
+  fallback: boolean;
+  /** ms: on the HTTP fallback, how often to try a WebSocket again (and move back to it). Default 60000. */
+  upgradeInterval: number;
 }
 
 export const DEFAULTS: Readonly<RelayClientOptions>;
@@ -102,6 +106,8 @@ export interface RelayClientEventMap {
   reconnecting: CustomEvent<{ attempt: number; delay: number; url: string }>;
   disconnected: CustomEvent<{ code: number; reason: string; willReconnect: boolean }>;
   error: CustomEvent<ErrorMessage>;
+  /** The client now reaches the relay this way (see RelayClient.transport). */
+  transport: CustomEvent<{ transport: "websocket" | "fallback" }>;
   /** Cancelable: the relay lost the session; preventDefault() keeps the call going without it. */
   sessionlost: CustomEvent<MatchedMessage>;
 }
@@ -112,6 +118,28 @@ export function backoffDelay(
   options: { initialDelay: number; maxDelay: number },
   random?: () => number,
 ): number;
+
+/** The relay's HTTP base for a WebSocket URL: `wss://a.example/ws` -> `https://a.example`. */
+export function httpBase(url: string): string;
+
+/** One Server-Sent Events block of the fallback stream. */
+export function parseEvent(block: string): { event: string; data: string | null; comment: boolean };
+
+/** The relay's HTTP fallback behind the part of the WebSocket interface RelayClient uses. */
+export class FallbackSocket {
+  constructor(
+    url: string,
+    options?: { token?: string | null; fetch?: typeof fetch; timers?: { setTimeout: typeof setTimeout } },
+  );
+  readonly url: string;
+  readonly readyState: 0 | 1 | 3;
+  onopen: ((event: object) => void) | null;
+  onmessage: ((event: { data: string }) => void) | null;
+  onclose: ((event: { code: number; reason: string; wasClean: boolean }) => void) | null;
+  onerror: ((event: object) => void) | null;
+  send(text: string): void;
+  close(code?: number, reason?: string): void;
+}
 
 /** The same URL until it failed `attemptsPerUrl` times, then the next; back to the first after a success. */
 export class UrlRotation {
@@ -142,6 +170,7 @@ export class RelayClient extends EventTarget {
       WebSocket?: typeof WebSocket;
       timers?: { setTimeout: typeof setTimeout; clearTimeout: typeof clearTimeout };
       random?: () => number;
+      fetch?: typeof fetch;
     },
   );
   readonly options: RelayClientOptions;
@@ -156,6 +185,8 @@ export class RelayClient extends EventTarget {
   /** In a call the relay lost (it restarted): nothing is signaled; next() and leave() still work. */
   readonly detached: boolean;
   readonly url: string | null;
+  /** How the client reaches the relay: a WebSocket, or the HTTP fallback (where WebSockets are blocked). */
+  readonly transport: "websocket" | "fallback";
   join(options?: { interests?: string[] }): void;
   next(): void;
   leave(): void;

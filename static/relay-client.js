@@ -10,8 +10,10 @@
 //
 // RelayClient keeps one WebSocket to the relay: it reconnects forever (exponential backoff with full
 // jitter, rotating through the URLs) and, after a reconnect, joins again with the same interests, so
-// a dropped connection costs a new match, never a stuck screen. PeerSession does the WebRTC side of
-// each match. The protocol is documented in docs/protocol.md.
+// a dropped connection costs a new match, never a stuck screen. Where WebSockets are blocked (a proxy
+// that does not pass them) but the relay answers plain HTTP, it switches to the relay's HTTP fallback
+// (FallbackSocket) and keeps trying WebSockets now and then, moving back without losing a signal.
+// PeerSession does the WebRTC side of each match. The protocol is documented in docs/protocol.md.
 
 /** The protocol version this client speaks (the relay's `welcome` says which it speaks). */
 export const PROTOCOL = 1;
@@ -28,7 +30,162 @@ export const DEFAULTS = Object.freeze({
   rejoinAfterPeerLeft: true, // when the peer leaves, queue up again for the next person
   token: null, // a JWT for relays that require one (or a function returning one, called per connection)
   maxQueuedSignals: 100, // signals kept while the connection is being resumed
+  fallback: true, // after attemptsPerUrl failed WebSockets to a relay that answers HTTP, use its HTTP fallback
+  upgradeInterval: 60000, // ms: on the fallback, how often to try a WebSocket again
 });
+
+/**
+ * The relay's HTTP base for a WebSocket URL: `wss://a.example/ws` -> `https://a.example`.
+ * @param {string} url
+ * @returns {string}
+ */
+export function httpBase(url) {
+  const u = new URL(url);
+  u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+  return `${u.origin}${u.pathname.replace(/\/ws$/, "")}`;
+}
+
+/**
+ * Parse one Server-Sent Events block (the lines between two blank lines) of the fallback stream.
+ * @param {string} block
+ * @returns {{event: string, data: string | null, comment: boolean}}
+ */
+export function parseEvent(block) {
+  let event = "message";
+  const data = [];
+  let comment = false;
+  for (const line of block.split(/\r\n|\r|\n/)) {
+    if (line.startsWith(":")) comment = true;
+    else if (line.startsWith("event:")) event = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(line[5] === " " ? 6 : 5));
+  }
+  return { event, data: data.length ? data.join("\n") : null, comment };
+}
+
+/**
+ * The relay's HTTP fallback (docs/protocol.md, "The HTTP fallback") behind the part of the WebSocket
+ * interface RelayClient uses: `readyState`, `send(text)`, `close()`, `onopen`, `onmessage`, `onclose`.
+ * The relay's messages come on one streaming response (`POST /fallback/open`, read with fetch(), not
+ * EventSource: it carries Origin and Authorization and never reconnects on its own); what is sent
+ * goes in POSTs, one at a time so that order holds, batching what waits meanwhile. A keepalive
+ * comment is answered with a ping. Any failure ends it as a dropped WebSocket would (1006).
+ */
+export class FallbackSocket {
+  /**
+   * @param {string} url the relay's WebSocket URL (its HTTP base is derived from it)
+   * @param {{token?: string | null, fetch?: typeof fetch, timers?: {setTimeout: Function}}} [options]
+   */
+  constructor(url, { token = null, fetch: fetchImpl, timers } = {}) {
+    this.url = url;
+    this.readyState = 0; // as a WebSocket's: 0 connecting, 1 open, 3 closed
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this._base = httpBase(url);
+    this._fetch = fetchImpl || globalThis.fetch.bind(globalThis);
+    this._timers = timers || globalThis;
+    this._token = token;
+    this._credential = null;
+    this._outbox = [];
+    this._posting = false;
+    this._abort = new AbortController();
+    this._run();
+  }
+
+  send(text) {
+    if (this.readyState !== 1) return;
+    this._outbox.push(text);
+    this._post();
+  }
+
+  close(code = 1000, reason = "") {
+    this._finish(code, reason);
+  }
+
+  _headers(extra) {
+    return this._token ? { ...extra, Authorization: `Bearer ${this._token}` } : extra;
+  }
+
+  async _run() {
+    let response;
+    try {
+      response = await this._fetch(`${this._base}/fallback/open`, {
+        method: "POST",
+        headers: this._headers({ "X-Relay-Fallback": "1" }),
+        cache: "no-store",
+        signal: this._abort.signal,
+      });
+    } catch {
+      this._finish(1006, "");
+      return;
+    }
+    if (!response.ok || !response.body) {
+      this._finish(1006, `HTTP ${response.status}`);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || this.readyState === 3) break;
+        buffer += decoder.decode(value, { stream: true });
+        let end;
+        while (this.readyState !== 3 && (end = buffer.indexOf("\n\n")) >= 0) {
+          this._event(parseEvent(buffer.slice(0, end)));
+          buffer = buffer.slice(end + 2);
+        }
+      }
+    } catch {
+      // aborted, or the connection broke
+    }
+    this._finish(1006, "");
+  }
+
+  _event({ event, data, comment }) {
+    if (data === null) {
+      if (comment && this.readyState === 1) this.send('{"type":"ping"}'); // the relay asks for a sign of life
+      return;
+    }
+    if (event === "stream") {
+      this._credential = JSON.parse(data).stream;
+      this.readyState = 1;
+      this.onopen?.({});
+    } else if (event === "close") {
+      const { code, reason } = JSON.parse(data);
+      this._finish(code, reason);
+    } else if (event === "message") {
+      this.onmessage?.({ data });
+    }
+  }
+
+  async _post() {
+    if (this._posting || !this._outbox.length || this.readyState !== 1) return;
+    this._posting = true;
+    const body = this._outbox.splice(0).join("\n");
+    let status = 0;
+    try {
+      const response = await this._fetch(`${this._base}/fallback/send`, {
+        method: "POST",
+        headers: this._headers({ "X-Relay-Stream": this._credential, "Content-Type": "text/plain" }),
+        body,
+        cache: "no-store",
+      });
+      status = response.status;
+    } catch {
+      // the network: as a dropped connection
+    }
+    this._posting = false;
+    if (status !== 204) this._finish(1006, status ? `HTTP ${status}` : "");
+    else this._post();
+  }
+
+  _finish(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._abort.abort();
+    this._timers.setTimeout(() => this.onclose?.({ code, reason, wasClean: code !== 1006 }), 0);
+  }
+}
 
 /**
  * How long to wait before reconnect attempt number `attempt` (0 for the first), in ms:
@@ -134,6 +291,15 @@ export class CandidateQueue {
  * - `error`: the relay's `error` message `{code, message}`, or `{code: "protocol", message}` when the
  *   relay speaks another protocol version.
  */
+function parse(text) {
+  try {
+    const msg = JSON.parse(text);
+    return msg && typeof msg === "object" ? msg : null;
+  } catch {
+    return null;
+  }
+}
+
 export class RelayClient extends EventTarget {
   /**
    * @param {string | string[]} urls relay WebSocket URLs, in order of preference
@@ -141,12 +307,13 @@ export class RelayClient extends EventTarget {
    */
   constructor(urls, options = {}) {
     super();
-    const { WebSocket: WS, timers, random, ...rest } = options;
+    const { WebSocket: WS, timers, random, fetch: fetchImpl, ...rest } = options;
     this.options = { ...DEFAULTS, ...rest };
     this.rotation = new UrlRotation(Array.isArray(urls) ? [...urls] : [urls], this.options.attemptsPerUrl);
     this._WebSocket = WS || globalThis.WebSocket;
     this._timers = timers || globalThis;
     this._random = random || Math.random;
+    this._fetch = fetchImpl || globalThis.fetch?.bind(globalThis);
     /** @type {string[]} */
     this.interests = [...this.options.interests];
     /** "connecting" | "open" | "reconnecting" | "closed" */
@@ -159,6 +326,11 @@ export class RelayClient extends EventTarget {
     this.session = null; // the current `matched` message, while matched
     this.detached = false; // the relay lost the session but the call goes on (see `sessionlost`)
     this.url = null; // the URL of the open connection
+    /** "websocket" | "fallback": how this client reaches the relay (the `transport` event says when it changes) */
+    this.transport = "websocket";
+    this._fallback = false; // the next attempts use the HTTP fallback (WebSockets failed where HTTP works)
+    this._probe = null; // on the fallback: a WebSocket being tried, to move back to
+    this._probeTimer = null;
     this._wantMatch = false; // join/next called, and no leave since: re-join after a reconnect
     this._attempt = 0; // consecutive failed attempts, for the backoff
     this._resumable = false; // the relay may still hold this client: try resume before anything else
@@ -228,6 +400,7 @@ export class RelayClient extends EventTarget {
     this._endSession("left", "self");
     this._timers.clearTimeout(this._timer);
     this._stopKeepalive();
+    this._stopProbing();
     globalThis.removeEventListener?.("online", this._onOnline);
     const ws = this._ws;
     this._ws = null;
@@ -249,46 +422,66 @@ export class RelayClient extends EventTarget {
     return true;
   }
 
+  _connect(url, fallback = this._fallback) {
+    const token = typeof this.options.token === "function" ? this.options.token() : this.options.token;
+    if (fallback) return new FallbackSocket(url, { token, fetch: this._fetch, timers: this._timers });
+    return token ? new this._WebSocket(url, ["relay-jwt", token]) : new this._WebSocket(url);
+  }
+
   _open() {
     const url = this.rotation.current;
+    const transport = this._fallback ? "fallback" : "websocket";
     let ws;
     try {
-      const token = typeof this.options.token === "function" ? this.options.token() : this.options.token;
-      ws = token ? new this._WebSocket(url, ["relay-jwt", token]) : new this._WebSocket(url);
+      ws = this._connect(url);
     } catch (err) {
       // A malformed URL: count it as a failed attempt.
-      this._failed();
+      this._failed(url, transport);
       return;
     }
     this._ws = ws;
     const giveUp = this._timers.setTimeout(() => ws.close(), this.options.connectTimeout);
-    let welcomed = false;
     ws.onmessage = (event) => {
       if (ws !== this._ws) return;
-      this._heard();
-      let msg;
-      try {
-        msg = JSON.parse(event.data);
-      } catch {
-        return;
-      }
-      if (msg.type === "welcome") {
-        this._timers.clearTimeout(giveUp);
-        welcomed = true;
-        this._welcome(msg, url);
-      } else {
-        this._handle(msg);
-      }
+      const msg = parse(event.data);
+      if (msg?.type !== "welcome") return;
+      this._timers.clearTimeout(giveUp);
+      this._adopt(ws);
+      this._setTransport(transport);
+      this._welcome(msg, url);
     };
-    ws.onclose = (event) => {
+    ws.onclose = () => {
       this._timers.clearTimeout(giveUp);
       if (ws !== this._ws) return;
       this._ws = null;
       this._stopKeepalive();
-      if (!welcomed) this._failed();
-      else this._dropped(event);
+      this._failed(url, transport);
     };
     ws.onerror = () => {}; // a close event always follows
+  }
+
+  _adopt(ws) {
+    // A welcomed connection: every message is handled; its end is a drop (resumed on the next one).
+    ws.onmessage = (event) => {
+      if (ws !== this._ws) return;
+      this._heard();
+      const msg = parse(event.data);
+      if (msg) this._handle(msg);
+    };
+    ws.onclose = (event) => {
+      if (ws !== this._ws) return;
+      this._ws = null;
+      this._stopKeepalive();
+      this._stopProbing();
+      this._dropped(event);
+    };
+  }
+
+  _setTransport(transport) {
+    if (transport === "fallback") this._startProbing();
+    if (transport === this.transport) return;
+    this.transport = transport;
+    this._emit("transport", { transport });
   }
 
   _welcome(msg, url) {
@@ -368,6 +561,7 @@ export class RelayClient extends EventTarget {
         this._emit("matched", msg);
         break;
       case "signal":
+        if (msg.n && msg.n <= this.lastSignal) break; // a repeat (moving between transports): had it
         if (msg.n) this.lastSignal = msg.n;
         if (this.state === "matched") this._emit("signal", msg);
         break;
@@ -415,9 +609,110 @@ export class RelayClient extends EventTarget {
     if (session) this._emit("ended", { session_id: session.session_id, reason, by, detached });
   }
 
-  _failed() {
-    this.rotation.failed();
+  _failed(url, transport) {
+    const rotation = this.rotation;
+    if (transport === "fallback") {
+      // What worked last is tried again (the relay may be restarting); another URL starts with WebSockets.
+      if (rotation.urls.length > 1 && rotation.failures + 1 >= rotation.attemptsPerUrl) this._fallback = false;
+    } else if (this.options.fallback && this._fetch && rotation.failures + 1 >= rotation.attemptsPerUrl) {
+      // WebSockets keep failing here. If the relay answers plain HTTP, a proxy is blocking them: fall back.
+      this._reachable(url).then((reachable) => {
+        if (this._closed) return;
+        if (reachable) {
+          this._fallback = true;
+          rotation.failures = 0;
+        } else {
+          rotation.failed();
+        }
+        this._schedule();
+      });
+      return;
+    }
+    rotation.failed();
     this._schedule();
+  }
+
+  async _reachable(url) {
+    try {
+      await this._fetch(`${httpBase(url)}/healthz`, { cache: "no-store", mode: "no-cors" });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  _startProbing() {
+    // On the fallback: try a WebSocket now and then; when one is welcomed, move the client to it.
+    this._timers.clearTimeout(this._probeTimer);
+    this._probeTimer = this._timers.setTimeout(() => this._tryWebSocket(), this.options.upgradeInterval);
+  }
+
+  _stopProbing() {
+    this._timers.clearTimeout(this._probeTimer);
+    this._probeTimer = null;
+    const probe = this._probe;
+    this._probe = null;
+    if (probe && probe.readyState <= 1) probe.close(1000, "not needed");
+  }
+
+  _tryWebSocket() {
+    // The move loses nothing: the probe resumes this client, the relay ends the stream (4000) and
+    // replays on the probe the signals after the last one read; what the probe gets waits until the
+    // stream has ended, and signals that came both ways are dropped (their n is not new).
+    this._probeTimer = null;
+    const stream = this._ws;
+    if (this.transport !== "fallback" || this.connection !== "open" || this._resuming || !stream) return;
+    let probe;
+    try {
+      probe = this._connect(this.url, false);
+    } catch {
+      this._startProbing();
+      return;
+    }
+    this._probe = probe;
+    const waiting = [];
+    let moving = false;
+    const giveUp = this._timers.setTimeout(() => probe.close(), this.options.connectTimeout);
+    probe.onmessage = (event) => {
+      if (probe !== this._probe) return;
+      const msg = parse(event.data);
+      if (!msg) return;
+      if (!moving) {
+        if (msg.type !== "welcome" || this._ws !== stream || this.connection !== "open" || this._resuming) {
+          probe.close(1000, "not needed");
+          return;
+        }
+        moving = true;
+        probe.send(JSON.stringify({ type: "resume", token: this.resumeToken, last: this.lastSignal }));
+        return;
+      }
+      waiting.push(msg);
+      if (msg.type === "error" && msg.code === "resume_failed") probe.close(1000, "not needed"); // stay
+    };
+    probe.onclose = () => {
+      this._timers.clearTimeout(giveUp);
+      if (probe !== this._probe) return;
+      this._probe = null;
+      if (this.transport === "fallback" && this._ws) this._startProbing(); // later, then
+    };
+    const adopt = () => {
+      // The stream has ended (4000, or dropped): the probe is the connection now.
+      this._timers.clearTimeout(giveUp);
+      if (probe !== this._probe || probe.readyState !== 1) return false;
+      this._probe = null;
+      this._ws = probe;
+      this._adopt(probe);
+      this._fallback = false;
+      this._setTransport("websocket");
+      this._heard();
+      for (const msg of waiting.splice(0)) this._handle(msg);
+      return true;
+    };
+    const streamClosed = stream.onclose;
+    stream.onclose = (event) => {
+      if (moving && this._ws === stream && adopt()) return;
+      streamClosed(event);
+    };
   }
 
   _dropped(event) {

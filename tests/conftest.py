@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import os
 import resource
+import shutil
 import signal
 import socket
 import struct
@@ -218,3 +219,93 @@ class RelayProcess:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};  # default buffering
+            {websockets}
+        }}
+    }}
+}}
+"""
+NGINX_WEBSOCKETS = (  # what a proxy needs to pass WebSockets
+    "proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection upgrade;"
+)
+
+
+class Nginx:
+    """Debian's nginx on 127.0.0.1 as a plain reverse proxy to ``upstream``: by default, like the
+    proxies that block WebSockets, without the upgrade headers; ``reload(websockets=True)`` passes them."""
+
+    def __init__(self, tmp: Path, upstream: int) -> None:
+        self.tmp = tmp
+        self.upstream = upstream
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _configure(self, websockets: bool) -> None:
+        (self.tmp / "nginx.conf").write_text(NGINX_CONF.format(
+            tmp=self.tmp, port=self.port, upstream=self.upstream, user="user root;" if os.geteuid() == 0 else "",
+            websockets=NGINX_WEBSOCKETS if websockets else "",
+        ))  # fmt: skip
+
+    def start(self, websockets: bool = False) -> Nginx:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        assert os.path.exists(binary), "nginx is not installed (.ci/run installs Debian's nginx)"
+        self._configure(websockets)
+        self.proc = subprocess.Popen([binary, "-p", str(self.tmp), "-c", str(self.tmp / "nginx.conf")])
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+
+    def reload(self, websockets: bool) -> None:
+        """New configuration, same port: nginx's graceful reload (SIGHUP)."""
+        assert self.proc is not None
+        self._configure(websockets)
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
+    """``nginx(upstream_port, websockets=False)`` -> a started ``Nginx``; every one is stopped afterwards."""
+    started: list[Nginx] = []
+
+    def start(upstream: int, websockets: bool = False) -> Nginx:
+        directory = tmp_path / f"nginx-{len(started)}"
+        directory.mkdir()
+        started.append(Nginx(directory, upstream).start(websockets))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()

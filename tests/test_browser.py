@@ -276,7 +276,12 @@ def test_client_library_unit_tests_in_chromium(browser, relay):
     failures = [f"{r['name']}: {r['error']}" for r in results if not r["ok"]]
     assert not failures, "\n".join(failures)
     names = {r["name"] for r in results}
-    assert {"backoff_is_full_jitter_doubling_up_to_the_cap", "candidate_queue_keeps_early_candidates_in_order"} <= names
+    assert {
+        "backoff_is_full_jitter_doubling_up_to_the_cap",
+        "candidate_queue_keeps_early_candidates_in_order",
+        "client_falls_back_to_http_when_websockets_fail_where_http_answers",
+        "client_on_the_fallback_moves_back_to_a_websocket_without_losing_a_signal",
+    } <= names
     assert len(results) >= 10
     context.close()
 
@@ -461,6 +466,56 @@ def test_a_vanished_connection_resumes_and_the_call_goes_on(relay, open_page):
         assert a.evaluate("() => performance.getEntriesByType('navigation').length") == 1
     finally:
         proxy.close()
+
+
+@pytest.mark.timeout(180)
+def test_behind_a_proxy_that_blocks_websockets_the_page_falls_back_and_calls(relay, open_page, nginx):
+    """Through a real nginx that does not pass WebSocket upgrades (default buffering), the demo falls
+    back to HTTP on its own and calls a page that uses WebSockets directly; after a relay restart it
+    comes back (over HTTP again); when the proxy passes WebSockets, it moves back to one mid-call."""
+    proxy = nginx(relay.port)
+    transport = "() => window.demo?.client?.connection === 'open' ? window.demo.client.transport : null"
+    a = open_page(f"http://127.0.0.1:{proxy.port}/?upgrade-interval=2000")
+    b, c = open_page(relay.url), open_page(relay.url)
+    start(a)
+    a.wait_for_selector("#connection:has-text('over HTTP')")  # three WebSockets failed where HTTP answers
+    assert a.evaluate(transport) == "fallback"
+    start(b)
+    wait_connected(a)
+    wait_connected(b)
+    assert b.evaluate(transport) == "websocket"
+    chat(a, b, "hello over http")
+    chat(b, a, "hello over a websocket")
+    start(c)
+    c.wait_for_selector("#position:has-text('#1 in line')")
+    a.click("#next")
+    wait_connected(a)
+    wait_connected(c)
+    chat(c, a, "next works over http too")
+    b.close()  # (b waits in the queue: gone, so that a and c meet again below)
+
+    relay.kill()  # the relay restarts: the page comes back, over HTTP again, and the call goes on
+    a.wait_for_selector("#connection:has-text('Reconnecting')")
+    relay.start()
+    a.wait_for_function(f"() => ({transport})() === 'fallback'", timeout=60_000)
+    a.errors.clear()  # nginx answered 502 while the relay was down: the page's console says so, rightly
+    wait_for_new_frames(a, frames_decoded(a))
+
+    old = session_id(a)
+    c.click("#next")  # a fresh session on the restarted relay, while a is still on the fallback
+    a.wait_for_function(
+        "(old) => { const c = window.demo.client; return !!c.session && !c.detached && c.session.session_id !== old; }",
+        arg=old,
+    )
+    wait_connected(a)
+    session = session_id(a)
+    a.evaluate("() => { window.ended = 0; window.demo.client.addEventListener('ended', () => window.ended++); }")
+    proxy.reload(websockets=True)  # the proxy passes WebSockets now: the page moves back, mid-call
+    a.wait_for_function(f"() => ({transport})() === 'websocket'", timeout=30_000)
+    assert session_id(a) == session and a.evaluate("() => window.ended") == 0  # the session never noticed
+    a.wait_for_selector("#connection:not(:has-text('over HTTP'))")
+    chat(a, c, "back on a websocket")
+    chat(c, a, "welcome back")
 
 
 def test_a_native_peer_written_from_the_docs_calls_a_browser(relay, open_page, tmp_path):

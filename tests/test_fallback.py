@@ -6,12 +6,7 @@ does not pass WebSocket upgrades in front.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import socket
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -341,71 +336,10 @@ def test_malformed_posts_hurt_nobody(bodies: list[bytes]):
 
 # -- behind a real nginx that does not pass WebSocket upgrades ----------------------------------------
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-{user}
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://127.0.0.1:{upstream};  # no Upgrade / Connection headers, default buffering
-        }}
-    }}
-}}
-"""
-
-
-@pytest.fixture
-def nginx(tmp_path: Path):
-    """Start nginx on 127.0.0.1 in front of a port: ``start(upstream) -> port``; stopped afterwards."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(binary):
-        pytest.fail("nginx is not installed (.ci/run installs Debian's nginx)")
-    procs: list[subprocess.Popen] = []
-
-    def start(upstream: int) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        user = "user root;" if os.geteuid() == 0 else ""
-        (tmp_path / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp_path, port=port, upstream=upstream, user=user))
-        proc = subprocess.Popen([binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
-        procs.append(proc)
-        return port
-
-    yield start
-    for proc in procs:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-async def _until_listening(port: int) -> None:
-    with trio.fail_after(STEP):
-        while True:
-            try:
-                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                return
-            except OSError:
-                await trio.sleep(0.05)
-
 
 async def test_behind_nginx_that_blocks_websockets_the_fallback_streams_as_it_comes(make_relay, nursery, nginx):
     r = await make_relay()
-    port = nginx(r.port)
-    await _until_listening(port)
+    port = nginx(r.port).port
     status, _, _ = await http_get(port, "/ws", headers="Upgrade: websocket\r\nConnection: Upgrade, close\r\n")
     assert status == 426  # nginx dropped the upgrade: the relay saw a plain GET
     f = await FallbackClient.open(port)  # the welcome came through at once: nginx did not hold the stream
@@ -420,3 +354,26 @@ async def test_behind_nginx_that_blocks_websockets_the_fallback_streams_as_it_co
         await f.expect("signal", data={"i": i})
         await f.send(type="signal", data={"j": i})
         await w.expect("signal", data={"j": i})
+
+
+async def test_a_page_of_an_allowed_origin_may_use_the_fallback_across_origins(nursery):
+    r = await start_relay(nursery, plugins=[fallback], allowed_origins=("https://chat.example.com",))
+    preflight = "Origin: https://chat.example.com\r\nAccess-Control-Request-Method: POST\r\n"
+    status, headers, _ = await http_get(r.port, fallback.OPEN_PATH, method="OPTIONS", headers=preflight)
+    assert status == 204 and headers["access-control-allow-origin"] == "https://chat.example.com", headers
+    assert (
+        "X-Relay-Stream" in headers["access-control-allow-headers"]
+        and headers["access-control-allow-methods"] == "POST"
+    )
+    status, _, _ = await http_get(
+        r.port, fallback.SEND_PATH, method="OPTIONS", headers="Origin: https://evil.example\r\n"
+    )
+    assert status == 403
+    f = await FallbackClient.open(r.port, "Origin: https://chat.example.com\r\n")
+    assert f.head["access-control-allow-origin"] == "https://chat.example.com"
+    status, headers, _ = await http_get(
+        r.port, fallback.SEND_PATH, method="POST", body=b'{"type":"ping"}',
+        headers=f"X-Relay-Stream: {f.credential}\r\nOrigin: https://chat.example.com\r\n",
+    )  # fmt: skip
+    assert status == 204 and headers["access-control-allow-origin"] == "https://chat.example.com"
+    await f.expect("pong")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -90,3 +91,11 @@ async def test_other_methods_and_no_static_dir(nursery):
 def test_static_files_exist():
     for name in ("index.html", "relay-client.js", "relay-client.d.ts", "demo.js", "demo.css"):
         assert os.path.getsize(STATIC / name) > 0
+
+
+def test_the_type_declarations_cover_every_export():
+    """relay-client.d.ts declares everything relay-client.js exports (an app in TypeScript sees it all)."""
+    source, types = (STATIC / "relay-client.js").read_text(), (STATIC / "relay-client.d.ts").read_text()
+    exported = set(re.findall(r"^export (?:async function|class|function|const) (\w+)", source, re.M))
+    declared = set(re.findall(r"^export (?:class|function|const|interface) (\w+)", types, re.M))
+    assert exported and exported <= declared, exported - declared

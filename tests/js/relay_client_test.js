@@ -80,13 +80,54 @@ function makeClient(urls, extra = {}) {
   const WS = fakeWebSocketClass();
   const timers = new FakeTimers();
   const events = [];
-  const client = new RelayClient(urls, { WebSocket: WS, timers, random: () => 0.5, ...extra });
+  const client = new RelayClient(urls, { WebSocket: WS, timers, random: () => 0.5, fallback: false, ...extra });
   const types = ["connected", "queued", "matched", "ended", "reconnecting", "disconnected", "peerleft", "resumed",
-    "peerreconnecting", "peerresumed", "signal"];
+    "peerreconnecting", "peerresumed", "signal", "transport"];
   for (const type of types) {
     client.addEventListener(type, (e) => events.push([type, e.detail]));
   }
   return { client, WS, timers, events, last: () => WS.instances.at(-1) };
+}
+
+/** fetch() for the HTTP fallback: /healthz answers, /fallback/open streams what the test pushes. */
+function fakeFetch() {
+  const requests = [];
+  const streams = [];
+  const fetch = async (url, init = {}) => {
+    requests.push({ url, method: init.method || "GET", headers: init.headers || {}, body: init.body });
+    if (url.endsWith("/healthz")) return new Response("{}", { status: 200 });
+    if (url.endsWith("/fallback/open")) {
+      let controller;
+      const body = new ReadableStream({ start: (c) => { controller = c; } });
+      streams.push({ push: (text) => controller.enqueue(new TextEncoder().encode(text)) });
+      return new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } });
+    }
+    return new Response(null, { status: 204 });
+  };
+  return { fetch, requests, streams };
+}
+
+/** Let fetches, stream reads and their promises run (real time: a few macrotask turns). */
+async function settle() {
+  for (let i = 0; i < 3; i++) await new Promise((resolve) => setTimeout(resolve, 0));
+}
+
+/** A client whose WebSockets fail three times where HTTP answers: it is on the fallback, welcomed. */
+async function onTheFallback(extra = {}) {
+  const http = fakeFetch();
+  const made = makeClient("ws://a/ws", { fallback: true, fetch: http.fetch, ...extra });
+  for (let i = 0; i < 3; i++) {
+    made.last().drop();
+    if (i < 2) made.timers.fireNext();
+  }
+  await settle(); // the health check
+  made.timers.fireNext(); // the next attempt
+  await settle();
+  const stream = http.streams[0];
+  stream.push('event: stream\ndata: {"stream":"s1.key"}\n\n');
+  stream.push('data: {"type":"welcome","protocol":1,"client_id":"f1","resume_token":"f1.t"}\n\n');
+  await settle();
+  return { ...made, http, stream };
 }
 
 const tests = {
@@ -282,6 +323,53 @@ const tests = {
     last().receive({ type: "matched", session_id: "s2", peer_id: "q", initiator: true, interests: [], ice_servers: [] });
     last().receive({ type: "peer_left", session_id: "s2", reason: "left" });
     equal(last().sent.map((m) => m.type), ["join", "next", "join"], "joins again after peer_left");
+  },
+
+  async client_falls_back_to_http_when_websockets_fail_where_http_answers() {
+    const { client, WS, http, stream, events } = await onTheFallback();
+    equal(WS.instances.length, 3, "three WebSockets, then the fallback");
+    equal(http.requests.slice(0, 2).map((r) => [r.method, r.url]), [["GET", "http://a/healthz"], ["POST", "http://a/fallback/open"]]);
+    equal(http.requests[1].headers["X-Relay-Fallback"], "1");
+    equal([client.connection, client.transport, client.clientId], ["open", "fallback", "f1"]);
+    equal(events.filter(([t]) => t === "transport").map(([, d]) => d.transport), ["fallback"]);
+    client.join({ interests: ["chess"] });
+    client.signal({ early: true }); // not matched: refused locally
+    await settle();
+    const post = http.requests.at(-1);
+    equal([post.url, post.headers["X-Relay-Stream"], post.body], ["http://a/fallback/send", "s1.key", '{"type":"join","interests":["chess"]}']);
+    stream.push('data: {"type":"matched","session_id":"s","peer_id":"p","initiator":true,"interests":[],"ice_servers":[]}\n\n');
+    stream.push('data: {"n":1,"type":"signal",\ndata: "data":{"a":1}}\n\n'); // one message on two data lines
+    await settle();
+    equal(events.filter(([t]) => t === "signal").map(([, d]) => d.data), [{ a: 1 }]);
+    stream.push(": keepalive\n\n"); // the relay asks for a sign of life: a ping goes out
+    await settle();
+    equal(http.requests.at(-1).body, '{"type":"ping"}');
+  },
+
+  async client_on_the_fallback_moves_back_to_a_websocket_without_losing_a_signal() {
+    const { client, WS, stream, timers, events, last } = await onTheFallback({ upgradeInterval: 1000 });
+    client.join();
+    stream.push('data: {"type":"matched","session_id":"s","peer_id":"p","initiator":true,"interests":[],"ice_servers":[]}\n\n');
+    stream.push('data: {"n":1,"type":"signal","data":{"i":1}}\n\n');
+    await settle();
+    const before = WS.instances.length;
+    while (WS.instances.length === before) timers.fireNext(); // the probe's turn
+    const probe = last();
+    probe.welcome();
+    equal(probe.sent, [{ type: "resume", token: "f1.t", last: 1 }], "the probe takes the client over");
+    stream.push('data: {"n":2,"type":"signal","data":{"i":2}}\n\n'); // the stream still had this one
+    stream.push('event: close\ndata: {"code":4000,"reason":"resumed on another connection"}\n\n');
+    probe.receive({ type: "resumed", client_id: "f1", resume_token: "f1.u", state: "matched", session_id: "s", peer_id: "p" });
+    probe.receive({ type: "signal", n: 2, data: { i: 2 } }); // replayed after last 1: a repeat
+    probe.receive({ type: "signal", n: 3, data: { i: 3 } });
+    await settle();
+    timers.fireNext(); // the stream's end is told
+    equal([client.transport, client.connection, client.resumeToken], ["websocket", "open", "f1.u"]);
+    equal(events.filter(([t]) => t === "signal").map(([, d]) => d.data.i), [1, 2, 3], "each signal once, in order");
+    equal(events.filter(([t]) => t === "transport").map(([, d]) => d.transport), ["fallback", "websocket"]);
+    assert(!events.some(([t]) => t === "ended" || t === "disconnected"), "the session never noticed");
+    assert(client.signal({ x: 1 }));
+    equal(probe.sent.at(-1), { type: "signal", data: { x: 1 } });
   },
 
   client_gives_up_a_silent_connection() {
