@@ -377,3 +377,21 @@ async def test_a_page_of_an_allowed_origin_may_use_the_fallback_across_origins(n
     )  # fmt: skip
     assert status == 204 and headers["access-control-allow-origin"] == "https://chat.example.com"
     await f.expect("pong")
+
+
+async def test_streams_count_against_the_address_caps(make_relay, nursery):
+    """A stream is a connection of its address, and so is each post while it lasts: a fallback
+    client holds two of --max-connections-per-ip while it sends."""
+    r = await make_relay(max_connections_per_ip=3, connect_rate_per_ip=1000)
+    first = await FallbackClient.open(r.port)
+    await Harness(nursery, r).connect()  # a WebSocket from the same address
+    await first.quiet()  # stream, WebSocket and the post: three
+    second = await FallbackClient.open(r.port)  # three open
+    refused = await FallbackClient.open(r.port)
+    assert refused.head[":status"] == "429"
+    assert await first.post(b'{"type":"ping"}') == 429  # a post over the cap is refused like any connection
+    await second.stream.aclose()
+    with trio.fail_after(STEP):
+        while r.statistics().sockets > 2:
+            await trio.sleep(0.01)
+    await first.quiet()
