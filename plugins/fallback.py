@@ -101,6 +101,7 @@ class _Stream:
 
     def closed(self) -> None:
         self.fallback.streams.pop(self.id, None)
+        self.link = None  # the link holds the client, whose transport holds this: no cycle for the GC to find
 
 
 class Fallback:

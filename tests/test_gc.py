@@ -1,5 +1,6 @@
 """The relay leaves no reference cycles behind: connections come and go (clean closes, vanishing,
-resuming, expiring, protocol errors, refused messages), signals are relayed, and a full collection
+resuming, expiring, protocol errors, refused messages; WebSockets and HTTP fallback streams), signals
+are relayed, and a full collection
 afterwards finds nothing that grows with their number. (Cycles are what the cyclic collector must
 find: under load its passes cost a third of the CPU; a relay without them can keep it lazy.)"""
 
@@ -37,6 +38,54 @@ class Raw:
 
     def send(self, text: str) -> None:
         self.sock.sendall(frame(text.encode()))
+
+
+class RawFallback:
+    """A blocking client of the HTTP fallback: its stream on one socket, a socket per post."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=STEP)
+        self.sock.sendall(
+            b"POST /fallback/open HTTP/1.1\r\nHost: x\r\nX-Relay-Fallback: 1\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.data = b""
+        self.credential = json.loads(self.until(b"welcome").split(b"event: stream\ndata: ", 1)[1].split(b"\n", 1)[0])[
+            "stream"
+        ]
+
+    until = Raw.until
+
+    def send(self, text: str) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=STEP) as s:
+            body = text.encode()
+            head = f"POST /fallback/send HTTP/1.1\r\nHost: x\r\nX-Relay-Stream: {self.credential}\r\n"
+            s.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert s.recv(100).startswith(b"HTTP/1.1 204"), "a post refused"
+
+
+def fallback_round(port: int, i: int) -> None:
+    """A fallback client paired with a WebSocket one; its stream vanishes, or the relay ends it."""
+    f, w = RawFallback(port), Raw(port)
+    f.send('{"type":"join"}')
+    f.until(b"queued")
+    w.send('{"type":"join"}')
+    w.until(b"matched")
+    f.until(b"matched")
+    f.send('{"type":"signal","data":{"x":1}}\n{"type":"signal","data":{"x":2}}')
+    w.until(b'"x":2')
+    w.send('{"type":"signal","data":{"y":1}}')
+    f.until(b'"y":1')
+    if i % 2:
+        f.sock.close()  # vanishes (and expires)
+        w.until(b"peer_reconnecting")
+    else:
+        f.send('not json\n{"type":"leave"}')
+        f.until(b"left")
+        f.sock.close()
+    w.sock.sendall(b"\x88\x82\0\0\0\0\x03\xe8")  # a clean close
+    w.until(b"\x88")
+    w.sock.close()
 
 
 def one_round(port: int, i: int) -> None:
@@ -96,6 +145,7 @@ def test_connections_and_messages_leave_no_reference_cycles(tmp_path):
         for rounds in (200, 400):  # 200 rounds (500 connections), then 400 more
             for i in range(rounds):
                 one_round(relay.port, i)
+                fallback_round(relay.port, i)
             wait_until_empty(relay.port)  # the vanished ones expire
             found.append(collect(relay.port))
     finally:
