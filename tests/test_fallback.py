@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from relay_plugins import fallback
 
 import relay as relay_mod
-from tests.conftest import STEP, Client, Harness, http_get, start_relay
+from tests.conftest import STEP, Client, Harness, RelayProcess, http_get, start_relay
 
 
 class FallbackClient(Client):
@@ -395,3 +395,17 @@ async def test_streams_count_against_the_address_caps(make_relay, nursery):
         while r.statistics().sockets > 2:
             await trio.sleep(0.01)
     await first.quiet()
+
+
+def test_the_command_line_turns_the_fallback_on_by_default_and_off_with_no_fallback(tmp_path):
+    """What people type: `python relay.py` serves the fallback; `--no-fallback` does not."""
+    for args, expected in (((), b"HTTP/1.1 200"), (("--no-fallback",), b"HTTP/1.1 404")):
+        relay = RelayProcess(tmp_path, *args).start()
+        try:
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=STEP) as s:
+                s.sendall(
+                    b"POST /fallback/open HTTP/1.1\r\nHost: x\r\nX-Relay-Fallback: 1\r\nContent-Length: 0\r\n\r\n"
+                )
+                assert s.recv(100).startswith(expected), args
+        finally:
+            relay.kill()

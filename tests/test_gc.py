@@ -1,7 +1,8 @@
 """The relay leaves no reference cycles behind: connections come and go (clean closes, vanishing,
 resuming, expiring, protocol errors, refused messages; WebSockets and HTTP fallback streams), signals
-are relayed, and a full collection afterwards finds nothing that grows with their number. (Cycles are what the cyclic collector must
-find: under load its passes cost a third of the CPU; a relay without them can keep it lazy.)"""
+are relayed, and a full collection afterwards finds nothing that grows with their number. (Cycles are
+what the cyclic collector must find: under load its passes cost a third of the CPU; a relay without
+them can keep it lazy.)"""
 
 from __future__ import annotations
 
