@@ -354,7 +354,7 @@ class ClientLink:
 class RelayStatistics:
     """A snapshot of the relay, read by ``/healthz`` and metrics plugins."""
 
-    connections: int  # WebSocket clients connected now
+    connections: int  # clients connected now (WebSockets and HTTP streams)
     sockets: int  # TCP connections open now (WebSockets, HTTP requests, handshakes)
     queued: int  # clients waiting for a match
     queued_with_interests: int  # of those, the ones with interests
