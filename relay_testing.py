@@ -1,5 +1,6 @@
 """A harness for testing relay plugins (and the relay): a relay in-process, on 127.0.0.1 and a free
-port, in your test's trio nursery, and a WebSocket client that speaks the protocol.
+port, in your test's trio nursery, and clients that speak the protocol: over a WebSocket
+(``Client``, made by ``Harness``), or over the HTTP fallback (``FallbackClient.open(port)``).
 
     pip install 'roulette-relay[testing]'     # trio-websocket and pytest-trio
 
@@ -23,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 from typing import Any
 
 import trio
 import trio_websocket
+from relay_plugins import fallback
 
 import relay
 
-__all__ = ["LOOPBACK_LIMITS", "STEP", "Client", "Harness", "http_get", "start_relay"]
+__all__ = ["LOOPBACK_LIMITS", "STEP", "Client", "FallbackClient", "Harness", "http_get", "start_relay"]
 
 STEP = 5.0  # seconds any single expected event may take before the test fails (never asserted as a time)
 # Every test client comes from 127.0.0.1: the relay gets per-address limits that fit that.
@@ -89,6 +92,106 @@ class Client:
         """Prove nothing else was queued for us: a ping's pong is the very next message."""
         await self.send(type="ping")
         await self.expect("pong")
+
+
+class FallbackClient(Client):
+    """A client of the HTTP fallback as the browser client is: one stream read as it comes, and a
+    post for each batch of messages it sends (``expect``, ``quiet`` as a WebSocket ``Client``'s)."""
+
+    def __init__(self, port: int, stream: trio.SocketStream, head: dict[str, str], rest: bytes) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  (no WebSocket)
+        self.port = port
+        self.stream = stream
+        self.head = head
+        self.buffer = rest
+        self.credential = ""
+        self.closed: dict[str, Any] | None = None  # the "close" event, once it came
+        self.keepalives = 0
+
+    @classmethod
+    async def open(cls, port: int, headers: str = "", *, rcvbuf: int = 0) -> FallbackClient:
+        """Open a stream and read up to its welcome."""
+        with trio.fail_after(STEP):
+            sock = trio.socket.socket()
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            await sock.connect(("127.0.0.1", port))
+            stream = trio.SocketStream(sock)
+            request = (
+                f"POST {fallback.OPEN_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Relay-Fallback: 1\r\n"
+                f"Content-Length: 0\r\n{headers}\r\n"
+            )
+            await stream.send_all(request.encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some()
+                assert chunk, data
+                data += chunk
+        head_bytes, _, rest = data.partition(b"\r\n\r\n")
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        head = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        head[":status"] = lines[0].split()[1]
+        client = cls(port, stream, head, rest)
+        if head[":status"] == "200":
+            name, data = await client.event()
+            assert name == "stream", (name, data)
+            client.credential = json.loads(data)["stream"]
+            client.welcome = await client.expect("welcome", protocol=relay.PROTOCOL_VERSION)
+        return client
+
+    async def event(self, timeout: float = STEP) -> tuple[str, bytes]:
+        """The next event (name, data; ("end", b"") when the stream ends); comments are counted as
+        keepalives."""
+        with trio.fail_after(timeout):
+            while True:
+                block, sep, rest = self.buffer.partition(b"\n\n")
+                if sep:
+                    self.buffer = rest
+                    name, data = "message", []
+                    for line in block.split(b"\n"):
+                        if line.startswith(b":"):
+                            self.keepalives += 1
+                        elif line.startswith(b"event: "):
+                            name = line[7:].decode()
+                        elif line.startswith(b"data: "):
+                            data.append(line[6:])
+                    if data:
+                        return name, b"\n".join(data)
+                    continue
+                chunk = await self.stream.receive_some()
+                if not chunk:
+                    return "end", b""
+                self.buffer += chunk
+
+    async def recv(self) -> dict[str, Any]:
+        name, data = await self.event()
+        if name == "close":
+            self.closed = json.loads(data)
+        assert name == "message", (name, data)
+        return json.loads(data)
+
+    async def until_closed(self) -> dict[str, Any]:
+        """Read to the "close" event, then the stream's end."""
+        while True:
+            name, data = await self.event()
+            if name == "close":
+                self.closed = json.loads(data)
+                assert (await self.event())[0] == "end"
+                return self.closed
+            assert name != "end", "the stream ended without a close event"
+
+    async def post(self, body: bytes, credential: str | None = None) -> int:
+        """POST a body (messages, one per line) with this stream's credential (or another); its status."""
+        header = self.credential if credential is None else credential
+        status, _, _ = await http_get(
+            self.port, fallback.SEND_PATH, method="POST", body=body,
+            headers=f"X-Relay-Stream: {header}\r\n" if header else "",
+        )  # fmt: skip
+        return status
+
+    async def send(self, **msg: Any) -> None:
+        """Send one message in a post of its own (which must be taken: 204)."""
+        assert await self.post(json.dumps(msg).encode()) == 204
 
 
 class Harness:

@@ -1,6 +1,7 @@
 """Soak: many people join, signal, press next, leave, vanish and come back, at random, for a while;
 afterwards the relay must hold nobody (connections, queue, sessions, vanished clients all zero) and
-its memory must not have grown from one round to the next.
+its memory must not have grown from one round to the next. A quarter of the people use the HTTP
+fallback instead of a WebSocket (and may come back on the other transport).
 
     python bench/soak.py                       # 2,000 people, 5 rounds of 60 s
     python bench/soak.py --people 500 --rounds 3 --seconds 10
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import resource
@@ -27,6 +29,47 @@ import trio
 import trio_websocket
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # relay_testing, from a checkout
+from relay_testing import FallbackClient  # noqa: E402
+
+FALLBACK_SHARE = 0.25  # of the connections: the HTTP fallback instead of a WebSocket
+
+
+class FallbackWs:
+    """The HTTP fallback behind the part of trio-websocket's interface a person uses."""
+
+    def __init__(self, client: FallbackClient) -> None:
+        self.client = client
+        self._stream = client.stream  # closing it is vanishing, as for a WebSocket's
+
+    @classmethod
+    async def connect(cls, port: int) -> FallbackWs:
+        client = await FallbackClient.open(port)
+        if client.head[":status"] != "200":
+            raise OSError(f"fallback refused: {client.head[':status']}")
+        return cls(client)
+
+    async def get_message(self) -> str:
+        try:
+            name, data = await self.client.event(timeout=math.inf)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            name, data = "end", b""
+        if name != "message":  # "close" or the end
+            raise trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1006, name))
+        return data.decode()
+
+    async def send_message(self, text: str) -> None:
+        try:
+            status = await self.client.post(text.encode())
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+            status = 0
+        if status != 204:
+            raise trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1006, f"post answered {status}"))
+
+    async def aclose(self) -> None:  # a stream has no close handshake: it ends (and the client expires)
+        await self._stream.aclose()
+
+
 INTERESTS = [[], [], ["music"], ["film"], ["music", "film"], ["chess"], ["go", "chess"]]
 
 
@@ -54,8 +97,14 @@ async def person(port: int, rng: random.Random, until: float, tally: dict[str, i
     while trio.current_time() < until:
         try:
             async with trio.open_nursery() as nursery:
-                ws = await trio_websocket.connect_websocket_url(nursery, f"ws://127.0.0.1:{port}/ws")
                 state = {"matched": False, "token": None, "resuming": token is not None}
+                if rng.random() < FALLBACK_SHARE:
+                    ws = await FallbackWs.connect(port)
+                    tally["fallback"] = tally.get("fallback", 0) + 1
+                    if token is None:
+                        state["token"] = ws.client.welcome["resume_token"]
+                else:
+                    ws = await trio_websocket.connect_websocket_url(nursery, f"ws://127.0.0.1:{port}/ws")
                 nursery.start_soon(read, ws, state, tally)
                 if token is not None:  # come back after vanishing
                     await ws.send_message(json.dumps({"type": "resume", "token": token, "last": 0}))
@@ -173,7 +222,9 @@ def main() -> None:
     for r in results:
         t, h = r["tally"], r["health"]
         received = sum(
-            v for k, v in t.items() if k not in ("close", "vanish", "vanish and resume", "refused or dropped")
+            v
+            for k, v in t.items()
+            if k not in ("close", "vanish", "vanish and resume", "refused or dropped", "fallback")
         )
         endings = f"{t.get('close', 0)} / {t.get('vanish', 0)} / {t.get('vanish and resume', 0)}"
         left = f"{h['connections']} connections, {h['queued']} queued, {h['sessions']} sessions"
