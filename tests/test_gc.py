@@ -64,14 +64,19 @@ class RawFallback:
             assert s.recv(100).startswith(b"HTTP/1.1 204"), "a post refused"
 
 
+def matched(a: Raw | RawFallback, b: Raw | RawFallback) -> None:
+    """a joins and waits, b joins: both are matched."""
+    a.send('{"type":"join"}')
+    a.until(b"queued")
+    b.send('{"type":"join"}')
+    b.until(b"matched")
+    a.until(b"matched")
+
+
 def fallback_round(port: int, i: int) -> None:
-    """A fallback client paired with a WebSocket one; its stream vanishes, or the relay ends it."""
+    """A fallback client paired with a WebSocket one; its stream vanishes, or it leaves and ends it."""
     f, w = RawFallback(port), Raw(port)
-    f.send('{"type":"join"}')
-    f.until(b"queued")
-    w.send('{"type":"join"}')
-    w.until(b"matched")
-    f.until(b"matched")
+    matched(f, w)
     f.send('{"type":"signal","data":{"x":1}}\n{"type":"signal","data":{"x":2}}')
     w.until(b'"x":2')
     w.send('{"type":"signal","data":{"y":1}}')
@@ -90,11 +95,7 @@ def fallback_round(port: int, i: int) -> None:
 
 def one_round(port: int, i: int) -> None:
     a, b = Raw(port), Raw(port)
-    a.send('{"type":"join"}')
-    a.until(b"queued")
-    b.send('{"type":"join"}')
-    b.until(b"matched")
-    a.until(b"matched")
+    matched(a, b)
     for _ in range(3):
         a.send('{"type":"signal","data":{"x":1}}')
         b.until(b'"signal"')
