@@ -125,6 +125,9 @@ export function httpBase(url: string): string;
 /** One Server-Sent Events block of the fallback stream. */
 export function parseEvent(block: string): { event: string; data: string | null; comment: boolean };
 
+/** Characters of messages one fallback POST carries at most. */
+export const MAX_POST_CHARS: number;
+
 /** The relay's HTTP fallback behind the part of the WebSocket interface RelayClient uses. */
 export class FallbackSocket {
   constructor(

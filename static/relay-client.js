@@ -70,6 +70,9 @@ export function parseEvent(block) {
  * goes in POSTs, one at a time so that order holds, batching what waits meanwhile. A keepalive
  * comment is answered with a ping. Any failure ends it as a dropped WebSocket would (1006).
  */
+/** Characters of messages one fallback POST carries at most (the relay takes 64 KiB; UTF-8 may be longer). */
+export const MAX_POST_CHARS = 16 * 1024;
+
 export class FallbackSocket {
   /**
    * @param {string} url the relay's WebSocket URL (its HTTP base is derived from it)
@@ -161,7 +164,12 @@ export class FallbackSocket {
   async _post() {
     if (this._posting || !this._outbox.length || this.readyState !== 1) return;
     this._posting = true;
-    const body = this._outbox.splice(0).join("\n");
+    let count = 0;
+    for (let size = 0; count < this._outbox.length; count++) {
+      size += this._outbox[count].length + 1;
+      if (count > 0 && size > MAX_POST_CHARS) break; // the rest goes in the next POST
+    }
+    const body = this._outbox.splice(0, count).join("\n");
     let status = 0;
     try {
       const response = await this._fetch(`${this._base}/fallback/send`, {

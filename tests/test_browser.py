@@ -281,6 +281,7 @@ def test_client_library_unit_tests_in_chromium(browser, relay):
         "candidate_queue_keeps_early_candidates_in_order",
         "client_falls_back_to_http_when_websockets_fail_where_http_answers",
         "client_on_the_fallback_moves_back_to_a_websocket_without_losing_a_signal",
+        "fallback_posts_keep_order_and_stay_under_the_body_limit",
     } <= names
     assert len(results) >= 10
     context.close()

@@ -1,7 +1,7 @@
 // Unit tests of static/relay-client.js, run inside Chromium by tests/test_browser.py.
 // `run(names)` runs the named tests (all if omitted) and returns [{name, ok, error}].
 
-const { backoffDelay, UrlRotation, CandidateQueue, RelayClient, DEFAULTS } = await import(
+const { backoffDelay, UrlRotation, CandidateQueue, RelayClient, DEFAULTS, FallbackSocket, MAX_POST_CHARS } = await import(
   `${location.origin}/relay-client.js`
 );
 
@@ -370,6 +370,22 @@ const tests = {
     assert(!events.some(([t]) => t === "ended" || t === "disconnected"), "the session never noticed");
     assert(client.signal({ x: 1 }));
     equal(probe.sent.at(-1), { type: "signal", data: { x: 1 } });
+  },
+
+  async fallback_posts_keep_order_and_stay_under_the_body_limit() {
+    const http = fakeFetch();
+    const socket = new FallbackSocket("ws://a/ws", { fetch: http.fetch, timers: new FakeTimers() });
+    await settle();
+    http.streams[0].push('event: stream\ndata: {"stream":"s.k"}\n\n');
+    await settle();
+    equal(socket.readyState, 1);
+    const sent = Array.from({ length: 12 }, (_, i) => JSON.stringify({ type: "signal", data: { i, sdp: "x".repeat(6000) } }));
+    for (const text of sent) socket.send(text);
+    for (let i = 0; i < 20; i++) await settle();
+    const posts = http.requests.filter((r) => r.url.endsWith("/fallback/send")).map((r) => r.body);
+    assert(posts.length > 2, `several posts: ${posts.length}`);
+    assert(posts.every((body) => body.length <= MAX_POST_CHARS + 7000), "each within the limit (or one message)");
+    equal(posts.join("\n").split("\n"), sent, "every message once, in order");
   },
 
   client_gives_up_a_silent_connection() {
