@@ -2484,8 +2484,17 @@ class _Port:
     ) -> bool:
         """Rate-limit one read's frames and act on each (then on ``failed``, the read's violation of
         the frame protocol, if any); False once the connection ends."""
-        s, relay, cork, clock, message = self.settings, self.relay, self.cork, trio.current_time, self.relay._message
-        rate, burst, address_bytes = s.message_rate, s.message_burst, c.address.bytes
+        s, relay, cork, message = self.settings, self.relay, self.cork, self.relay._message
+        # Every frame costs a message (pings and pongs included) and its bytes. The buckets are
+        # refilled once per read (its frames arrived together) and written back at the end.
+        now = trio.current_time()
+        burst = s.message_burst
+        tokens = c.tokens + (now - c.stamp) * s.message_rate
+        if tokens > burst:
+            tokens = burst
+        c.stamp = now
+        address_bytes = c.address.bytes
+        budget = address_bytes.level(s.bytes_per_second_per_ip, s.bytes_burst_per_ip, now)
         cork.on = True
         try:
             for opcode, payload in events:
@@ -2494,20 +2503,13 @@ class _Port:
                     return False
                 if c.phase is CLOSING:
                     return False
-                # Every frame costs a message (pings and pongs included) and its bytes.
-                now = clock()
-                tokens = c.tokens + (now - c.stamp) * rate
-                c.stamp = now
-                if tokens > burst:
-                    tokens = burst
                 if tokens < 1.0:
-                    c.tokens = tokens
                     relay._refused(c, now, relay._too_many)
-                elif not address_bytes.take(len(payload), s.bytes_per_second_per_ip, s.bytes_burst_per_ip, now):
-                    c.tokens = tokens
+                elif budget < len(payload):
                     relay._refused(c, now, relay._too_much)
                 else:
-                    c.tokens = tokens - 1.0
+                    tokens -= 1.0
+                    budget -= len(payload)
                     if opcode == OP_TEXT:
                         message(c, payload)
                     elif opcode == OP_PING:
@@ -2518,6 +2520,8 @@ class _Port:
                     if c.phase is NEW:
                         c.move(ACTIVE)
         finally:
+            c.tokens = tokens
+            address_bytes.tokens = budget
             cork.release()
         if failed is not None:
             relay._close(c, *failed)
