@@ -2584,35 +2584,34 @@ class _Port:
         """Answer a plain request, or check an upgrade (handshake, admission, auth) and accept it."""
         request = head.request
         if request.path != WS_PATH or not head.upgrade:
-            response = self._answer_http(request)
-            if type(response) is HttpStream:
-                return await self._accept(fd, request, address, response)
-            await _respond(
-                fd, response.status, response.body, response.content_type,
-                head_only=request.method == "HEAD", headers=response.headers, cache=response.cache,
-            )  # fmt: skip
-            return None
-        bad = handshake_refusal(request.method, request.headers)
-        if bad is not None:
+            answer = self._answer_http(request)
+            if type(answer) is HttpStream:
+                answer = self._accept(request, address, answer)
+        elif (bad := handshake_refusal(request.method, request.headers)) is not None:
             status, reason, headers = bad
-            await _respond(fd, status, f"{status} {reason}\n".encode(), headers=headers)
-            return None
-        return await self._accept(fd, request, address, None, head.rest)
+            answer = HttpResponse(status, f"{status} {reason}\n".encode(), headers=headers)
+        else:
+            answer = self._accept(request, address, None, head.rest)
+        if type(answer) is _Upgrade:
+            return answer
+        await _respond(
+            fd, answer.status, answer.body, answer.content_type,
+            head_only=request.method == "HEAD", headers=answer.headers, cache=answer.cache,
+        )  # fmt: skip
+        return None
 
-    async def _accept(
-        self, fd: int, request: HttpRequest, address: _Address, stream: HttpStream | None, early: bytes = b""
-    ) -> _Upgrade | None:
-        """Admit a new client (a WebSocket, or a plugin's stream) or refuse it with an HTTP status."""
+    def _accept(
+        self, request: HttpRequest, address: _Address, stream: HttpStream | None, early: bytes = b""
+    ) -> _Upgrade | HttpResponse:
+        """Admit a new client (a WebSocket, or a plugin's stream), or the HTTP answer that refuses it."""
         refusal = self._admit(request, address)
         if refusal is not None:
             status, reason = refusal
-            await _respond(fd, status, f"{status} {reason}\n".encode(), headers=_RETRY if status != 403 else ())
-            return None
+            return HttpResponse(status, f"{status} {reason}\n".encode(), headers=_RETRY if status != 403 else ())
         auth = self._authenticate(request)
         if auth.refuse:
             log.info("refused a client from %s: %s", request.ip, auth.reason)
-            await _respond(fd, auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
-            return None
+            return HttpResponse(auth.refuse, f"{auth.refuse} {auth.reason}\n".encode())
         remote = request.remote if request.ip == request.remote.rsplit(":", 1)[0] else request.ip
         if stream is not None:
             return _Upgrade("", None, auth.user_id, remote, b"", stream)
