@@ -1007,9 +1007,9 @@ ERROR_CODES: Final = (
 CLOSE_NORMAL: Final = 1000  # an orderly end (the client closed, or nothing more to say)
 CLOSE_HEARTBEAT: Final = 1001  # "going away": no pong within --heartbeat-timeout
 CLOSE_POLICY: Final = 1008  # "policy violation": closed by an operator (kick)
-CLOSE_PROTOCOL_ERROR: Final = 1002  # a malformed WebSocket frame (detected by wsproto)
-CLOSE_BAD_DATA: Final = 1007  # a text frame that is not UTF-8 (detected by wsproto)
-CLOSE_TOO_BIG: Final = 1009  # a frame over --max-message-bytes (trio-websocket sends it)
+CLOSE_PROTOCOL_ERROR: Final = 1002  # a malformed WebSocket frame (FrameParser)
+CLOSE_BAD_DATA: Final = 1007  # a text frame that is not UTF-8 (FrameParser)
+CLOSE_TOO_BIG: Final = 1009  # a message over --max-message-bytes, or in too many fragments (FrameParser)
 CLOSE_INTERNAL: Final = 1011  # a bug in the relay while serving this client (logged)
 CLOSE_RESTART: Final = 1012  # the relay is shutting down, after a "draining" message: reconnect
 CLOSE_TOO_SLOW: Final = 1013  # "try again later": the client did not read its messages fast enough
@@ -1784,14 +1784,13 @@ class _StreamTransport(_Transport):
         self.framing = framing
 
     def send_text(self, payload: bytes) -> bool:
-        data = self.framing.message(payload)
-        if self._pending and len(self._pending) + len(data) > self.limit:
-            return False
-        self._write(b"", data)
-        return True
+        return self._put(self.framing.message(payload))
 
     def send_ping(self) -> bool:
-        data = self.framing.keepalive()
+        return self._put(self.framing.keepalive())
+
+    def _put(self, data: bytes) -> bool:
+        """Write ``data`` now, within the same bound as a WebSocket's frames."""
         if self._pending and len(self._pending) + len(data) > self.limit:
             return False
         self._write(b"", data)
@@ -2360,7 +2359,7 @@ class _Port:
                 if stream is None:
                     await self._read_loop(c, transport, early)  # early: frames sent behind the request
                 else:
-                    await self._stream_loop(c, transport)
+                    await self._stream_loop(c, transport)  # type: ignore[arg-type]  (a stream's transport)
             except Exception:
                 log.exception("client %s: handler failed", c.id)
                 relay._close(c, CLOSE_INTERNAL, "internal error")
@@ -2412,7 +2411,7 @@ class _Port:
             if a.idle(self.settings, now):
                 del self.addresses[ip]
 
-    # -- a WebSocket --------------------------------------------------------------------------------
+    # -- a client's connection: a WebSocket, or a plugin's HttpStream -------------------------------
 
     def _open_client(self, fd: int, address: _Address, upgrade: _Upgrade) -> _Client:
         """Accept a client: the handshake's answer (or a stream's head and opening) and the welcome
@@ -2435,7 +2434,7 @@ class _Port:
             self.cork.release()
         return c
 
-    async def _stream_loop(self, c: _Client, transport: _Transport) -> None:
+    async def _stream_loop(self, c: _Client, transport: _StreamTransport) -> None:
         """A stream's client sends by other requests: wait for the connection's end (or the relay's
         close); whatever arrives on it is read away."""
         try:
@@ -2448,7 +2447,7 @@ class _Port:
                     if not data:
                         return  # the connection dropped: the client is away
         finally:
-            transport.framing.closed()  # type: ignore[attr-defined]
+            transport.framing.closed()
 
     async def _read_loop(self, c: _Client, transport: _Transport, data: bytes) -> None:
         """Wait for a client's bytes and act on them: the relay's hot path. Returns when the client
@@ -3020,7 +3019,7 @@ class Relay:
         self._apply(mm.release(c.id))
 
     def _take_over(self, c: _Client, x: _Client) -> None:
-        """``c`` becomes the away client ``x``: its id, user, peer, place and mailbox."""
+        """``c`` becomes client ``x`` (away, or being closed): its id, user, peer, place and mailbox."""
         self._away.pop(x.id, None)
         del self._clients[c.id]
         self.matchmaker.disconnect(c.id)  # the provisional client never did anything

@@ -276,6 +276,16 @@ export class CandidateQueue {
   }
 }
 
+/** A JSON object from a message's text, or null for anything else. */
+function parse(text) {
+  try {
+    const msg = JSON.parse(text);
+    return msg && typeof msg === "object" ? msg : null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * A connection to the relay, kept alive across drops. Events (CustomEvent, `detail` as listed):
  *
@@ -295,19 +305,11 @@ export class CandidateQueue {
  *   still work (the peer is told over the data channel); else the session ends (`ended`, "connection").
  * - `peerreconnecting` / `peerresumed`: the peer's connection vanished / came back (the call goes on).
  * - `reconnecting`: `{attempt, delay, url}`: the next attempt, in `delay` ms.
- * - `disconnected`: `{code, reason, willReconnect}`: the WebSocket closed.
+ * - `disconnected`: `{code, reason, willReconnect}`: the connection (WebSocket or fallback) closed.
+ * - `transport`: `{transport}`: the client now reaches the relay over "websocket" or "fallback" (HTTP).
  * - `error`: the relay's `error` message `{code, message}`, or `{code: "protocol", message}` when the
  *   relay speaks another protocol version.
  */
-function parse(text) {
-  try {
-    const msg = JSON.parse(text);
-    return msg && typeof msg === "object" ? msg : null;
-  } catch {
-    return null;
-  }
-}
-
 export class RelayClient extends EventTarget {
   /**
    * @param {string | string[]} urls relay WebSocket URLs, in order of preference
@@ -931,12 +933,7 @@ export class PeerSession extends EventTarget {
     this.control = channel;
     channel.onmessage = (event) => {
       if (channel !== this.control) return;
-      let msg;
-      try {
-        msg = JSON.parse(String(event.data));
-      } catch {
-        return;
-      }
+      const msg = parse(String(event.data));
       if (msg && typeof msg.bye === "string") this.client.peerGone(msg.bye);
     };
   }
