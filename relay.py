@@ -68,7 +68,10 @@ gets a ``draining`` note; idle and queued clients are closed with 1012 at once, 
 their session ends or ``--drain-seconds`` pass. The process then exits 0.
 
 Limits: one process, one core, all state in memory. A restart loses queue and sessions (clients
-reconnect and re-join). Scale-out across machines is a plugin's job.
+reconnect and re-join). Scale-out is a plugin's job, behind one seam: ``Backend`` (hook
+``relay_backend``) is where moves are decided, ``Relay.apply`` takes decisions made later or
+elsewhere, and a peer on another node is a ``RemotePeer`` whose messages its backend carries
+(``relay_plugins.cluster``: several nodes share one Redis; ``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -115,7 +118,10 @@ except ImportError:  # a platform without websockets' compiled speedups
 __all__ = [
     "PHASES",
     "SHUTDOWN_TIMEOUT",
+    "SIGNAL",
+    "TEXT",
     "Auth",
+    "Backend",
     "ClientLink",
     "Ended",
     "FrameParser",
@@ -133,6 +139,7 @@ __all__ = [
     "Queued",
     "Relay",
     "RelayStatistics",
+    "RemotePeer",
     "Session",
     "SettingError",
     "Settings",
@@ -347,6 +354,61 @@ class ClientLink:
         c = self._client
         c.transport.received += 1  # a sign of life, for the heartbeat
         self._port._act(c, c.transport, [(OP_TEXT, text) for text in texts], None)
+        return True
+
+
+class Backend(Protocol):
+    """Where the matchmaking moves are decided (hook ``relay_backend``): ``Matchmaker`` is the
+    local one, and its methods are the contract. The relay makes each move synchronously; what a
+    move returns is decided now. A backend that decides elsewhere (``relay_plugins.cluster``:
+    Redis, shared by several nodes) returns what it can now (often nothing) and hands the rest to
+    ``Relay.apply`` from its own task, in the order of the moves. Its queries answer for this
+    node's clients. If it has ``async run(relay, *, task_status)``, ``serve()`` starts it before
+    listening (a ``PluginError`` raised before ``task_status.started()`` refuses to start)."""
+
+    queue_changed: bool  # set when positions moved; the relay clears it
+    queued_with_interests: int
+
+    @property
+    def queue_size(self) -> int: ...
+    @property
+    def session_count(self) -> int: ...
+    def state(self, client_id: str) -> str: ...
+    def position_of(self, client_id: str) -> int: ...
+    def positions(self) -> Iterator[tuple[str, int]]: ...
+    def connect(self, client_id: str, identity: str | None = None) -> None: ...
+    def join(self, client_id: str, interests: Iterable[str] = ()) -> list[Decision]: ...
+    def next(self, client_id: str) -> list[Decision]: ...
+    def leave(self, client_id: str, reason: str = "left") -> list[Decision]: ...
+    def disconnect(self, client_id: str, reason: str = "disconnected") -> list[Decision]: ...
+    def report(self, client_id: str) -> list[Decision]: ...
+    def hold(self, client_id: str) -> None: ...
+    def release(self, client_id: str) -> list[Decision]: ...
+    def tick(self) -> list[Decision]: ...
+
+
+SIGNAL: Final = 0  # RemotePeer.forward: a signal from the peer, to be numbered by the recipient's node
+TEXT: Final = 1  # RemotePeer.forward: a message to send as it is
+
+
+class RemotePeer:
+    """The peer of one of this node's clients that is a client of another node (a cluster backend
+    makes it and keeps it in ``Relay.remote_peers``). What the relay sends it goes to ``forward``
+    (``forward(client_id, SIGNAL | TEXT, text)``): its node delivers it, in order."""
+
+    __slots__ = ("forward", "id", "node", "peer", "phase", "session", "transport", "user_id")
+
+    def __init__(
+        self, client_id: str, user_id: str | None, node: str, forward: Callable[[str, int, bytes], None]
+    ) -> None:
+        self.id, self.user_id, self.node, self.forward = client_id, user_id, node, forward
+        self.phase = ACTIVE  # for the relay, always reachable: its node holds what it cannot take yet
+        self.transport = self  # what Relay._send writes to
+        self.peer: _Client | None = None
+        self.session: Session | None = None
+
+    def send_text(self, payload: bytes) -> bool:
+        self.forward(self.id, TEXT, payload)
         return True
 
 
@@ -1461,6 +1523,15 @@ class HookSpecs:
         """
 
     @hookspec(firstresult=True)
+    def relay_backend(self, relay: Relay) -> Backend | None:
+        """Called once by ``configure()``, after every ``relay_configure``.
+
+        Return a ``Backend`` to decide the matchmaking moves instead of this process's
+        ``Matchmaker`` (``relay_plugins.cluster`` returns its Redis one when ``--redis-url`` is
+        set), or ``None``. The first answer wins.
+        """
+
+    @hookspec(firstresult=True)
     def relay_ice_servers(self, session: Session, client_id: str) -> list[dict[str, Any]] | None:
         """Called twice per match (once per side) to build the ``ice_servers`` list of ``matched``.
 
@@ -1842,7 +1913,7 @@ class _Client:
     phase (``PHASES``) and its current connection. Plain slots: it is on the hot path."""
 
     __slots__ = (  # noqa: RUF023 (grouped by meaning, not sorted)
-        "id", "secret", "user_id", "peer", "position", "connected_at", "joins", "mailbox",  # the client
+        "id", "secret", "user_id", "peer", "session", "position", "connected_at", "joins", "mailbox",  # the client
         "phase", "transport", "remote", "address", "tokens", "stamp", "close_code", "close_reason", "floods",
         "flood_start", "seen", "quiet_since", "pinged_at", "away_since",  # its connection
     )  # fmt: skip
@@ -1853,7 +1924,8 @@ class _Client:
         self.id = secrets.token_urlsafe(9)
         self.secret = secrets.token_urlsafe(16)  # 128 bits: the private half of the resume token
         self.user_id = user_id
-        self.peer: _Client | None = None  # the current session's other side
+        self.peer: _Client | RemotePeer | None = None  # the current session's other side
+        self.session: Session | None = None  # the current session
         self.position = 0  # last position sent in "queued"
         self.connected_at = now
         self.joins: _Bucket | None = None  # joins and nexts, per minute (from the first one on)
@@ -2688,7 +2760,9 @@ class Relay:
         self.counters: collections.Counter[str] = collections.Counter()
         self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager(settings.plugins)
         self.hook = self.pm.hook
-        self.matchmaker = Matchmaker(
+        #: Where matchmaking moves are decided: this process's ``Matchmaker``, unless a plugin's
+        #: ``relay_backend`` gives another (``configure()`` asks).
+        self.backend: Backend = Matchmaker(
             clock=trio.current_time,
             rng=rng if rng is not None else random.Random(),
             interest_timeout=settings.interest_timeout,
@@ -2699,6 +2773,8 @@ class Relay:
         self.stopping = False  # shutdown() was called: serve() returns once every client is gone
         self._configured = False
         self._clients: dict[str, _Client] = {}
+        #: Peers of this node's clients that are clients of other nodes (a cluster backend keeps it).
+        self.remote_peers: dict[str, RemotePeer] = {}
         self._away: dict[str, _Client] = {}  # vanished clients that may resume, oldest first
         self._user_joins: dict[str, _Bucket] = {}  # per user id (under auth): joins and nexts per minute
         self._started = 0.0
@@ -2726,10 +2802,13 @@ class Relay:
         self.configure()
         port = self._port
         port.max_sockets = _socket_cap(s.max_sockets)
-        listeners = _listen(s.host, s.port)
-        self.port = listeners[0].getsockname()[1]
-        self._started = trio.current_time()
         async with trio.open_nursery() as nursery:
+            run_backend = getattr(self.backend, "run", None)
+            if run_backend is not None:  # connects, checks (PluginError: no start), then serves
+                await nursery.start(run_backend, self)
+            listeners = _listen(s.host, s.port)
+            self.port = listeners[0].getsockname()[1]
+            self._started = trio.current_time()
             port.nursery = nursery
             call_hooks(self.hook, "relay_startup", relay=self, nursery=nursery)
             nursery.start_soon(self._tick_loop)
@@ -2756,6 +2835,9 @@ class Relay:
             self._configured = True
             self.hook.relay_configure(relay=self)
             check_plugins(self.pm)  # again: plugins register objects of their own in relay_configure
+            backend = self.hook.relay_backend(relay=self)
+            if backend is not None:
+                self.backend = backend
             log.info("plugins: %s", "; ".join(describe_plugins(self.pm)) or "none")
 
     def drain(self, deadline_s: float | None = None) -> None:
@@ -2802,7 +2884,7 @@ class Relay:
         return True
 
     def statistics(self) -> RelayStatistics:
-        mm = self.matchmaker
+        mm = self.backend
         return RelayStatistics(
             connections=len(self._clients) - len(self._away),
             sockets=self._port.sockets,
@@ -2827,7 +2909,7 @@ class Relay:
     def _attach(self, c: _Client) -> None:
         self._clients[c.id] = c
         self._connections_total += 1
-        self.matchmaker.connect(c.id, identity=c.user_id)
+        self.backend.connect(c.id, identity=c.user_id)
         log.debug("client %s connected from %s%s", c.id, c.remote, f" as {c.user_id}" if c.user_id else "")
         call_hooks(self.hook, "relay_client_connected", client_id=c.id, remote=c.remote, user_id=c.user_id)
         self._send(c, _msg_welcome(c.id, c.token))
@@ -2854,12 +2936,10 @@ class Relay:
         c.away_since = trio.current_time()
         c.mailbox.go_away()
         self._away[c.id] = c
-        self.matchmaker.hold(c.id)
+        self.backend.hold(c.id)
         log.debug("client %s: connection lost; it may resume within %.0f s", c.id, s.resume_grace)
-        if c.peer is not None:
-            session = self.matchmaker.session_of(c.id)
-            assert session is not None
-            self._send(c.peer, _msg_peer("peer_reconnecting", session.id))
+        if c.peer is not None and c.session is not None:
+            self._send(c.peer, _msg_peer("peer_reconnecting", c.session.id))
 
     def _detach(self, c: _Client, code: int | None = None) -> None:
         """Forget the client: its session ends, plugins hear of it. ``code``: the close code (None if
@@ -2869,7 +2949,7 @@ class Relay:
         c.move(GONE)
         del self._clients[c.id]
         self._away.pop(c.id, None)
-        self._apply(self.matchmaker.disconnect(c.id))
+        self.apply(self.backend.disconnect(c.id))
         duration = trio.current_time() - c.connected_at
         log.debug("client %s disconnected (code %s, %.1f s)", c.id, code, duration)
         call_hooks(self.hook, "relay_client_disconnected", client_id=c.id, code=code, duration=duration)
@@ -2884,17 +2964,29 @@ class Relay:
                 peer = c.peer
                 if peer is None:
                     raise ProtocolError("not_matched", "no peer to signal: wait for matched")
-                out = relayed_signal(text, msg, peer.mailbox)
-                if not peer.mailbox.keep(peer.mailbox.count, out):
-                    self._overflow(peer)
-                elif peer.phase is ACTIVE or peer.phase is NEW:  # away, the mailbox has it for the resume
-                    if not peer.transport.send_text(out):
-                        self._too_slow(peer)
+                if peer.__class__ is RemotePeer:  # its own node numbers and delivers it
+                    peer.forward(peer.id, SIGNAL, text)
+                else:
+                    self.deliver_signal(peer, text, msg)
                 self._signals += 1
             else:
                 self._handlers[kind](c, msg)
         except ProtocolError as exc:
             self._error(c, exc.code, exc.message)
+
+    def deliver_signal(self, peer: _Client, text: bytes, msg: dict[str, Any]) -> None:
+        """Relay a signal (``text``, parsed: ``msg``) to ``peer``: numbered, kept in its mailbox and
+        written, or (away) kept for its resume. From this node's clients, or from another node's."""
+        out = relayed_signal(text, msg, peer.mailbox)
+        if not peer.mailbox.keep(peer.mailbox.count, out):
+            self._overflow(peer)
+        elif peer.phase is ACTIVE or peer.phase is NEW:  # away, the mailbox has it for the resume
+            if not peer.transport.send_text(out):
+                self._too_slow(peer)
+
+    def deliver_text(self, c: _Client, text: bytes) -> None:
+        """Send ``c`` a message that another node has for it (as it is: JSON text)."""
+        self._send(c, text)
 
     def _refused(self, c: _Client, now: float, why: str) -> None:
         """A message over a rate limit: an error, or, for a client that keeps flooding, the end."""
@@ -2936,21 +3028,21 @@ class Relay:
         if self._refuse_while_draining(c):
             return
         self._take_join(c)
-        mm = self.matchmaker
-        self._apply(mm.tick())
-        self._apply(mm.join(c.id, msg["interests"]))
+        mm = self.backend
+        self.apply(mm.tick())
+        self.apply(mm.join(c.id, msg["interests"]))
 
     def _on_next(self, c: _Client, msg: dict[str, Any]) -> None:
         if self._refuse_while_draining(c):
             return
         self._take_join(c)
-        mm = self.matchmaker
-        self._apply(mm.tick())
-        self._apply(mm.next(c.id))
+        mm = self.backend
+        self.apply(mm.tick())
+        self.apply(mm.next(c.id))
 
     def _on_leave(self, c: _Client, msg: dict[str, Any]) -> None:
         self._send(c, _LEFT)
-        self._apply(self.matchmaker.leave(c.id))
+        self.apply(self.backend.leave(c.id))
         if self.draining:
             self._close(c, CLOSE_RESTART, "server restarting")
 
@@ -2958,14 +3050,14 @@ class Relay:
         self._send(c, _PONG)
 
     def _on_report(self, c: _Client, msg: dict[str, Any]) -> None:
-        mm = self.matchmaker
-        session = mm.session_of(c.id)
-        decisions = mm.report(c.id)  # raises not_matched without a session
-        assert session is not None
+        session = c.session
+        if session is None:
+            raise IllegalMove("not_matched", "no session to report")
+        decisions = self.backend.report(c.id)
         reported = session.peer_of(c.id)
         log.info("client %s reported %s", c.id, reported)
         self._send(c, _REPORTED)
-        self._apply(decisions)
+        self.apply(decisions)
         users = self._users(session)
         call_hooks(
             self.hook,
@@ -2997,13 +3089,13 @@ class Relay:
         if not was_away:
             self._close(x, CLOSE_RESUMED, "resumed on another connection")
         self._take_over(c, x)
-        mm = self.matchmaker
+        mm = self.backend
         missed, complete = c.mailbox.resume(msg["last"])
-        session = mm.session_of(c.id)
+        session = c.session
         if not complete and session is not None:  # some fell out: rather than a silent gap, the session ends
             log.info("client %s: missed more than was kept, ending its session", c.id)
             missed.append(_msg_peer_left(session.id, "overflow"))
-            self._apply(mm.leave(c.id, "overflow"))
+            self.apply(mm.leave(c.id, "overflow"))
             session = None
         if session is not None:
             details = {"session_id": session.id, "peer_id": session.peer_of(c.id)}
@@ -3016,16 +3108,17 @@ class Relay:
             self._send(c, out)
         if c.peer is not None and session is not None and was_away:
             self._send(c.peer, _msg_peer("peer_resumed", session.id))
-        self._apply(mm.release(c.id))
+        self.apply(mm.release(c.id))
 
     def _take_over(self, c: _Client, x: _Client) -> None:
         """``c`` becomes client ``x`` (away, or being closed): its id, user, peer, place and mailbox."""
         self._away.pop(x.id, None)
         del self._clients[c.id]
-        self.matchmaker.disconnect(c.id)  # the provisional client never did anything
+        self.backend.disconnect(c.id)  # the provisional client never did anything
         call_hooks(self.hook, "relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
         x.move(GONE)
         c.id, c.user_id, c.peer, c.position, c.mailbox = x.id, x.user_id, x.peer, x.position, x.mailbox
+        c.session = x.session
         c.connected_at, c.joins = x.connected_at, x.joins
         c.secret = secrets.token_urlsafe(16)  # a token is good once
         if c.peer is not None:
@@ -3035,59 +3128,70 @@ class Relay:
         log.debug("client %s resumed from %s", c.id, c.remote)
 
     def _users(self, session: Session) -> dict[str, str | None]:
-        clients = self._clients
-        return {
-            cid: (clients[cid].user_id if cid in clients else None) for cid in (session.initiator, session.answerer)
-        }
+        users = {}
+        for cid in (session.initiator, session.answerer):
+            c = self._clients.get(cid) or self.remote_peers.get(cid)
+            users[cid] = c.user_id if c is not None else None
+        return users
 
     def _refuse_while_draining(self, c: _Client) -> bool:
         """While draining nobody is (re)queued: the client leaves and is closed (1012)."""
         if not self.draining:
             return False
-        self._apply(self.matchmaker.leave(c.id, "next"))
+        self.apply(self.backend.leave(c.id, "next"))
         self._close(c, CLOSE_RESTART, "server restarting")
         return True
 
-    def _apply(self, decisions: list[Decision]) -> None:
-        """Carry out the matchmaker's decisions: tell the clients, update peers, call hooks."""
+    def apply(self, decisions: list[Decision], *, decided_here: bool = True) -> None:
+        """Carry out the backend's decisions: tell this node's clients, update peers and, where they
+        were decided (``decided_here``: once in a cluster), call the hooks. A side that is another
+        node's client is a ``RemotePeer``: its node is told and tells it."""
         clients = self._clients
         for d in decisions:
             if type(d) is Queued:
-                c = clients[d.client_id]
-                c.position = d.position
-                self._send(c, _msg_queued(d.position, d.queue_size))
+                c = clients.get(d.client_id)
+                if c is not None:
+                    c.position = d.position
+                    self._send(c, _msg_queued(d.position, d.queue_size))
             elif type(d) is Paired:
                 s = d.session
-                a, b = clients[s.initiator], clients[s.answerer]
+                a = clients.get(s.initiator) or self.remote_peers[s.initiator]
+                b = clients.get(s.answerer) or self.remote_peers[s.answerer]
                 a.peer, b.peer = b, a
-                self._matches += 1
+                a.session = b.session = s
+                self._matches += decided_here
                 # Both get matched before this returns, so the initiator's offer cannot overtake it.
                 for c in (a, b):
-                    ice = call_hooks(self.hook, "relay_ice_servers", session=s, client_id=c.id)
-                    self._send(c, _msg_matched(s, c.id, list(self.settings.ice_servers) if ice is None else ice))
-                call_hooks(self.hook, "relay_matched", session=s, users={s.initiator: a.user_id, s.answerer: b.user_id})
+                    if c.__class__ is _Client:
+                        ice = call_hooks(self.hook, "relay_ice_servers", session=s, client_id=c.id)
+                        self._send(c, _msg_matched(s, c.id, list(self.settings.ice_servers) if ice is None else ice))
+                if decided_here:
+                    users = {s.initiator: a.user_id, s.answerer: b.user_id}
+                    call_hooks(self.hook, "relay_matched", session=s, users=users)
             elif type(d) is Ended:
-                self._session_ended(d)
+                self._session_ended(d, decided_here)
 
-    def _session_ended(self, d: Ended) -> None:
+    def _session_ended(self, d: Ended, decided_here: bool) -> None:
         """A session ended: its peers are free, the one left behind is told (and, draining, closed)."""
         s = d.session
         users = self._users(s)
         for cid in (s.initiator, s.answerer):
-            c = self._clients.get(cid)
-            if c is not None:
-                c.peer = None
+            c = self._clients.get(cid) or self.remote_peers.get(cid)
+            if c is not None and c.session is not None and c.session.id == s.id:
+                c.peer = c.session = None
         notify = self._clients.get(d.notify)
         if notify is not None:
             # The reported side is not told it was reported: for it, the peer left.
             self._send(notify, _msg_peer_left(s.id, "left" if d.reason == "reported" else d.reason))
             if self.draining:
                 self._close(notify, CLOSE_RESTART, "server restarting")
-        self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
-        duration = trio.current_time() - s.started_at
-        call_hooks(
-            self.hook, "relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration, users=users
-        )
+        if decided_here:
+            self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
+            duration = trio.current_time() - s.started_at
+            call_hooks(
+                self.hook, "relay_session_ended", session=s, reason=d.reason, ended_by=d.by, duration=duration,
+                users=users,
+            )  # fmt: skip
 
     # -- sending and closing ----------------------------------------------------------------------
 
@@ -3109,12 +3213,12 @@ class Relay:
     def _overflow(self, c: _Client) -> None:
         """More was sent to an away client than its mailbox keeps: rather than lose messages
         silently, its session ends ("overflow"); when it resumes, it learns just that."""
-        session = self.matchmaker.session_of(c.id)
+        session = c.session
         if session is None:
             return  # nothing but a finished session's messages could pile up: drop this one
         log.info("client %s: too much waiting while it is away, ending its session", c.id)
         c.mailbox.replace_held(_msg_peer_left(session.id, "overflow"))
-        self._apply(self.matchmaker.leave(c.id, "overflow"))
+        self.apply(self.backend.leave(c.id, "overflow"))
 
     def _error(self, c: _Client, code: str, message: str) -> None:
         self._errors[code] = self._errors.get(code, 0) + 1
@@ -3163,7 +3267,7 @@ class Relay:
         while True:
             await trio.sleep(TICK_INTERVAL)
             now = trio.current_time()
-            self._apply(self.matchmaker.tick())
+            self.apply(self.backend.tick())
             while self._away:
                 c = next(iter(self._away.values()))  # the oldest: the grace is the same for all
                 if now - c.away_since < self.settings.resume_grace:
@@ -3186,7 +3290,7 @@ class Relay:
 
     async def _position_loop(self) -> None:
         """Push changed queue positions, at most one message per client per interval."""
-        mm = self.matchmaker
+        mm = self.backend
         while True:
             await trio.sleep(POSITION_INTERVAL)
             if not mm.queue_changed:

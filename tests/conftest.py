@@ -309,3 +309,52 @@ def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+class RedisServer:
+    """Debian's redis-server on 127.0.0.1 and a free port; killed (SIGKILL) and started again on the
+    same port, empty, or with what its append-only file kept (``aof=True``)."""
+
+    def __init__(self, tmp: Path, *, aof: bool = False) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.aof = aof
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--daemonize", "no",
+             "--dir", str(self.tmp), *persistence],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                assert self.proc.poll() is None, "redis-server exited"
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def command(self, *args: str) -> bytes:
+        """One command, answered raw (for checks: DBSIZE, KEYS, CONFIG SET)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a.encode()) for a in args))
+            return s.recv(1 << 20)
+
+    kill = RelayProcess.kill
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()

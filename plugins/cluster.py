@@ -1,0 +1,651 @@
+"""Scale-out: relay nodes on several machines (or cores) act as one, over Redis.
+
+On with ``--redis-url`` (or ``RELAY_REDIS_URL``). Each node is a ``python relay.py`` process with
+the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is not built yet.
+
+- **The queue lives in Redis.** Every matchmaking move (connect, join, next, leave, disconnect,
+  report, hold, release, tick) is one call of one Lua script (``cluster_queue.lua``): one round
+  trip, ``Matchmaker``'s rules to the letter (global FIFO by ticket, interest timeout, rematch
+  cooldown, reports), every key in the hash slot ``{mm}`` (Redis Cluster runs it). Time is Redis's
+  ``TIME``. The relay's handlers stay synchronous: a node's moves go, in order, to one task that
+  runs them and hands the decisions to ``Relay.apply``; ``tests/test_cluster.py`` holds the script
+  against the naive reference model on a real Redis, through three node facades.
+- **Signals between nodes go by streams.** A pair on one node relays as a single node does. A
+  signal or message for another node's client is appended to that node's outbox; every
+  ``--cluster-flush-ms`` one ``XADD`` per destination carries all of them, in order, to its inbox
+  stream (``relay:{inbox}:<node>``), which one task of the destination reads (``XREAD BLOCK``) and
+  delivers: the recipient's node numbers signals as for its own. Streams, not pub/sub: what a
+  blip delays is read afterwards, in order, never dropped.
+- **Decisions where they were made.** The node whose move paired or ended a session calls the
+  hooks (``relay_matched``, ``relay_session_ended``, ``relay_report``): once for the cluster. The
+  other node is sent the decision and tells its client.
+- **Each node holds a lease** (``relay:node:<id>``, renewed every second, ``--cluster-node-timeout``):
+  a second process with a live node's id refuses to start.
+
+Checked at start, each a one-line error and exit code 2: the URL, Redis reachable, Redis >= 7.0,
+``maxmemory-policy`` ``noeviction`` (an evicted queue key would corrupt the queue), the node id free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import secrets
+import struct
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import trio
+
+import relay
+from relay import (
+    MAX_BLOCKING_IDENTITIES,
+    MAX_BLOCKS,
+    SIGNAL,
+    TEXT,
+    Decision,
+    Ended,
+    IllegalMove,
+    Paired,
+    PluginError,
+    ProtocolError,
+    Queued,
+    Relay,
+    RemotePeer,
+    Session,
+)
+
+log = logging.getLogger("relay.cluster")
+
+SCRIPT: Final = (Path(__file__).with_name("cluster_queue.lua")).read_text()
+KEYS: Final = tuple(
+    "{mm}:" + name
+    for name in (
+        "members", "queue", "index", "deadlines", "sessions", "blocks", "blocklists", "blockers", "users", "counters",
+        "decisions",
+    )
+)  # fmt: skip
+NODE_KEY: Final = "relay:node:"  # + node id: the node's lease
+INBOX_KEY: Final = "{mm}:inbox:"  # + node id: the stream other nodes send this node's messages to
+DECISIONS_KEEP: Final = 100_000  # entries the decisions stream keeps (approximately)
+INBOX_MAXLEN: Final = 100_000  # entries an inbox keeps (approximately): read ones are history
+INBOX_BATCH: Final = 256  # entries read per XREAD
+LEASE_INTERVAL: Final = 1.0  # seconds between lease renewals
+MAX_PENDING_MOVES: Final = 65_536  # joins and nexts waiting for the script; more are refused (rate_limited)
+MAX_EARLY: Final = 4096  # messages kept for sessions this node has not heard of yet (decided elsewhere)
+MAX_ENDED: Final = 65_536  # ids of sessions that ended, remembered to drop their late messages
+RETRY_INTERVAL: Final = 0.5  # seconds between attempts while Redis does not answer
+MIN_REDIS: Final = (7, 0)
+_LENGTH: Final = struct.Struct("!I")
+
+
+def _mb(text: str | bytes) -> bytes:
+    return text.encode() if isinstance(text, str) else text
+
+
+########################################################################################################
+# The queue script: Matchmaker's moves in Redis
+########################################################################################################
+
+
+class QueueScript:
+    """The matchmaking script on one Redis: ``await move("join", client_id, ...)`` runs one move and
+    returns its decisions, each with where its clients are: ``[(decision, {client_id: (node,
+    identity)})]``. Raises ``IllegalMove`` (and changes nothing) as ``Matchmaker`` does; ``KeyError``
+    for an unknown client. ``now`` (seconds) replaces Redis's clock (tests); ``offset`` turns Redis
+    times into the node's clock (``trio.current_time``)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        interest_timeout: float,
+        rematch_cooldown: float,
+        max_blocks: int = MAX_BLOCKS,
+        max_blocking_identities: int = MAX_BLOCKING_IDENTITIES,
+    ) -> None:
+        self.redis = redis
+        self.script = redis.register_script(SCRIPT)
+        self.settings = [
+            str(round(interest_timeout * 1000)), str(round(rematch_cooldown * 1000)),
+            str(max_blocks), str(max_blocking_identities),
+        ]  # fmt: skip
+        self.offset = 0.0  # node clock - Redis clock, in seconds
+
+    async def move(
+        self, move: str, client_id: str = "", *args: str, node: str = "", now: float | None = None
+    ) -> list[tuple[Decision, dict[str, tuple[str, str]]]]:
+        argv = [
+            "" if now is None else str(round(now * 1000)), *self.settings, secrets.token_hex(8), node,
+            str(DECISIONS_KEEP), move, client_id,
+        ]  # fmt: skip
+        answer = orjson.loads(await self.script(keys=KEYS, args=[*argv, *args]))
+        if "illegal" in answer:
+            if answer["illegal"] == "unknown":
+                raise KeyError(f"unknown client {client_id!r}")
+            raise IllegalMove(answer["illegal"], answer["message"])
+        return [self.decision(d) for d in answer["d"]]
+
+    def session(self, s: dict[str, Any]) -> Session:
+        ints = s["ints"]
+        return Session(
+            s["id"], s["a"], s["b"], tuple(ints) if isinstance(ints, list) else (),
+            s["t"] / 1000 + self.offset, (s["w"][0] / 1000, s["w"][1] / 1000),
+        )  # fmt: skip
+
+    def decision(self, d: list[Any]) -> tuple[Decision, dict[str, tuple[str, str]]]:
+        """One decision as the script (or another node) gave it, in JSON."""
+        if d[0] == "q":
+            return Queued(d[1], d[2], d[3]), {d[1]: (d[4], "")}
+        s = self.session(d[1])
+        if d[0] == "p":
+            return Paired(s), {s.initiator: (d[2], d[4]), s.answerer: (d[3], d[5])}
+        return Ended(s, d[2], d[3]), {s.initiator: (d[4], d[6]), s.answerer: (d[5], d[7])}
+
+
+########################################################################################################
+# The backend: one node of the cluster
+########################################################################################################
+
+
+class ClusterBackend:
+    """``relay.Backend`` over Redis, for one node. See the module docstring."""
+
+    def __init__(self, relay: Relay, url: str, node_id: str, flush_s: float, node_timeout: float) -> None:
+        import coredis
+
+        self.relay = relay
+        self.url = url
+        self.node = node_id
+        self.flush_s = flush_s
+        self.node_timeout = node_timeout
+        self.redis = coredis.Redis.from_url(url)
+        self.reader = coredis.Redis.from_url(url)  # XREAD BLOCK gets its own pool
+        s = relay.settings
+        self.script = QueueScript(self.redis, interest_timeout=s.interest_timeout, rematch_cooldown=s.rematch_cooldown)
+        self.queue_changed = False
+        self._queue_size = 0  # the cluster's, as the last move or position refresh saw it
+        self._waiting: dict[str, int] = {}  # this node's waiting clients -> position
+        self._interested: set[str] = set()  # of those, the ones with interests
+        self._sessions = 0
+        self._moves: collections.deque[tuple[str, str, tuple[str, ...]]] = collections.deque()
+        self._joins = 0  # joins and nexts among the moves
+        self._tick_pending = False
+        self._wake = trio.lowlevel.ParkingLot()
+        self._outbox: dict[str, list[bytes]] = {}  # node -> packed items, in order
+        self._early: dict[str, list[tuple[int, str, bytes]]] = {}  # session id -> items that came first
+        self._early_count = 0
+        self._ended: dict[str, None] = {}  # recently ended session ids, oldest first
+        self.statistics: collections.Counter[str] = relay.counters
+
+    # -- Backend: queries (this node's clients) ----------------------------------------------------
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue_size
+
+    @property
+    def session_count(self) -> int:
+        return self._sessions
+
+    @property
+    def queued_with_interests(self) -> int:
+        return sum(1 for cid in self._waiting if cid in self._interested)
+
+    def state(self, client_id: str) -> str:
+        c = self.relay._clients.get(client_id)
+        if c is not None and c.session is not None:
+            return "matched"
+        return "queued" if client_id in self._waiting else "idle"
+
+    def position_of(self, client_id: str) -> int:
+        return self._waiting[client_id]
+
+    def positions(self) -> Iterator[tuple[str, int]]:
+        return iter(list(self._waiting.items()))
+
+    # -- Backend: moves (decided by the script, in order, by _move_loop) ---------------------------
+
+    def connect(self, client_id: str, identity: str | None = None) -> None:
+        self._enqueue("connect", client_id, identity or client_id, self.node)
+
+    def join(self, client_id: str, interests: Iterable[str] = ()) -> list[Decision]:
+        self._enqueue_join("join", client_id, orjson.dumps(sorted(interests)).decode())
+        self._note_interests(client_id, bool(interests))
+        return []
+
+    def next(self, client_id: str) -> list[Decision]:
+        self._enqueue_join("next", client_id)
+        return []
+
+    def leave(self, client_id: str, reason: str = "left") -> list[Decision]:
+        self._unqueue(client_id)
+        self._enqueue("leave", client_id, reason)
+        return []
+
+    def disconnect(self, client_id: str, reason: str = "disconnected") -> list[Decision]:
+        self._unqueue(client_id)
+        self._enqueue("disconnect", client_id, reason)
+        return []
+
+    def report(self, client_id: str) -> list[Decision]:
+        self._enqueue("report", client_id)
+        return []
+
+    def hold(self, client_id: str) -> None:
+        self._enqueue("hold", client_id)
+
+    def release(self, client_id: str) -> list[Decision]:
+        self._enqueue("release", client_id)
+        return []
+
+    def tick(self) -> list[Decision]:
+        if not self._tick_pending:
+            self._tick_pending = True
+            self._enqueue("tick", "")
+        return []
+
+    def _enqueue(self, move: str, client_id: str, *args: str) -> None:
+        self._moves.append((move, client_id, args))
+        self._wake.unpark()
+
+    def _enqueue_join(self, move: str, client_id: str, *args: str) -> None:
+        if self._joins >= MAX_PENDING_MOVES:
+            raise ProtocolError("rate_limited", "the cluster is busy: join again in a moment")
+        self._joins += 1
+        self._enqueue(move, client_id, *args)
+
+    def _note_interests(self, client_id: str, interested: bool) -> None:
+        if interested:
+            self._interested.add(client_id)
+        else:
+            self._interested.discard(client_id)
+
+    def _unqueue(self, client_id: str) -> None:
+        if self._waiting.pop(client_id, None) is not None:
+            self.queue_changed = True
+        self._interested.discard(client_id)
+
+    # -- the node's tasks ---------------------------------------------------------------------------
+
+    async def run(self, relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect and check Redis, take the node's lease, then run the node's tasks until cancelled."""
+        started = False
+        try:
+            async with self.redis, self.reader:
+                await self._check()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._lease_loop)
+                    nursery.start_soon(self._move_loop)
+                    nursery.start_soon(self._flush_loop)
+                    nursery.start_soon(self._inbox_loop, *await self._inbox_start())
+                    nursery.start_soon(self._position_loop)
+                    log.info("cluster: node %s on %s", self.node, _redacted(self.url))
+                    started = True
+                    task_status.started()
+        except PluginError:
+            raise
+        except Exception as exc:
+            if started:
+                raise
+            raise PluginError(f"--redis-url {_redacted(self.url)}: cannot use Redis: {_why(exc)}") from exc
+
+    async def _check(self) -> None:
+        r = self.redis
+        info = await r.info("server")
+        version = tuple(int(part) for part in str(info.get("redis_version", "0")).split(".")[:2])
+        if version < MIN_REDIS:
+            raise PluginError(f"--redis-url: Redis {info.get('redis_version')} is too old (7.0 or newer needed)")
+        try:
+            policy = (await r.config_get(["maxmemory-policy"])).get(b"maxmemory-policy", b"noeviction")
+        except Exception as exc:  # managed Redis may refuse CONFIG: say so, go on
+            log.warning("cluster: cannot read maxmemory-policy (%s); it must be noeviction", exc)
+        else:
+            if policy != b"noeviction":
+                raise PluginError(
+                    f"--redis-url: maxmemory-policy is {policy.decode()}; the queue needs noeviction "
+                    "(an evicted key would corrupt it)"
+                )
+        lease = round(self.node_timeout * 1000)
+        if not await r.set(NODE_KEY + self.node, b"1", px=lease, condition=_nx()):
+            raise PluginError(f"--node-id {self.node}: a live node has this id (wait {self.node_timeout:g} s)")
+        await self._sync_clock()
+
+    async def _sync_clock(self) -> None:
+        before = trio.current_time()
+        when = await self.redis.time()
+        self.script.offset = (before + trio.current_time()) / 2 - when.timestamp()
+
+    async def _inbox_start(self) -> tuple[bytes, bytes]:
+        """Where this node starts reading its inbox and the decisions: after what is there now."""
+        ids = []
+        for key in (INBOX_KEY + self.node, KEYS[10]):
+            last = await self.redis.xrevrange(key, count=1)
+            ids.append(last[0].identifier if last else b"0-0")
+        return ids[0], ids[1]
+
+    async def _lease_loop(self) -> None:
+        lease = round(self.node_timeout * 1000)
+        while True:
+            await trio.sleep(LEASE_INTERVAL)
+            try:
+                if not await self.redis.set(NODE_KEY + self.node, b"1", px=lease, condition=_xx()):
+                    log.error("cluster: node %s: the lease had expired (the node was taken for dead)", self.node)
+                    await self.redis.set(NODE_KEY + self.node, b"1", px=lease)
+            except Exception as exc:
+                log.warning("cluster: renewing the lease failed: %s", exc)
+
+    async def _move_loop(self) -> None:
+        """Run the moves in order, one script call each; hand their decisions out."""
+        moves = self._moves
+        while True:
+            while not moves:
+                await self._wake.park()
+            move, client_id, args = moves[0]
+            try:
+                await self.script.move(move, client_id, *args, node=self.node)  # decisions: _inbox_loop
+            except IllegalMove as exc:
+                self._illegal(client_id, exc)
+            except KeyError:
+                pass  # the client disconnected (and was forgotten) before this move ran
+            except Exception as exc:  # Redis does not answer: the move waits, in order
+                log.warning("cluster: %s failed (%s); retrying", move, exc)
+                await trio.sleep(RETRY_INTERVAL)
+                continue
+            moves.popleft()
+            if move == "join" or move == "next":
+                self._joins -= 1
+            elif move == "tick":
+                self._tick_pending = False
+
+    def _illegal(self, client_id: str, exc: IllegalMove) -> None:
+        c = self.relay._clients.get(client_id)
+        if c is not None:
+            self.relay._error(c, exc.code, exc.message)
+
+    def _apply(self, d: Decision, where: dict[str, tuple[str, str]], *, decided_here: bool) -> None:
+        relay = self.relay
+        if type(d) is Queued:
+            if d.client_id in relay._clients:
+                self._waiting[d.client_id] = d.position
+                self._queue_size = d.queue_size
+            relay.apply([d], decided_here=decided_here)
+            return
+        s = d.session
+        if type(d) is Paired and s.id in self._ended:
+            return  # it ended (a move here) before this node heard it began
+        for cid, (node, identity) in where.items():
+            if cid not in relay._clients and cid not in relay.remote_peers:
+                user = identity if identity != cid else None
+                relay.remote_peers[cid] = RemotePeer(cid, user, node, self._forward)
+        local = [cid for cid in where if cid in relay._clients]
+        if type(d) is Paired:
+            for cid in local:
+                self._unqueue(cid)
+            self._sessions += len(local) > 0
+            relay.apply([d], decided_here=decided_here)
+            for text_or_signal in self._early.pop(s.id, ()):
+                self._early_count -= 1
+                self._deliver(*text_or_signal)
+        else:
+            self._remember_ended(s.id)
+            self._sessions -= any(_in_session(relay._clients[cid], s) for cid in local)
+            relay.apply([d], decided_here=decided_here)
+        for cid in where:
+            peer = relay.remote_peers.get(cid)
+            if peer is not None and (peer.peer is None or relay._clients.get(peer.peer.id) is not peer.peer):
+                del relay.remote_peers[cid]
+
+    def _remember_ended(self, session_id: str) -> None:
+        self._ended[session_id] = None
+        if len(self._ended) > MAX_ENDED:
+            del self._ended[next(iter(self._ended))]
+        dropped = self._early.pop(session_id, None)
+        if dropped:
+            self._early_count -= len(dropped)
+
+    # -- messages between nodes ---------------------------------------------------------------------
+
+    def _forward(self, client_id: str, kind: int, text: bytes) -> None:
+        """RemotePeer.forward: a message for another node's client, into that node's outbox."""
+        peer = self.relay.remote_peers[client_id]
+        if peer.session is not None:  # else: its session is over, nobody to tell
+            self._put(peer.node, kind, client_id, peer.session.id, text)
+
+    def _put(self, node: str, kind: int, client_id: str, session_id: str, payload: bytes) -> None:
+        item = b"%c%b\x1f%b\x1f%b" % (kind, client_id.encode(), session_id.encode(), payload)
+        box = self._outbox.get(node)
+        if box is None:
+            box = self._outbox[node] = []
+        box.append(_LENGTH.pack(len(item)))
+        box.append(item)
+
+    async def _flush_loop(self) -> None:
+        """Every --cluster-flush-ms: one XADD per destination node with what is for it, in order."""
+        while True:
+            await trio.sleep(self.flush_s)
+            if self._outbox:
+                await self.flush()
+
+    async def flush(self) -> None:
+        boxes, self._outbox = self._outbox, {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node, items in boxes.items():
+                    pipe.xadd(
+                        INBOX_KEY + node, {b"m": b"".join(items)}, trim_strategy=_maxlen(),
+                        threshold=INBOX_MAXLEN, trim_operator=_approximately(),
+                    )  # fmt: skip
+        except Exception as exc:  # put back in front of what came meanwhile: order kept, nothing lost
+            log.warning("cluster: sending to other nodes failed (%s); retrying", exc)
+            for node, items in boxes.items():
+                self._outbox[node] = items + self._outbox.get(node, [])
+            await trio.sleep(RETRY_INTERVAL)
+
+    async def _inbox_loop(self, inbox_last: bytes, decisions_last: bytes) -> None:
+        """Read this node's inbox and the decisions (one XREAD BLOCK: both keys are in {mm}'s slot)."""
+        inbox, decisions = INBOX_KEY + self.node, KEYS[10]
+        last = {inbox.encode(): inbox_last, decisions.encode(): decisions_last}
+        while True:
+            try:
+                answer = await self.reader.xread(
+                    {inbox: last[inbox.encode()], decisions: last[decisions.encode()]}, count=INBOX_BATCH, block=1000
+                )
+            except Exception as exc:
+                log.warning("cluster: reading the inbox failed (%s); retrying", exc)
+                await trio.sleep(RETRY_INTERVAL)
+                continue
+            for key, entries in (answer or {}).items():
+                handle, field = (self._decided, b"d") if key == decisions.encode() else (self._receive, b"m")
+                for entry in entries:
+                    last[key] = entry.identifier
+                    try:
+                        handle(entry.field_values[field])
+                    except Exception:  # a malformed entry: say so, go on with the next
+                        self.statistics["cluster_bad_entries"] += 1
+                        log.exception("cluster: skipping malformed entry %s of %s", entry.identifier, key.decode())
+
+    def _decided(self, payload: bytes) -> None:
+        """One move's decisions, as every node reads them, in the order Redis made them."""
+        entry = orjson.loads(payload)
+        here = entry["n"] == self.node
+        clients = self.relay._clients
+        for d, where in map(self.script.decision, entry["d"]):
+            if here or any(cid in clients for cid in where):
+                self._apply(d, where, decided_here=here)
+
+    def _receive(self, packed: bytes) -> None:
+        view, at = memoryview(packed), 0
+        while at < len(packed):
+            (size,) = _LENGTH.unpack_from(view, at)
+            item = packed[at + 4 : at + 4 + size]
+            at += 4 + size
+            client_id, session_id, payload = item[1:].split(b"\x1f", 2)
+            self._deliver(item[0], session_id.decode(), client_id + b"\x1f" + payload)
+
+    def _deliver(self, kind: int, session_id: str, item: bytes) -> None:
+        client_id, text = item.split(b"\x1f", 1)
+        c = self.relay._clients.get(client_id.decode())
+        if c is None:
+            return
+        if c.session is None or c.session.id != session_id:
+            if session_id in self._ended or self._early_count >= MAX_EARLY:
+                return  # its session is over (the sender had not heard yet)
+            self._early.setdefault(session_id, []).append((kind, session_id, item))
+            self._early_count += 1
+            return
+        if kind == SIGNAL:
+            self.relay.deliver_signal(c, text, orjson.loads(text))
+        elif kind == TEXT:
+            self.relay.deliver_text(c, text)
+
+    async def _position_loop(self) -> None:
+        """Every POSITION_INTERVAL: the positions of this node's waiting clients (one round trip)."""
+        while True:
+            await trio.sleep(relay.POSITION_INTERVAL)
+            ids = list(self._waiting)
+            if not ids:
+                continue
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    ranks = [pipe.zrank(KEYS[1], cid) for cid in ids]
+                    size = pipe.zcard(KEYS[1])
+                results = [await rank for rank in ranks]
+                self._queue_size = await size
+            except Exception as exc:
+                log.warning("cluster: reading positions failed: %s", exc)
+                continue
+            for cid, rank in zip(ids, results, strict=True):
+                if rank is not None and cid in self._waiting:
+                    self._waiting[cid] = rank + 1
+            self.queue_changed = True
+
+    async def finish(self) -> None:
+        """At shutdown: run the moves left (the clients' disconnects) and send what is still out."""
+        while self._moves:
+            await trio.sleep(0.01)
+        while self._outbox:
+            await self.flush()
+        try:
+            await self.redis.delete([NODE_KEY + self.node])
+        except Exception as exc:
+            log.warning("cluster: releasing the lease failed: %s", exc)
+
+
+def _in_session(c: Any, s: Session) -> bool:
+    return c.session is not None and c.session.id == s.id
+
+
+def _nx() -> Any:
+    from coredis.tokens import PureToken
+
+    return PureToken.NX
+
+
+def _xx() -> Any:
+    from coredis.tokens import PureToken
+
+    return PureToken.XX
+
+
+def _maxlen() -> Any:
+    from coredis.tokens import PureToken
+
+    return PureToken.MAXLEN
+
+
+def _approximately() -> Any:
+    from coredis.tokens import PureToken
+
+    return PureToken.APPROXIMATELY
+
+
+def _why(exc: BaseException) -> str:
+    """The innermost reason in ``exc``, which anyio and trio may have grouped."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _redacted(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@"))
+    return urllib.parse.urlunsplit(parts)
+
+
+def check_url(url: str) -> None:
+    """A Redis URL coredis takes (redis://, rediss://, unix://), or PluginError."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+        raise PluginError(f"--redis-url {_redacted(url)!r}: expected redis://host[:port][/db] (or rediss://, unix://)")
+    try:
+        parts.port  # noqa: B018 (validates it)
+    except ValueError as exc:
+        raise PluginError(f"--redis-url {_redacted(url)!r}: {exc}") from None
+
+
+########################################################################################################
+# Hooks
+########################################################################################################
+
+
+@relay.hookimpl
+def relay_addoption(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster (relay_plugins.cluster; on with --redis-url)")
+    group.add_argument(
+        "--redis-url", default=os.environ.get("RELAY_REDIS_URL"),
+        help="Redis (>= 7.0, maxmemory-policy noeviction) shared by the nodes (env RELAY_REDIS_URL)",
+    )  # fmt: skip
+    group.add_argument(
+        "--node-id", default=os.environ.get("RELAY_NODE_ID") or os.environ.get("FLY_MACHINE_ID"),
+        help="this node's id (env RELAY_NODE_ID, else FLY_MACHINE_ID, else random)",
+    )  # fmt: skip
+    group.add_argument(
+        "--cluster-flush-ms", type=float, default=5.0,
+        help="milliseconds between sends of cross-node messages (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--cluster-node-timeout", type=float, default=5.0,
+        help="seconds without a lease renewal after which a node is taken for dead (default %(default)s)",
+    )  # fmt: skip
+
+
+_backends: dict[int, ClusterBackend] = {}
+
+
+@relay.hookimpl
+def relay_configure(relay: Relay) -> None:
+    o = relay.options
+    url = getattr(o, "redis_url", None)
+    if not url:
+        return
+    try:
+        import coredis  # noqa: F401
+    except ImportError as exc:
+        raise PluginError("--redis-url needs coredis: pip install 'roulette-relay[cluster]'") from exc
+    check_url(url)
+    node = o.node_id or secrets.token_hex(6)
+    if not 0 < len(node) <= 64 or not node.replace("-", "").replace("_", "").isalnum():
+        raise PluginError(f"--node-id {node!r}: 1-64 letters, digits, - or _")
+    if not 0.5 <= o.cluster_flush_ms <= 1000:
+        raise PluginError("--cluster-flush-ms must be between 0.5 and 1000")
+    if not 2 * LEASE_INTERVAL <= o.cluster_node_timeout <= 600:
+        raise PluginError("--cluster-node-timeout must be between 2 and 600 seconds")
+    _backends[id(relay)] = ClusterBackend(relay, url, node, o.cluster_flush_ms / 1000, o.cluster_node_timeout)
+
+
+@relay.hookimpl
+def relay_backend(relay: Relay) -> ClusterBackend | None:
+    return _backends.get(id(relay))
+
+
+@relay.hookimpl
+def relay_shutdown(relay: Relay) -> Any:
+    backend = _backends.pop(id(relay), None)
+    return backend.finish if backend is not None else None

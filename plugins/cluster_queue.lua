@@ -1,0 +1,393 @@
+-- relay's matchmaking queue in Redis: Matchmaker's rules (relay.py), one script per move.
+--
+-- Every script gets the same KEYS, all in the hash slot of {mm} (Redis Cluster runs them):
+--   1 {mm}:members     hash   client id -> its member record (JSON, below)
+--   2 {mm}:queue       zset   waiting client ids, scored by ticket (positions: ZRANK + 1)
+--   3 {mm}:index       zset   lexicographic, score 0: "interest SEP ticket SEP client" for each
+--                             interest of a waiting client that is not held, and "SEP ticket SEP
+--                             client" (the empty interest) for those that accept anyone
+--   4 {mm}:deadlines   zset   "ticket SEP client" scored by the end of its interest timeout (ms),
+--                             for waiting clients that are not held and do not accept anyone yet
+--   5 {mm}:sessions    hash   session id -> session (JSON)
+--   6 {mm}:blocks      hash   "identity SEP identity" -> order: the first reported the second
+--   7 {mm}:blocklists  zset   lexicographic: "identity SEP order SEP identity", oldest block first
+--   8 {mm}:blockers    zset   identities with blocks, scored by the order of their latest report
+--   9 {mm}:users       hash   user identity -> JSON list of its clients (only where identity ~= id)
+--  10 {mm}:counters    hash   ticket, order: the next queue ticket and block order
+--  11 {mm}:decisions   stream every call's decisions, in the order Redis ran the calls: each node
+--                             reads it and tells its own clients (field d: {"n": node, "d": [...]})
+-- ARGV: now (ms, or "" for Redis TIME), interest timeout (ms), rematch cooldown (ms), max blocks,
+-- max blocking identities, a random salt for session ids, the calling node, the decisions stream's
+-- length (approximate), the move, the client id, then the move's own arguments.
+-- SEP is "\31" (unit separator): interests are printable, so it never occurs in one.
+-- A member: {id, ident, ints (sorted), seq (-1: not waiting), held, since (ms), open, sid ("": none),
+-- recent ({other id, ended at ms} oldest first, at most MAX_RECENT), node}.
+-- A script answers one JSON text: {"d": decisions} or {"illegal": code, "message": text}; a
+-- decision is ["q", id, position, size, node], ["p", session, node a, node b, identity a, identity b]
+-- or ["e", session, reason, by, node a, node b, identity a, identity b] (a: the initiator, b: the
+-- answerer). An illegal move changes nothing.
+
+local M, Q, IX, DL, S, B, BL, BO, U, C = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local D = KEYS[11]
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local TIMEOUT, COOLDOWN = tonumber(ARGV[2]), tonumber(ARGV[3])
+local MAX_BLOCKS, MAX_IDENTITIES = tonumber(ARGV[4]), tonumber(ARGV[5])
+local SALT, NODE, KEEP = ARGV[6], ARGV[7], ARGV[8]
+local MAX_RECENT = 16
+local SEP = '\31'
+local out = {}
+local made = 0 -- sessions made by this call (their ids: sha1(salt, n))
+local cache = {}
+
+local function illegal(code, message)
+  return cjson.encode({illegal = code, message = message})
+end
+
+local function get(cid)
+  local m = cache[cid]
+  if m == nil then
+    local v = redis.call('HGET', M, cid)
+    if not v then return nil end
+    m = cjson.decode(v)
+    if m.recent == nil or next(m.recent) == nil then m.recent = {} end
+    if next(m.ints) == nil then m.ints = {} end
+    cache[cid] = m
+  end
+  return m
+end
+
+local function put(m)
+  redis.call('HSET', M, m.id, cjson.encode(m))
+end
+
+local function pad(n)
+  return string.format('%016d', n)
+end
+
+local function is_open(m)
+  return #m.ints == 0 or now - m.since >= TIMEOUT
+end
+
+local function index(m)
+  local tail = pad(m.seq) .. SEP .. m.id
+  for _, i in ipairs(m.ints) do redis.call('ZADD', IX, 0, i .. SEP .. tail) end
+  if m.open then
+    redis.call('ZADD', IX, 0, SEP .. tail)
+  else
+    redis.call('ZADD', DL, m.since + TIMEOUT, tail)
+  end
+end
+
+local function unindex(m)
+  local tail = pad(m.seq) .. SEP .. m.id
+  for _, i in ipairs(m.ints) do redis.call('ZREM', IX, i .. SEP .. tail) end
+  redis.call('ZREM', IX, SEP .. tail)
+  redis.call('ZREM', DL, tail)
+end
+
+local function blocked(a, b)
+  return redis.call('HEXISTS', B, a .. SEP .. b) == 1 or redis.call('HEXISTS', B, b .. SEP .. a) == 1
+end
+
+local function cooling(m, other)
+  for _, r in ipairs(m.recent) do
+    if r[1] == other then return now - r[2] < COOLDOWN end
+  end
+  return false
+end
+
+-- The longest-waiting client under one prefix of the index for m: the first one that is not m, not
+-- blocked and not cooling goes to fresh (and the scan stops); the first cooling one to cool.
+local function scan(prefix, m, fresh, cool)
+  local first, last = '[' .. prefix, '[' .. prefix .. '\255'
+  local offset, found_cool = 0, false
+  while true do
+    local batch = redis.call('ZRANGEBYLEX', IX, first, last, 'LIMIT', offset, 32)
+    if #batch == 0 then return end
+    for _, e in ipairs(batch) do
+      local seq, cid = string.match(string.sub(e, #prefix + 1), '^(%d+)\31(.*)$')
+      if cid ~= m.id then
+        local o = get(cid)
+        if o and not blocked(m.ident, o.ident) then
+          if cooling(m, cid) then
+            if not found_cool then
+              found_cool = true
+              cool[#cool + 1] = {tonumber(seq), o}
+            end
+          else
+            fresh[#fresh + 1] = {tonumber(seq), o}
+            return
+          end
+        end
+      end
+    end
+    offset = offset + #batch
+  end
+end
+
+local function find(m)
+  local fresh, cool = {}, {}
+  for _, i in ipairs(m.ints) do scan(i .. SEP, m, fresh, cool) end
+  if m.open then scan(SEP, m, fresh, cool) end
+  local pool = fresh
+  if #pool == 0 then pool = cool end
+  local best = nil
+  for _, c in ipairs(pool) do
+    if best == nil or c[1] < best[1] then best = c end
+  end
+  return best and best[2]
+end
+
+local function dequeue(m)
+  redis.call('ZREM', Q, m.id)
+  if not m.held then unindex(m) end
+  m.seq, m.open, m.held = -1, false, false
+end
+
+local function pair(a, b)
+  if b.seq >= 0 and (a.seq < 0 or b.seq < a.seq) then a, b = b, a end
+  for _, m in ipairs({a, b}) do
+    if m.seq >= 0 then dequeue(m) end
+  end
+  local sid = string.sub(redis.sha1hex(SALT .. ':' .. made), 1, 16)
+  made = made + 1
+  local mine, shared = {}, {}
+  for _, i in ipairs(a.ints) do mine[i] = true end
+  for _, i in ipairs(b.ints) do
+    if mine[i] then shared[#shared + 1] = i end
+  end
+  table.sort(shared)
+  local session = {id = sid, a = a.id, b = b.id, ints = shared, t = now, w = {now - a.since, now - b.since}}
+  redis.call('HSET', S, sid, cjson.encode(session))
+  a.sid, b.sid = sid, sid
+  put(a)
+  put(b)
+  out[#out + 1] = {'p', session, a.node, b.node, a.ident, b.ident}
+end
+
+local function enter(m)
+  m.since = now
+  m.open = is_open(m)
+  local partner = find(m)
+  if partner then return pair(partner, m) end
+  m.seq = redis.call('HINCRBY', C, 'ticket', 1) - 1
+  redis.call('ZADD', Q, m.seq, m.id)
+  index(m)
+  put(m)
+  local size = redis.call('ZCARD', Q)
+  out[#out + 1] = {'q', m.id, size, size, m.node}
+end
+
+local function update(m, wanted)
+  unindex(m)
+  m.ints = wanted
+  m.open = is_open(m)
+  index(m)
+  put(m)
+  local partner = find(m)
+  if partner then return pair(partner, m) end
+  out[#out + 1] = {'q', m.id, redis.call('ZRANK', Q, m.id) + 1, redis.call('ZCARD', Q), m.node}
+end
+
+local function finish(sid, reason, by)
+  local session = cjson.decode(redis.call('HGET', S, sid))
+  redis.call('HDEL', S, sid)
+  local a, b = get(session.a), get(session.b)
+  a.sid, b.sid = '', ''
+  for _, pr in ipairs({{a, b.id}, {b, a.id}}) do
+    local m, other = pr[1], pr[2]
+    local recent = {}
+    for _, r in ipairs(m.recent) do
+      if r[1] ~= other then recent[#recent + 1] = r end
+    end
+    recent[#recent + 1] = {other, now}
+    if #recent > MAX_RECENT then table.remove(recent, 1) end
+    m.recent = recent
+    put(m)
+  end
+  out[#out + 1] = {'e', session, reason, by, a.node, b.node, a.ident, b.ident}
+end
+
+local function join(m, wanted)
+  if m.seq < 0 then
+    m.ints = wanted
+    return enter(m)
+  end
+  return update(m, wanted)
+end
+
+local function leave(m, reason)
+  if m.sid ~= '' then return finish(m.sid, reason, m.id) end
+  if m.seq >= 0 then
+    dequeue(m)
+    put(m)
+  end
+end
+
+-- Forget every block of identity a (its list, and its place among the blockers); returns whom it had blocked.
+local function drop_blocks(a)
+  local gone = {}
+  local entries = redis.call('ZRANGEBYLEX', BL, '[' .. a .. SEP, '[' .. a .. SEP .. '\255')
+  for _, e in ipairs(entries) do
+    local b = string.match(string.sub(e, #a + 2), '^%d+\31(.*)$')
+    redis.call('HDEL', B, a .. SEP .. b)
+    gone[#gone + 1] = b
+  end
+  if #entries > 0 then redis.call('ZREM', BL, unpack(entries)) end
+  redis.call('ZREM', BO, a)
+  return gone
+end
+
+-- a blocks b (a block already there keeps its age) and a becomes the newest blocker; the bounds
+-- forget the oldest blocks: (identity, identity) pairs whose block is gone go to forgotten, as in
+-- Matchmaker.report.
+local function block(a, b, forgotten)
+  local key = a .. SEP .. b
+  local order = redis.call('HINCRBY', C, 'order', 1)
+  if redis.call('HEXISTS', B, key) == 0 then
+    redis.call('HSET', B, key, order)
+    redis.call('ZADD', BL, 0, a .. SEP .. pad(order) .. SEP .. b)
+    local first, last = '[' .. a .. SEP, '[' .. a .. SEP .. '\255'
+    if redis.call('ZLEXCOUNT', BL, first, last) > MAX_BLOCKS then
+      local oldest = redis.call('ZRANGEBYLEX', BL, first, last, 'LIMIT', 0, 1)[1]
+      local gone = string.match(string.sub(oldest, #a + 2), '^%d+\31(.*)$')
+      redis.call('ZREM', BL, oldest)
+      redis.call('HDEL', B, a .. SEP .. gone)
+      forgotten[#forgotten + 1] = a
+      forgotten[#forgotten + 1] = gone
+    end
+  end
+  redis.call('ZADD', BO, order, a)
+  if redis.call('ZCARD', BO) > MAX_IDENTITIES then
+    local oldest = redis.call('ZRANGE', BO, 0, 0)[1]
+    forgotten[#forgotten + 1] = oldest
+    for _, g in ipairs(drop_blocks(oldest)) do forgotten[#forgotten + 1] = g end
+  end
+end
+
+local function clients_of(identity)
+  local v = redis.call('HGET', U, identity)
+  if v then return cjson.decode(v) end
+  return {identity}
+end
+
+local function parse_ints(text)
+  local wanted = cjson.decode(text)
+  if next(wanted) == nil then return {} end
+  table.sort(wanted)
+  return wanted
+end
+
+local function decided()
+  if #out > 0 then
+    redis.call('XADD', D, 'MAXLEN', '~', KEEP, '*', 'd', cjson.encode({n = NODE, d = out}))
+  end
+  return cjson.encode({d = out})
+end
+
+local move = ARGV[9]
+local cid = ARGV[10]
+
+if move == 'connect' then
+  local ident, node = ARGV[11], ARGV[12]
+  if redis.call('HEXISTS', M, cid) == 1 then return illegal('connected', 'client is already connected') end
+  put({id = cid, ident = ident, ints = {}, seq = -1, held = false, since = 0, open = false, sid = '', recent = {}, node = node})
+  if ident ~= cid then
+    local list = {}
+    local v = redis.call('HGET', U, ident)
+    if v then list = cjson.decode(v) end
+    list[#list + 1] = cid
+    redis.call('HSET', U, ident, cjson.encode(list))
+  end
+  return cjson.encode({d = {}})
+end
+
+if move == 'tick' then
+  local due = redis.call('ZRANGEBYSCORE', DL, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
+  for k = 1, #due, 2 do
+    local seq, id = string.match(due[k], '^(%d+)\31(.*)$')
+    redis.call('ZREM', DL, due[k])
+    local m = get(id)
+    if m and m.seq == tonumber(seq) and not m.open and not m.held then
+      m.open = true
+      redis.call('ZADD', IX, 0, SEP .. due[k])
+      put(m)
+      local partner = find(m)
+      if partner then pair(partner, m) end
+    end
+  end
+  return decided()
+end
+
+local m = get(cid)
+if not m then return illegal('unknown', 'unknown client') end
+
+if move == 'join' then
+  if m.sid ~= '' then return illegal('already_matched', 'already in a session: send next or leave first') end
+  if m.seq >= 0 and m.held then return illegal('bad_message', 'a held client cannot change its interests') end
+  join(m, parse_ints(ARGV[11]))
+elseif move == 'next' then
+  if m.sid == '' and m.seq >= 0 and m.held then
+    return illegal('bad_message', 'a held client cannot change its interests')
+  end
+  if m.sid ~= '' then finish(m.sid, 'next', m.id) end
+  join(m, m.ints)
+elseif move == 'leave' then
+  leave(m, ARGV[11])
+elseif move == 'disconnect' then
+  leave(m, ARGV[11])
+  redis.call('HDEL', M, cid)
+  cache[cid] = nil
+  if m.ident == cid then
+    drop_blocks(cid)
+  else
+    local list, kept = cjson.decode(redis.call('HGET', U, m.ident)), {}
+    for _, c in ipairs(list) do
+      if c ~= cid then kept[#kept + 1] = c end
+    end
+    if #kept == 0 then redis.call('HDEL', U, m.ident) else redis.call('HSET', U, m.ident, cjson.encode(kept)) end
+  end
+elseif move == 'report' then
+  if m.sid == '' then return illegal('not_matched', 'no session to report') end
+  local session = cjson.decode(redis.call('HGET', S, m.sid))
+  local other = get(session.a == cid and session.b or session.a)
+  local forgotten = {}
+  block(m.ident, other.ident, forgotten)
+  block(other.ident, m.ident, forgotten)
+  finish(m.sid, 'reported', cid)
+  for _, identity in ipairs(forgotten) do
+    for _, id in ipairs(clients_of(identity)) do
+      local w = get(id)
+      if w and w.seq >= 0 and not w.held and w.ident == identity then
+        local partner = find(w)
+        if partner then pair(partner, w) end
+      end
+    end
+  end
+elseif move == 'hold' then
+  if m.seq >= 0 and not m.held then
+    unindex(m)
+    m.held = true
+    put(m)
+  end
+elseif move == 'release' then
+  if m.held then
+    m.held = false
+    m.open = is_open(m)
+    index(m)
+    put(m)
+    local partner = find(m)
+    if partner then pair(partner, m) end
+  end
+elseif move == 'move' then
+  -- the client is now served by node ARGV[11] (a resume or a handover)
+  m.node = ARGV[11]
+  put(m)
+else
+  return illegal('unknown', 'unknown move')
+end
+return decided()

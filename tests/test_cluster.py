@@ -1,0 +1,206 @@
+"""Scale-out: three `python relay.py --redis-url ...` processes and one real redis-server act as one.
+
+Clients connect to different nodes, as a load balancer spreads them: they pair across nodes by the
+queue's rules (FIFO, interest timeout, cooldown, reports), their signals cross in order, once and
+intact, and the start-up checks refuse what would break the cluster (exit code 2).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+from conftest import LOOPBACK_FLAGS, STEP, Client, Harness, RedisServer, RelayProcess, free_port
+
+import relay as relay_mod
+
+
+class Cluster:
+    def __init__(self, tmp: Path, redis: RedisServer, nodes: int, *args: str) -> None:
+        self.redis = redis
+        self.nodes = [RelayProcess(tmp, "--redis-url", redis.url, "--node-id", f"n{i}", *args) for i in range(nodes)]
+        for node in self.nodes:
+            node.start()
+
+    def harnesses(self, nursery: trio.Nursery) -> list[Harness]:
+        return [Harness(nursery, SimpleNamespace(port=node.port)) for node in self.nodes]  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, redis_server: RedisServer) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, redis_server, 3, "--interest-timeout", "2", "--rematch-cooldown", "30")
+    yield c
+    c.stop()
+
+
+async def skip_positions(c: Client, kind: str, **fields: object) -> dict:
+    """The next message but position updates (queued), which come once a second as the queue moves."""
+    while True:
+        msg = await c.recv()
+        if msg["type"] != "queued" or kind == "queued":
+            break
+    assert msg["type"] == kind, msg
+    for key, value in fields.items():
+        assert msg[key] == value, msg
+    return msg
+
+
+async def test_clients_of_two_nodes_pair_and_signal(cluster: Cluster, nursery: trio.Nursery) -> None:
+    n0, n1, _ = cluster.harnesses(nursery)
+    with trio.fail_after(4 * STEP):
+        a, b = await n0.connect(), await n1.connect()
+        await a.send(type="join")
+        await a.expect("queued", position=1)
+        await b.send(type="join")
+        ma = await a.expect("matched", initiator=True, peer_id=b.id)
+        mb = await b.expect("matched", initiator=False, peer_id=a.id)
+        assert ma["session_id"] == mb["session_id"]
+        for i in range(1, 21):  # both ways, interleaved: numbered by the recipient's node, in order
+            await a.send(type="signal", data={"i": i, "sdp": "x" * i})
+            await b.send(type="signal", data={"j": i})
+        for i in range(1, 21):
+            assert await b.expect("signal", n=i) == {"type": "signal", "n": i, "data": {"i": i, "sdp": "x" * i}}
+            assert (await a.expect("signal", n=i))["data"] == {"j": i}
+        await b.send(type="next")  # ended on n1, told on n0
+        await a.expect("peer_left", session_id=ma["session_id"], reason="next")
+        await b.expect("queued", position=1)
+        await a.quiet()
+
+
+async def test_the_longest_waiting_client_of_any_node_goes_first(cluster: Cluster, nursery: trio.Nursery) -> None:
+    n0, n1, n2 = cluster.harnesses(nursery)
+    with trio.fail_after(4 * STEP):
+        first, second, third = await n0.connect(), await n1.connect(), await n2.connect()
+        await first.send(type="join")
+        await first.expect("queued", position=1)
+        await second.send(type="join")  # pairs with first (n0), not a local shortcut
+        await second.expect("matched", peer_id=first.id, initiator=False)
+        await first.expect("matched", peer_id=second.id, initiator=True)
+        await third.send(type="join")
+        await third.expect("queued", position=1)
+        fourth = await n2.connect()  # same node as third
+        await fourth.send(type="join")
+        await fourth.expect("matched", peer_id=third.id)
+
+
+async def test_interests_hold_across_nodes_until_the_timeout(cluster: Cluster, nursery: trio.Nursery) -> None:
+    n0, n1, n2 = cluster.harnesses(nursery)
+    with trio.fail_after(4 * STEP):
+        art, chess, art2 = await n0.connect(), await n1.connect(), await n2.connect()
+        await art.send(type="join", interests=["art"])
+        await art.expect("queued")
+        await chess.send(type="join", interests=["chess"])
+        await chess.expect("queued", position=2)
+        await art2.send(type="join", interests=["Art "])
+        m = await art2.expect("matched", peer_id=art.id, interests=["art"])
+        await art.expect("matched", session_id=m["session_id"])
+        late = await n0.connect()
+        await late.send(type="join", interests=["books"])
+        await late.expect("queued")
+        # --interest-timeout 2: then chess (n1) and books (n0) accept anyone (a tick on some node)
+        mc = await skip_positions(chess, "matched", peer_id=late.id, interests=[])
+        await skip_positions(late, "matched", session_id=mc["session_id"])
+
+
+async def test_cooldown_and_reports_hold_across_nodes(cluster: Cluster, nursery: trio.Nursery) -> None:
+    n0, n1, n2 = cluster.harnesses(nursery)
+    with trio.fail_after(6 * STEP):
+        a, b, c = await n0.connect(), await n1.connect(), await n2.connect()
+        await a.send(type="join", interests=["x", "y"])
+        await a.expect("queued")
+        await b.send(type="join", interests=["x"])
+        await b.expect("matched", peer_id=a.id)
+        await a.expect("matched", peer_id=b.id)
+        await b.send(type="leave")
+        await b.expect("left")
+        await a.expect("peer_left", reason="left")
+        await b.send(type="join", interests=["x"])  # b (n1) waits for x, c (n2) for y
+        await b.expect("queued", position=1)
+        await c.send(type="join", interests=["y"])
+        await c.expect("queued", position=2)
+        await a.send(type="join", interests=["x", "y"])  # b waited longer, but a (n0) just met it
+        ma = await a.expect("matched", peer_id=c.id)
+        await skip_positions(c, "matched", session_id=ma["session_id"])
+        await c.send(type="report", reason="rude")  # c (n2) reports a (n0)
+        await c.expect("reported")
+        await a.expect("peer_left", reason="left")  # a is not told it was reported
+        await a.send(type="join", interests=["x", "y"])  # only b waits: cooldown or not, b it is
+        mb = await a.expect("matched", peer_id=b.id)
+        await skip_positions(b, "matched", session_id=mb["session_id"])
+        await c.send(type="join", interests=["y"])
+        await c.expect("queued", position=1)
+        await a.send(type="next")  # c waits and shares y, but c reported a: a waits too
+        await b.expect("peer_left", reason="next")
+        await a.expect("queued", position=2)
+        d = await n1.connect()
+        await d.send(type="join", interests=["y"])
+        await d.expect("matched", peer_id=c.id)  # the longest-waiting one sharing y
+
+
+async def test_a_thousand_clients_over_three_nodes_pair_and_signal(cluster: Cluster, nursery: trio.Nursery) -> None:
+    harnesses = cluster.harnesses(nursery)
+    clients: list[Client] = []
+    signals = 5
+    with trio.fail_after(30 * STEP):
+        for i in range(1000):
+            clients.append(await harnesses[i % 3].connect(queue=64))
+        peers: dict[str, Client] = {}
+        for c in clients:
+            await c.send(type="join")
+
+        async def run(c: Client) -> None:
+            while True:
+                msg = await c.recv()
+                if msg["type"] == "matched":
+                    peers[c.id] = msg["peer_id"]
+                    break
+            for i in range(1, signals + 1):
+                await c.send(type="signal", data={"from": c.id, "i": i})
+            for i in range(1, signals + 1):
+                msg = await c.recv()
+                assert msg == {"type": "signal", "n": i, "data": {"from": peers[c.id], "i": i}}, msg
+
+        async with trio.open_nursery() as inner:
+            for c in clients:
+                inner.start_soon(run, c)
+    assert len(peers) == 1000
+    assert all(peers[peers[cid]] == cid for cid in peers)
+    node_of = {c.id: i % 3 for i, c in enumerate(clients)}
+    assert any(node_of[cid] != node_of[peer] for cid, peer in peers.items())  # pairs across nodes
+    assert any(node_of[cid] == node_of[peer] for cid, peer in peers.items())  # and on one
+
+
+def _relay_exit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(relay_mod.STATIC_DIR.parent / "relay.py"), "--host", "127.0.0.1",
+         "--port", str(free_port()), *LOOPBACK_FLAGS, *args],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_a_bad_redis_url_exits_2() -> None:
+    done = _relay_exit("--redis-url", "http://127.0.0.1:1/")
+    assert done.returncode == 2, done.stderr
+    assert "relay: error: --redis-url 'http://127.0.0.1:1/': expected redis://" in done.stderr
+
+
+def test_a_duplicate_node_id_exits_2(cluster: Cluster) -> None:
+    done = _relay_exit("--redis-url", cluster.redis.url, "--node-id", "n1")
+    assert done.returncode == 2, done.stderr
+    assert "--node-id n1: a live node has this id" in done.stderr
+
+
+def test_redis_that_may_evict_keys_exits_2(redis_server: RedisServer) -> None:
+    redis_server.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    done = _relay_exit("--redis-url", redis_server.url)
+    assert done.returncode == 2, done.stderr
+    assert "maxmemory-policy is allkeys-lru; the queue needs noeviction" in done.stderr
