@@ -396,7 +396,7 @@ class RemotePeer:
     makes it and keeps it in ``Relay.remote_peers``). What the relay sends it goes to ``forward``
     (``forward(client_id, SIGNAL | TEXT, text)``): its node delivers it, in order."""
 
-    __slots__ = ("forward", "id", "node", "peer", "phase", "session", "transport", "user_id")
+    __slots__ = ("forward", "id", "mailbox", "node", "peer", "phase", "session", "transport", "user_id")
 
     def __init__(
         self, client_id: str, user_id: str | None, node: str, forward: Callable[[str, int, bytes], None]
@@ -404,6 +404,7 @@ class RemotePeer:
         self.id, self.user_id, self.node, self.forward = client_id, user_id, node, forward
         self.phase = ACTIVE  # for the relay, always reachable: its node holds what it cannot take yet
         self.transport = self  # what Relay._send writes to
+        self.mailbox = None  # its node's: signals to it are numbered there (Relay._message checks this)
         self.peer: _Client | None = None
         self.session: Session | None = None
 
@@ -2964,10 +2965,16 @@ class Relay:
                 peer = c.peer
                 if peer is None:
                     raise ProtocolError("not_matched", "no peer to signal: wait for matched")
-                if peer.__class__ is RemotePeer:  # its own node numbers and delivers it
+                mailbox = peer.mailbox
+                if mailbox is None:  # a RemotePeer: its own node numbers and delivers it
                     peer.forward(peer.id, SIGNAL, text)
-                else:
-                    self.deliver_signal(peer, text, msg)
+                else:  # as deliver_signal does (inline: this is the hot path)
+                    out = relayed_signal(text, msg, mailbox)
+                    if not mailbox.keep(mailbox.count, out):
+                        self._overflow(peer)
+                    elif peer.phase is ACTIVE or peer.phase is NEW:  # away, the mailbox has it for the resume
+                        if not peer.transport.send_text(out):
+                            self._too_slow(peer)
                 self._signals += 1
             else:
                 self._handlers[kind](c, msg)

@@ -6,6 +6,7 @@
     python bench/load.py --compare baseline relay --baseline /tmp/before --only throughput memory
     python bench/load.py --only fallback       # the HTTP fallback's pairs, as ratios to WebSocket pairs
     python bench/load.py --compare relay relay-nofallback --only throughput   # WebSockets, fallback on / off
+    python bench/load.py --nodes 2 --pairs 500  # scale-out: cluster mode against the single node
 
 Each server runs pinned to core 0 (`taskset`), a fresh process for each group of figures; the load
 generator (`bench/loadgen.mjs`, Node, raw WebSocket frames) runs pinned to core 1; both get the same
@@ -25,7 +26,12 @@ but its concurrent-connection limit (5,000), lifted for the memory figure. Figur
   relay's join -> matched, PeerJS's first message between two fresh connections (it has no queue);
 * with ``--only fallback``, for the relay alone: relayed messages per second of server CPU and the
   match latency (join -> matched, while the pairs stream), for pairs whose both sides use WebSockets,
-  one side the HTTP fallback, or both, as ratios to the WebSocket pairs of the same repetition.
+  one side the HTTP fallback, or both, as ratios to the WebSocket pairs of the same repetition;
+* with ``--nodes N`` (scale-out; needs Debian's redis-server): relayed messages per second of server
+  CPU (every node's and Redis's, all on the server core) for the single-node relay, one node of a
+  cluster (its pairs on it), and N nodes with each pair's sides on two nodes; Redis commands per
+  relayed message, cross-node match latency idle, at half load and flat out, Redis commands per idle
+  node per second, Redis memory per 1,000 clients paired.
 
 Ratios are taken within a repetition (servers alternate, their order flipping), then the median.
 """
@@ -64,9 +70,11 @@ def free_port() -> int:
 BASELINE = ROOT  # --baseline: another checkout (git worktree add /tmp/before <commit>), to measure a change
 
 
-def server_command(kind: str, port: int) -> list[str]:
+def server_command(kind: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
     script = (BASELINE if kind == "baseline" else ROOT) / "relay.py"
     relay = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port), *LIFTED]
+    if kind == "cluster":  # a node of a cluster: extra = (Redis URL, node id)
+        return [*relay, "--sessions-db", "", "--redis-url", extra[0], "--node-id", extra[1]]
     if kind in ("relay", "baseline"):
         return [*relay, "--sessions-db", ""]
     if kind == "relay-nofallback":  # the same, without the HTTP fallback plugin
@@ -79,15 +87,15 @@ def server_command(kind: str, port: int) -> list[str]:
 class Server:
     """A server process pinned to a core, its log in a file (a pipe could fill and stall it)."""
 
-    def __init__(self, kind: str, core: int) -> None:
+    def __init__(self, kind: str, core: int, *extra: str) -> None:
         self.kind = kind
         self.port = free_port()
         for leftover in Path("/tmp").glob("bench-sessions.db*"):
             leftover.unlink()
-        self.log = Path(f"/tmp/bench-{kind}.log")
+        self.log = Path(f"/tmp/bench-{kind}{'-' + extra[1] if extra else ''}.log")
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                ["taskset", "-c", str(core), *server_command(kind, self.port)], stdout=log, stderr=log
+                ["taskset", "-c", str(core), *server_command(kind, self.port, extra)], stdout=log, stderr=log
             )
         deadline = time.monotonic() + 30
         while True:
@@ -242,6 +250,138 @@ def fallback_report(runs: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+class Redis:
+    """A redis-server for cluster mode, pinned to the server core (its CPU counts against the relay)."""
+
+    def __init__(self, core: int) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", str(core), "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.command("PING").startswith(b"+PONG"):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self, *args: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a.encode()) for a in args))
+            return s.recv(1 << 20)
+
+    def info(self, field: str) -> int:
+        text = self.command("INFO", "all").decode()
+        return int(re.search(rf"^{field}:(\d+)", text, re.M).group(1))
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def cluster(args: argparse.Namespace) -> dict:
+    """One repetition of the cluster figures: the single-node relay; one node of a cluster (every pair
+    on it); --nodes nodes with every pair's sides on two different nodes. Servers and Redis share the
+    server core, so messages per server CPU-second include every node's and Redis's CPU."""
+    n = min(args.pairs)
+    figures: dict[str, dict] = {}
+    probes = args.latency_probes
+
+    def run(servers: list[Server], redis: Redis | None, rate: float = 0, pairs: int = n) -> dict:
+        cpu0 = [s.cpu() for s in servers]
+        r0 = (redis.cpu(), redis.info("total_commands_processed")) if redis else (0.0, 0)
+        t0 = time.monotonic()
+        ports = ",".join(str(s.port) for s in servers[:2])
+        out = generator(args.generator_core, "throughput", "relay", ports, pairs, args.seconds, rate, probes)
+        wall = time.monotonic() - t0
+        out["relay_cpu"] = sum(s.cpu() - c for s, c in zip(servers, cpu0, strict=True)) / wall
+        if redis:
+            out["redis_cpu"] = (redis.cpu() - r0[0]) / wall
+            out["redis_commands"] = redis.info("total_commands_processed") - r0[1]
+        out["per_core"] = out["msgs_per_s"] / (out["relay_cpu"] + out.get("redis_cpu", 0.0)) if pairs else 0
+        return out
+
+    with Server("relay", args.server_core) as single:
+        figures["single"] = run([single], None)
+    redis = Redis(args.server_core)
+    try:
+        with Server("cluster", args.server_core, redis.url, "same") as node:
+            figures["same"] = run([node], redis)
+        nodes = [Server("cluster", args.server_core, redis.url, f"n{i}") for i in range(args.nodes)]
+        try:
+            figures["cross"] = run(nodes, redis)
+            figures["cross_idle"] = run(nodes, redis, pairs=0)
+            figures["cross_half"] = run(nodes, redis, rate=figures["cross"]["msgs_per_s"] / 2)
+            c0, t0 = redis.info("total_commands_processed"), time.monotonic()
+            time.sleep(5)
+            figures["idle_commands_per_node_s"] = (
+                (redis.info("total_commands_processed") - c0 - 1) / (time.monotonic() - t0) / args.nodes
+            )
+            before = redis.info("used_memory")
+            cmd = ["taskset", "-c", str(args.generator_core), "node", str(BENCH / "loadgen.mjs"), "idle", "relay",
+                   str(nodes[0].port), "1000", "join"]  # fmt: skip
+            gen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert json.loads(gen.stdout.readline())["connections"] == 1000
+                time.sleep(1)
+                figures["redis_bytes_per_1000_paired"] = redis.info("used_memory") - before
+            finally:
+                gen.stdin.close()
+                gen.wait(timeout=120)
+        finally:
+            for node in nodes:
+                node.stop()
+    finally:
+        redis.stop()
+    return figures
+
+
+def cluster_report(runs: list[dict], args: argparse.Namespace) -> str:
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[key][field] for r in runs)
+
+    def med_ratio(key: str, base: str) -> float:
+        return statistics.median(r[key]["per_core"] / r[base]["per_core"] for r in runs)
+
+    n = min(args.pairs)
+    lines = [
+        f"| {n} pairs, flat out | msgs/s | per server CPU-second (relay + Redis) | ratio | relay / Redis CPU |"
+        " Redis commands per message |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| single node (no Redis) | {med('single', 'msgs_per_s'):,.0f} | {med('single', 'per_core'):,.0f} | 1 | "
+        f"{med('single', 'relay_cpu'):.0%} / - | - |",
+    ]
+    for key, name in (("same", "cluster mode, pairs on one node"), ("cross", f"{args.nodes} nodes, every pair across")):
+        per_msg = statistics.median(r[key]["redis_commands"] / (r[key]["msgs_per_s"] * args.seconds) for r in runs)
+        lines.append(
+            f"| {name} | {med(key, 'msgs_per_s'):,.0f} | {med(key, 'per_core'):,.0f} | "
+            f"**{med_ratio(key, 'single'):.2f}** | {med(key, 'relay_cpu'):.0%} / {med(key, 'redis_cpu'):.0%} | "
+            f"{per_msg:.4f} |"
+        )
+    lines.append("")
+    lines.append("| cross-node match latency (join -> matched) | p50 | p99 |")
+    lines.append("|---|---:|---:|")
+    for key, name in (("cross_idle", "idle"), ("cross_half", "at half the cross-node capacity"), ("cross", "flat out")):
+        lines.append(f"| {name} | {med(key, 'latency_p50_ms'):.2f} ms | {med(key, 'latency_p99_ms'):.2f} ms |")
+    lines.append("")
+    idle = statistics.median(r["idle_commands_per_node_s"] for r in runs)
+    memory = statistics.median(r["redis_bytes_per_1000_paired"] for r in runs)
+    lines.append(
+        f"Redis commands per idle node: {idle:.1f}/s. Redis memory per 1,000 clients paired: {memory / 1024:,.0f} KiB."
+    )
+    return "\n".join(lines)
+
+
 def ensure_peerjs() -> None:
     if not PEERJS.exists():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BENCH, check=True)
@@ -341,6 +481,10 @@ def main() -> None:
         "--only", nargs="+", choices=["throughput", "handshakes", "memory", "latency", "fallback"],
         default=["throughput", "handshakes", "memory", "latency"], help="which figures",
     )  # fmt: skip
+    parser.add_argument(
+        "--nodes", type=int, default=0,
+        help="cluster figures instead (needs redis-server): single node, one cluster node, N nodes across",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print every run's figures as JSON too")
     args = parser.parse_args()
     if "baseline" in args.compare:
@@ -350,6 +494,14 @@ def main() -> None:
         BASELINE = args.baseline.resolve()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the generator holds --idle sockets
+    if args.nodes:
+        runs = [cluster(args) for _ in range(args.repeat)]
+        if args.json:
+            print(json.dumps(runs, indent=2))
+        print(f"medians of {args.repeat} repetitions; relay nodes and Redis on core {args.server_core}, "
+              f"generator on core {args.generator_core}")  # fmt: skip
+        print(cluster_report(runs, args))
+        return
     if args.only == ["fallback"]:
         runs = [fallback(args) for _ in range(args.repeat)]
         if args.json:

@@ -44,6 +44,7 @@ import trio
 
 import relay
 from relay import (
+    CLOSE_RESTART,
     MAX_BLOCKING_IDENTITIES,
     MAX_BLOCKS,
     SIGNAL,
@@ -67,10 +68,13 @@ KEYS: Final = tuple(
     "{mm}:" + name
     for name in (
         "members", "queue", "index", "deadlines", "sessions", "blocks", "blocklists", "blockers", "users", "counters",
-        "decisions",
+        "decisions", "owners",
     )
 )  # fmt: skip
 NODE_KEY: Final = "relay:node:"  # + node id: the node's lease
+NODES_KEY: Final = "relay:nodes"  # the set of node ids that have not left (the living, and the dead not yet reaped)
+REAP_KEY: Final = "relay:reaping:"  # + node id: who reaps that dead node (a lock with a TTL)
+REAP_LOCK: Final = 30_000  # milliseconds a reaper holds its lock
 INBOX_KEY: Final = "{mm}:inbox:"  # + node id: the stream other nodes send this node's messages to
 DECISIONS_KEEP: Final = 100_000  # entries the decisions stream keeps (approximately)
 INBOX_MAXLEN: Final = 100_000  # entries an inbox keeps (approximately): read ones are history
@@ -120,16 +124,20 @@ class QueueScript:
     async def move(
         self, move: str, client_id: str = "", *args: str, node: str = "", now: float | None = None
     ) -> list[tuple[Decision, dict[str, tuple[str, str]]]]:
-        argv = [
-            "" if now is None else str(round(now * 1000)), *self.settings, secrets.token_hex(8), node,
-            str(DECISIONS_KEEP), move, client_id,
-        ]  # fmt: skip
-        answer = orjson.loads(await self.script(keys=KEYS, args=[*argv, *args]))
+        answer = await self.call(move, client_id, *args, node=node, now=now)
         if "illegal" in answer:
             if answer["illegal"] == "unknown":
                 raise KeyError(f"unknown client {client_id!r}")
             raise IllegalMove(answer["illegal"], answer["message"])
         return [self.decision(d) for d in answer["d"]]
+
+    async def call(self, move: str, client_id: str, *args: str, node: str, now: float | None = None) -> dict[str, Any]:
+        """One call of the script: its answer, as JSON."""
+        argv = [
+            "" if now is None else str(round(now * 1000)), *self.settings, secrets.token_hex(8), node,
+            str(DECISIONS_KEEP), move, client_id,
+        ]  # fmt: skip
+        return orjson.loads(await self.script(keys=KEYS, args=[*argv, *args]))
 
     def session(self, s: dict[str, Any]) -> Session:
         ints = s["ints"]
@@ -314,6 +322,8 @@ class ClusterBackend:
         lease = round(self.node_timeout * 1000)
         if not await r.set(NODE_KEY + self.node, b"1", px=lease, condition=_nx()):
             raise PluginError(f"--node-id {self.node}: a live node has this id (wait {self.node_timeout:g} s)")
+        await r.sadd(NODES_KEY, [self.node])
+        await self._forget_clients_of(self.node)  # what a crashed process with this id left behind
         await self._sync_clock()
 
     async def _sync_clock(self) -> None:
@@ -330,15 +340,49 @@ class ClusterBackend:
         return ids[0], ids[1]
 
     async def _lease_loop(self) -> None:
+        """Every second: renew this node's lease, and reap the nodes whose lease ran out."""
         lease = round(self.node_timeout * 1000)
         while True:
             await trio.sleep(LEASE_INTERVAL)
             try:
                 if not await self.redis.set(NODE_KEY + self.node, b"1", px=lease, condition=_xx()):
-                    log.error("cluster: node %s: the lease had expired (the node was taken for dead)", self.node)
+                    self._taken_for_dead()
                     await self.redis.set(NODE_KEY + self.node, b"1", px=lease)
+                    await self.redis.sadd(NODES_KEY, [self.node])
+                nodes = [n.decode() for n in await self.redis.smembers(NODES_KEY)]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    alive = [pipe.exists([NODE_KEY + n]) for n in nodes]
+                for node, live in zip(nodes, [await a for a in alive], strict=True):
+                    if not live and node != self.node:
+                        await self._reap(node)
             except Exception as exc:
                 log.warning("cluster: renewing the lease failed: %s", exc)
+
+    async def _forget_clients_of(self, node: str) -> None:
+        while (await self.script.call("reap", "", node, node=self.node)).get("left"):
+            pass
+
+    def _taken_for_dead(self) -> None:
+        """This node's lease ran out (it was paused, or cut off from Redis) and another node may have
+        reaped its clients: each may be served elsewhere now. Close them all (1012: reconnect); the
+        node goes on with a new lease, empty."""
+        log.error("cluster: node %s: the lease had run out (taken for dead): closing its clients", self.node)
+        self.statistics["cluster_lease_lost"] += 1
+        relay = self.relay
+        for c in list(relay._clients.values()):
+            relay._close(c, CLOSE_RESTART, "server restarting")
+
+    async def _reap(self, node: str) -> None:
+        """A node is dead (no lease): if no other node does, forget its clients (their peers are told
+        peer_left "disconnected", the hooks fire here), then the node itself."""
+        if not await self.redis.set(REAP_KEY + node, self.node.encode(), px=REAP_LOCK, condition=_nx()):
+            return
+        log.warning("cluster: node %s is dead (no lease for %g s): reaping its clients", node, self.node_timeout)
+        await self._forget_clients_of(node)
+        await self.redis.srem(NODES_KEY, [node])
+        await self.redis.delete([INBOX_KEY + node, REAP_KEY + node])
+        self.statistics["cluster_nodes_reaped"] += 1
+        log.warning("cluster: node %s reaped", node)
 
     async def _move_loop(self) -> None:
         """Run the moves in order, one script call each; hand their decisions out."""
@@ -532,6 +576,7 @@ class ClusterBackend:
         while self._outbox:
             await self.flush()
         try:
+            await self.redis.srem(NODES_KEY, [self.node])
             await self.redis.delete([NODE_KEY + self.node])
         except Exception as exc:
             log.warning("cluster: releasing the lease failed: %s", exc)

@@ -16,6 +16,7 @@
 --  10 {mm}:counters    hash   ticket, order: the next queue ticket and block order
 --  11 {mm}:decisions   stream every call's decisions, in the order Redis ran the calls: each node
 --                             reads it and tells its own clients (field d: {"n": node, "d": [...]})
+--  12 {mm}:owners      zset   lexicographic: "node SEP client" for every client (who serves it)
 -- ARGV: now (ms, or "" for Redis TIME), interest timeout (ms), rematch cooldown (ms), max blocks,
 -- max blocking identities, a random salt for session ids, the calling node, the decisions stream's
 -- length (approximate), the move, the client id, then the move's own arguments.
@@ -28,7 +29,7 @@
 -- answerer). An illegal move changes nothing.
 
 local M, Q, IX, DL, S, B, BL, BO, U, C = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local D = KEYS[11]
+local D, O = KEYS[11], KEYS[12]
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
@@ -289,6 +290,24 @@ local function decided()
   return cjson.encode({d = out})
 end
 
+-- Forget a client: its session ends (reason), it leaves the queue, its own blocks and its place
+-- among its user's clients go.
+local function forget(m, reason)
+  leave(m, reason)
+  redis.call('HDEL', M, m.id)
+  redis.call('ZREM', O, m.node .. SEP .. m.id)
+  cache[m.id] = nil
+  if m.ident == m.id then
+    drop_blocks(m.id)
+  else
+    local list, kept = cjson.decode(redis.call('HGET', U, m.ident)), {}
+    for _, c in ipairs(list) do
+      if c ~= m.id then kept[#kept + 1] = c end
+    end
+    if #kept == 0 then redis.call('HDEL', U, m.ident) else redis.call('HSET', U, m.ident, cjson.encode(kept)) end
+  end
+end
+
 local move = ARGV[9]
 local cid = ARGV[10]
 
@@ -303,7 +322,20 @@ if move == 'connect' then
     list[#list + 1] = cid
     redis.call('HSET', U, ident, cjson.encode(list))
   end
+  redis.call('ZADD', O, 0, node .. SEP .. cid)
   return cjson.encode({d = {}})
+end
+
+if move == 'reap' then
+  -- node ARGV[11] is dead: forget up to 100 of its clients (their peers are told); answers how many are left
+  local dead = ARGV[11]
+  local first, last = '[' .. dead .. SEP, '[' .. dead .. SEP .. '\255'
+  for _, e in ipairs(redis.call('ZRANGEBYLEX', O, first, last, 'LIMIT', 0, 100)) do
+    local m = get(string.sub(e, #dead + 2))
+    if m then forget(m, 'disconnected') else redis.call('ZREM', O, e) end
+  end
+  decided()
+  return cjson.encode({d = {}, left = redis.call('ZLEXCOUNT', O, first, last)})
 end
 
 if move == 'tick' then
@@ -339,18 +371,7 @@ elseif move == 'next' then
 elseif move == 'leave' then
   leave(m, ARGV[11])
 elseif move == 'disconnect' then
-  leave(m, ARGV[11])
-  redis.call('HDEL', M, cid)
-  cache[cid] = nil
-  if m.ident == cid then
-    drop_blocks(cid)
-  else
-    local list, kept = cjson.decode(redis.call('HGET', U, m.ident)), {}
-    for _, c in ipairs(list) do
-      if c ~= cid then kept[#kept + 1] = c end
-    end
-    if #kept == 0 then redis.call('HDEL', U, m.ident) else redis.call('HSET', U, m.ident, cjson.encode(kept)) end
-  end
+  forget(m, ARGV[11])
 elseif move == 'report' then
   if m.sid == '' then return illegal('not_matched', 'no session to report') end
   local session = cjson.decode(redis.call('HGET', S, m.sid))
@@ -385,7 +406,9 @@ elseif move == 'release' then
   end
 elseif move == 'move' then
   -- the client is now served by node ARGV[11] (a resume or a handover)
+  redis.call('ZREM', O, m.node .. SEP .. m.id)
   m.node = ARGV[11]
+  redis.call('ZADD', O, 0, m.node .. SEP .. m.id)
   put(m)
 else
   return illegal('unknown', 'unknown move')

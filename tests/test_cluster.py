@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,3 +205,64 @@ def test_redis_that_may_evict_keys_exits_2(redis_server: RedisServer) -> None:
     done = _relay_exit("--redis-url", redis_server.url)
     assert done.returncode == 2, done.stderr
     assert "maxmemory-policy is allkeys-lru; the queue needs noeviction" in done.stderr
+
+
+async def until_redis(redis: RedisServer, *command: str, equals: bytes) -> None:
+    """Poll Redis (every 50 ms, within STEP) until the command answers ``equals``."""
+    with trio.fail_after(STEP):
+        while redis.command(*command) != equals:
+            await trio.sleep(0.05)
+
+
+async def test_a_dead_node_is_reaped_and_nothing_of_its_clients_stays(
+    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = Cluster(tmp_path, redis_server, 2, "--cluster-node-timeout", "2")
+    try:
+        n0, n1 = c.harnesses(nursery)
+        with trio.fail_after(6 * STEP):
+            a, b = await n0.connect(), await n1.connect()
+            await a.send(type="join")
+            await a.expect("queued")
+            await b.send(type="join")
+            await a.expect("matched", peer_id=b.id)
+            waiting = await n1.connect()
+            await waiting.send(type="join")
+            await waiting.expect("queued", position=1)
+            c.nodes[1].kill()  # SIGKILL: nothing of it says goodbye
+            await skip_positions(a, "peer_left", reason="disconnected")  # once n0 reaped n1
+            x = await n0.connect()
+            await x.send(type="join")  # the dead node's waiting client is gone: nobody to meet
+            await skip_positions(x, "queued", position=1, queue_size=1)
+            await a.send(type="join")
+            await skip_positions(a, "matched", peer_id=x.id)
+            await a.ws.aclose()
+            await x.ws.aclose()
+            for key in ("{mm}:members", "{mm}:sessions"):
+                await until_redis(redis_server, "HLEN", key, equals=b":0\r\n")
+            for key in ("{mm}:queue", "{mm}:owners", "{mm}:index"):
+                await until_redis(redis_server, "ZCARD", key, equals=b":0\r\n")
+            await until_redis(redis_server, "SMEMBERS", "relay:nodes", equals=b"*1\r\n$2\r\nn0\r\n")
+    finally:
+        c.stop()
+
+
+def test_a_node_restarted_with_its_id_forgets_what_it_left(tmp_path: Path, redis_server: RedisServer) -> None:
+    node = RelayProcess(tmp_path, "--redis-url", redis_server.url, "--node-id", "same").start()
+
+    async def leave_a_waiting_client() -> None:
+        async with trio.open_nursery() as nursery:
+            h = Harness(nursery, SimpleNamespace(port=node.port))  # type: ignore[arg-type]
+            w = await h.connect()
+            await w.send(type="join")
+            await w.expect("queued")
+            node.kill()
+            nursery.cancel_scope.cancel()
+
+    trio.run(leave_a_waiting_client)
+    assert redis_server.command("ZCARD", "{mm}:queue") == b":1\r\n"
+    time.sleep(5.5)  # its lease (5 s) runs out; no other node is there to reap it
+    node.start()
+    assert redis_server.command("ZCARD", "{mm}:queue") == b":0\r\n"
+    assert redis_server.command("HLEN", "{mm}:members") == b":0\r\n"
+    node.kill()

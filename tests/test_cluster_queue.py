@@ -250,7 +250,7 @@ def test_every_key_of_the_script_is_declared_and_in_one_slot() -> None:
     assert all(key.startswith("{mm}:") for key in KEYS)
     code = "\n".join(line.split("--", 1)[0] for line in SCRIPT.splitlines())
     used = set(re.findall(r"redis\.call\('\w+', (\w+)", code))
-    assert used <= {"M", "Q", "IX", "DL", "S", "B", "BL", "BO", "U", "C", "D"}, used
+    assert used <= {"M", "Q", "IX", "DL", "S", "B", "BL", "BO", "U", "C", "D", "O"}, used
     assert "KEYS[" + str(len(KEYS)) + "]" in code and "KEYS[" + str(len(KEYS) + 1) + "]" not in code
 
 
