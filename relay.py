@@ -1916,7 +1916,7 @@ class _Client:
     __slots__ = (  # noqa: RUF023 (grouped by meaning, not sorted)
         "id", "secret", "user_id", "peer", "session", "position", "connected_at", "joins", "mailbox",  # the client
         "phase", "transport", "remote", "address", "tokens", "stamp", "close_code", "close_reason", "floods",
-        "flood_start", "seen", "quiet_since", "pinged_at", "away_since",  # its connection
+        "flood_start", "seen", "quiet_since", "pinged_at", "away_since", "was_away",  # its connection
     )  # fmt: skip
 
     def __init__(
@@ -1945,6 +1945,7 @@ class _Client:
         self.quiet_since = now
         self.pinged_at: float | None = None
         self.away_since = 0.0  # when its connection vanished (phase AWAY)
+        self.was_away = False  # resuming (release_client): whether it was away, or still connected
 
     def move(self, phase: str) -> None:
         """Go on to ``phase``, if the current one leads there (``PHASES``); else IllegalTransition."""
@@ -2845,17 +2846,21 @@ class Relay:
         """Stop taking clients: ``/healthz`` answers 503, new WebSockets are refused, every client
         gets a ``draining`` note, idle and queued ones are closed (1012) so they reconnect elsewhere.
         Sessions go on; a client is closed when its session ends. ``undrain()`` takes clients again.
+        With a backend that hands clients over to other nodes (``hands_over``: a cluster's), every
+        client is closed at once and stays away, to resume on another node, sessions and all.
         """
         if self.draining:
             return
         self.draining = True
         log.info("draining %d clients", len(self._clients))
         note = _msg_draining(deadline_s)
-        for c in list(self._away.values()):  # cannot resume here any more
-            self._detach(c)
+        hands_over = getattr(self.backend, "hands_over", False)
+        if not hands_over:
+            for c in list(self._away.values()):  # cannot resume here any more
+                self._detach(c)
         for c in list(self._clients.values()):
             self._send(c, note)
-            if c.peer is None:
+            if c.peer is None or hands_over:
                 self._close(c, CLOSE_RESTART, "server restarting")
 
     def undrain(self) -> None:
@@ -2922,10 +2927,11 @@ class Relay:
             return  # already detached (kicked, expired), or its id went on (resumed)
         closing = c.phase is CLOSING
         vanished = transport.close_received is None and not closing
+        hands_over = self.draining and getattr(self.backend, "hands_over", False)  # it resumes on another node
         if (
-            (vanished or (closing and c.close_code == CLOSE_HEARTBEAT))
+            (vanished or (closing and c.close_code in (CLOSE_HEARTBEAT, CLOSE_RESTART if hands_over else 0)))
             and self.settings.resume_grace > 0
-            and not self.draining
+            and (not self.draining or hands_over)
         ):
             self._suspend(c)
         else:
@@ -3082,27 +3088,55 @@ class Relay:
         still connected (a connection that died without the relay noticing yet, or a client moving
         to another transport): then that connection is closed (``CLOSE_RESUMED``)."""
         cid, _, secret = msg["token"].partition(".")
-        x = self._clients.get(cid)
+        if c.phase is not NEW:
+            raise ProtocolError("resume_failed", "resume is the first message of a connection: join again")
+        resume_elsewhere = getattr(self.backend, "resume_elsewhere", None)
+        if cid not in self._clients and resume_elsewhere is not None and resume_elsewhere(c, cid, secret, msg["last"]):
+            return  # held by another node: its backend asks for it, then calls take_back
+        x = self.release_client(cid, secret, c.user_id) if cid != c.id else None
+        if x is None:
+            raise ProtocolError("resume_failed", "cannot resume (too late, or not yours): join again")
+        self.take_back(c, x, msg["last"])
+
+    def release_client(self, client_id: str, secret: str, user_id: str | None) -> _Client | None:
+        """Client ``client_id`` if ``secret`` is its resume token's and ``user_id`` its user, no longer
+        this node's: its connection, if any, is closed (``CLOSE_RESUMED``); it goes on where it resumes
+        (``take_back``, here or, through a cluster backend, on another node). Else None."""
+        x = self._clients.get(client_id)
         if (
-            c.phase is not NEW
-            or x is None
-            or x is c
+            x is None
             or x.phase is CLOSING
             or not hmac.compare_digest(x.secret.encode(), secret.encode())
-            or x.user_id != c.user_id
+            or x.user_id != user_id
         ):
-            raise ProtocolError("resume_failed", "cannot resume (too late, or not yours): join again")
-        was_away = x.phase is AWAY
-        if not was_away:
+            return None
+        if x.phase is not AWAY:
+            x.was_away = False
             self._close(x, CLOSE_RESUMED, "resumed on another connection")
+        else:
+            x.was_away = True
+        return x
+
+    def rebuilt_client(self, c: _Client, client_id: str, user_id: str | None, connected_at: float) -> _Client:
+        """Client ``client_id`` that another node held, rebuilt (away, with an empty mailbox: the
+        backend fills it in) for ``c``, the new connection that resumes it, to ``take_back``."""
+        x = _Client(c.transport, c.remote, c.address, user_id, connected_at, self.settings)
+        x.id = client_id
+        x.move(AWAY)
+        return x
+
+    def take_back(self, c: _Client, x: _Client, last: int) -> None:
+        """The new connection's client ``c`` becomes ``x`` (from ``release_client``: here, or rebuilt
+        from another node's) and gets what it missed after signal ``last``."""
+        was_away = x.was_away
         self._take_over(c, x)
         mm = self.backend
-        missed, complete = c.mailbox.resume(msg["last"])
+        missed, complete = c.mailbox.resume(last)
         session = c.session
         if not complete and session is not None:  # some fell out: rather than a silent gap, the session ends
             log.info("client %s: missed more than was kept, ending its session", c.id)
             missed.append(_msg_peer_left(session.id, "overflow"))
-            self.apply(mm.leave(c.id, "overflow"))
+            self._leave_now(c, "overflow")
             session = None
         if session is not None:
             details = {"session_id": session.id, "peer_id": session.peer_of(c.id)}
@@ -3225,7 +3259,13 @@ class Relay:
             return  # nothing but a finished session's messages could pile up: drop this one
         log.info("client %s: too much waiting while it is away, ending its session", c.id)
         c.mailbox.replace_held(_msg_peer_left(session.id, "overflow"))
-        self.apply(self.backend.leave(c.id, "overflow"))
+        self._leave_now(c, "overflow")
+
+    def _leave_now(self, c: _Client, reason: str) -> None:
+        """End ``c``'s session for the relay's own reasons. Over at once for ``c``, even where the
+        backend decides later (a cluster's): one move, not one per message that still comes."""
+        self.apply(self.backend.leave(c.id, reason))
+        c.session = c.peer = None
 
     def _error(self, c: _Client, code: str, message: str) -> None:
         self._errors[code] = self._errors.get(code, 0) + 1

@@ -2,6 +2,8 @@
 // traffic from one process and prints one line of JSON.
 //
 //   node bench/loadgen.mjs throughput relay|peerjs PORT PAIRS SECONDS [RATE] [PROBES] [MIX]
+//   (PORT may be two ports, "8080,8081": each pair's first side on the first, its second on the other:
+//   two relay nodes of a cluster)
 //   node bench/loadgen.mjs handshakes relay|peerjs PORT SECONDS CONCURRENCY
 //   node bench/loadgen.mjs idle relay|peerjs PORT COUNT [join]       (prints "ready", waits for stdin to close)
 //
@@ -20,7 +22,8 @@ import crypto from "node:crypto";
 
 const WINDOW = 22; // messages in flight per side (two cycles)
 const [mode, server, port, ...rest] = process.argv.slice(2);
-const PORT = Number(port);
+const PORTS = port.split(",").map(Number);
+const PORT = PORTS[0];
 const RELAY = server === "relay";
 
 function frame(payload, opcode = 0x1) {
@@ -58,8 +61,9 @@ const CYCLE_LENGTH = 11;
 
 class Conn {
   // One raw WebSocket client connection.
-  constructor(id) {
+  constructor(id, to = PORT) {
     this.id = id;
+    this.port = to;
     this.buf = Buffer.alloc(0);
     this.received = 0;
     this.onFrames = null; // (count, lastPayload) while streaming
@@ -69,7 +73,7 @@ class Conn {
   open() {
     return new Promise((resolve, reject) => {
       const path = RELAY ? "/ws" : `/peerjs?key=peerjs&id=${this.id}&token=${this.id}`;
-      const sock = net.connect({ port: PORT, host: "127.0.0.1" });
+      const sock = net.connect({ port: this.port, host: "127.0.0.1" });
       this.sock = sock;
       sock.setNoDelay(true);
       let head = Buffer.alloc(0);
@@ -157,8 +161,9 @@ class Conn {
 
 class FallbackConn {
   // One client of the relay's HTTP fallback, with Conn's interface.
-  constructor(id) {
+  constructor(id, to = PORT) {
     this.id = id;
+    this.port = to;
     this.buf = "";
     this.received = 0;
     this.onFrames = null;
@@ -169,7 +174,7 @@ class FallbackConn {
 
   open() {
     return new Promise((resolve, reject) => {
-      const sock = net.connect({ port: PORT, host: "127.0.0.1" });
+      const sock = net.connect({ port: this.port, host: "127.0.0.1" });
       this.sock = sock;
       sock.setNoDelay(true);
       sock.setEncoding("utf8");
@@ -234,7 +239,7 @@ class FallbackConn {
     if (this.posting || !this.outbox.length) return;
     this.posting = true;
     const body = Buffer.from(this.outbox.splice(0).join("\n"));
-    const s = net.connect({ port: PORT, host: "127.0.0.1" });
+    const s = net.connect({ port: this.port, host: "127.0.0.1" });
     s.setNoDelay(true);
     s.on("connect", () => {
       s.write(
@@ -263,8 +268,8 @@ const newId = () => `${process.pid}x${(counter += 1)}`;
 
 const MIX = (process.argv[9] || "ws-ws").split("-"); // per side of a pair: "ws" or "fb"
 
-async function connect(kind = "ws") {
-  const c = kind === "fb" ? new FallbackConn(newId()) : new Conn(newId());
+async function connect(kind = "ws", to = PORT) {
+  const c = kind === "fb" ? new FallbackConn(newId(), to) : new Conn(newId(), to);
   const ready = c.expect(RELAY ? "welcome" : "OPEN");
   await c.open();
   await ready;
@@ -272,8 +277,8 @@ async function connect(kind = "ws") {
 }
 
 async function pair() {
-  const a = await connect(MIX[0]);
-  const b = await connect(MIX[1]);
+  const a = await connect(MIX[0], PORTS[0]);
+  const b = await connect(MIX[1], PORTS[PORTS.length - 1]);
   if (RELAY) {
     const queued = a.expect("queued");
     a.send('{"type":"join"}');
@@ -300,8 +305,8 @@ function percentile(sorted, p) {
 async function probeLatency(samples) {
   // relay: join sent -> matched received by the side that completes a pair. PeerJS has no queue: its
   // equivalent is the first message between two fresh connections (sent -> received).
-  const a = await connect(MIX[0]);
-  const b = await connect(MIX[1]);
+  const a = await connect(MIX[0], PORTS[0]);
+  const b = await connect(MIX[1], PORTS[PORTS.length - 1]);
   let start;
   if (RELAY) {
     const queued = a.expect("queued");
@@ -411,7 +416,7 @@ async function idle(count, join) {
   const conns = [];
   const batch = 100;
   for (let i = 0; i < count; i += batch) {
-    conns.push(...(await Promise.all(Array.from({ length: Math.min(batch, count - i) }, connect))));
+    conns.push(...(await Promise.all(Array.from({ length: Math.min(batch, count - i) }, () => connect()))));
   }
   if (join && RELAY) {
     for (let i = 0; i < conns.length; i += 2) {

@@ -45,6 +45,7 @@ import trio
 import relay
 from relay import (
     CLOSE_RESTART,
+    GONE,
     MAX_BLOCKING_IDENTITIES,
     MAX_BLOCKS,
     SIGNAL,
@@ -83,6 +84,14 @@ LEASE_INTERVAL: Final = 1.0  # seconds between lease renewals
 MAX_PENDING_MOVES: Final = 65_536  # joins and nexts waiting for the script; more are refused (rate_limited)
 MAX_EARLY: Final = 4096  # messages kept for sessions this node has not heard of yet (decided elsewhere)
 MAX_ENDED: Final = 65_536  # ids of sessions that ended, remembered to drop their late messages
+REQUEST: Final = 2  # inbox item: another node's new connection resumes this node's client (JSON)
+HANDOVER: Final = 3  # inbox item: the client asked for, as its node had it (JSON)
+REFUSED: Final = 4  # inbox item: no such client there, or not that token
+MOVED: Final = 5  # inbox item: your client's peer resumed on another node (payload: that node)
+LINGER: Final = 1.0  # seconds a stopping node goes on forwarding after its last handover
+HANDOVER_TIMEOUT: Final = 5.0  # seconds a resume waits for the client's node, then resume_failed
+MAX_MOVED: Final = 65_536  # clients that resumed elsewhere, remembered to forward what still comes here
+TICK_SAFETY: Final = 1.0  # seconds between ticks at most, when no interest timeout known here is due
 RETRY_INTERVAL: Final = 0.5  # seconds between attempts while Redis does not answer
 MIN_REDIS: Final = (7, 0)
 _LENGTH: Final = struct.Struct("!I")
@@ -120,11 +129,13 @@ class QueueScript:
             str(max_blocks), str(max_blocking_identities),
         ]  # fmt: skip
         self.offset = 0.0  # node clock - Redis clock, in seconds
+        self.next_deadline = -1.0  # the earliest interest timeout the last call saw (Redis ms; -1: none)
 
     async def move(
         self, move: str, client_id: str = "", *args: str, node: str = "", now: float | None = None
     ) -> list[tuple[Decision, dict[str, tuple[str, str]]]]:
         answer = await self.call(move, client_id, *args, node=node, now=now)
+        self.next_deadline = answer.get("next", self.next_deadline)
         if "illegal" in answer:
             if answer["illegal"] == "unknown":
                 raise KeyError(f"unknown client {client_id!r}")
@@ -177,6 +188,9 @@ class ClusterBackend:
         s = relay.settings
         self.script = QueueScript(self.redis, interest_timeout=s.interest_timeout, rematch_cooldown=s.rematch_cooldown)
         self.queue_changed = False
+        #: Draining, the relay closes every client at once and keeps it away: it resumes on another
+        #: node (this one hands it over), its session going on.
+        self.hands_over = True
         self._queue_size = 0  # the cluster's, as the last move or position refresh saw it
         self._waiting: dict[str, int] = {}  # this node's waiting clients -> position
         self._interested: set[str] = set()  # of those, the ones with interests
@@ -184,11 +198,16 @@ class ClusterBackend:
         self._moves: collections.deque[tuple[str, str, tuple[str, ...]]] = collections.deque()
         self._joins = 0  # joins and nexts among the moves
         self._tick_pending = False
+        self._ticked = 0.0  # when the last tick was asked for
         self._wake = trio.lowlevel.ParkingLot()
         self._outbox: dict[str, list[bytes]] = {}  # node -> packed items, in order
         self._early: dict[str, list[tuple[int, str, bytes]]] = {}  # session id -> items that came first
         self._early_count = 0
         self._ended: dict[str, None] = {}  # recently ended session ids, oldest first
+        self._moved: dict[str, str] = {}  # client id -> the node it resumed on (late messages go there)
+        self._asked: dict[str, tuple[Any, int, trio.Event]] = {}  # resumes waiting: new client id -> ...
+        self._nursery: trio.Nursery | None = None
+        self._handed_over_at = -LINGER
         self.statistics: collections.Counter[str] = relay.counters
 
     # -- Backend: queries (this node's clients) ----------------------------------------------------
@@ -253,8 +272,14 @@ class ClusterBackend:
         return []
 
     def tick(self) -> list[Decision]:
-        if not self._tick_pending:
+        """A tick when an interest timeout this node heard of is due, else once every TICK_SAFETY
+        seconds (for those only other nodes heard of): an idle node costs Redis a call a second."""
+        now = trio.current_time()
+        deadline = self.script.next_deadline
+        due = deadline >= 0 and (now - self.script.offset) * 1000 >= deadline
+        if not self._tick_pending and (due or now - self._ticked >= TICK_SAFETY):
             self._tick_pending = True
+            self._ticked = now
             self._enqueue("tick", "")
         return []
 
@@ -288,6 +313,7 @@ class ClusterBackend:
             async with self.redis, self.reader:
                 await self._check()
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._lease_loop)
                     nursery.start_soon(self._move_loop)
                     nursery.start_soon(self._flush_loop)
@@ -530,12 +556,25 @@ class ClusterBackend:
             item = packed[at + 4 : at + 4 + size]
             at += 4 + size
             client_id, session_id, payload = item[1:].split(b"\x1f", 2)
-            self._deliver(item[0], session_id.decode(), client_id + b"\x1f" + payload)
+            kind = item[0]
+            if kind <= TEXT:
+                self._deliver(kind, session_id.decode(), client_id + b"\x1f" + payload)
+            elif kind == REQUEST:
+                self._hand_over(client_id.decode(), orjson.loads(payload))
+            elif kind == MOVED:
+                peer = self.relay.remote_peers.get(client_id.decode())
+                if peer is not None:
+                    peer.node = payload.decode()  # what was sent to the old node, it forwards
+            else:
+                self._handed(client_id.decode(), kind, payload)
 
     def _deliver(self, kind: int, session_id: str, item: bytes) -> None:
         client_id, text = item.split(b"\x1f", 1)
         c = self.relay._clients.get(client_id.decode())
         if c is None:
+            moved = self._moved.get(client_id.decode())
+            if moved is not None:  # it resumed on another node: on to there, in order
+                self._put(moved, kind, client_id.decode(), session_id, text)
             return
         if c.session is None or c.session.id != session_id:
             if session_id in self._ended or self._early_count >= MAX_EARLY:
@@ -547,6 +586,123 @@ class ClusterBackend:
             self.relay.deliver_signal(c, text, orjson.loads(text))
         elif kind == TEXT:
             self.relay.deliver_text(c, text)
+
+    # -- resume on another node -------------------------------------------------------------------
+
+    def resume_elsewhere(self, c: Any, client_id: str, secret: str, last: int) -> bool:
+        """Backend: ``c``'s ``resume`` names a client this node does not hold. Ask its node (which
+        checks the token); ``Relay.take_back`` or ``resume_failed`` follows. Always True: pending."""
+        done = trio.Event()
+        self._asked[c.id] = (c, last, done)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._ask, c, client_id, secret, done)
+        return True
+
+    async def _ask(self, c: Any, client_id: str, secret: str, done: trio.Event) -> None:
+        node = None
+        try:
+            record = await self.redis.hget(KEYS[0], client_id)
+            node = orjson.loads(record)["node"] if record else None
+        except Exception as exc:
+            log.warning("cluster: looking up %s for a resume failed: %s", client_id, exc)
+        if node is not None and node != self.node:
+            request = {"secret": secret, "user": c.user_id, "node": self.node, "for": c.id}
+            self._put(node, REQUEST, client_id, "", orjson.dumps(request))
+            with trio.move_on_after(HANDOVER_TIMEOUT):
+                await done.wait()
+        if self._asked.pop(c.id, None) is not None:  # no answer (or nobody to ask)
+            self._refuse(c)
+
+    def _refuse(self, c: Any) -> None:
+        relay = self.relay
+        if relay._clients.get(c.id) is c:
+            relay._error(c, "resume_failed", "cannot resume (too late, or not yours): join again")
+
+    def _hand_over(self, client_id: str, request: dict[str, Any]) -> None:
+        """Another node's new connection resumes ``client_id``: if the token is right, the client
+        (its mailbox, session and place) goes there, and what still comes here for it follows."""
+        relay, node = self.relay, request["node"]
+        x = relay.release_client(client_id, request["secret"], request["user"])
+        if x is None:
+            self._put(node, REFUSED, request["for"], "", b"")
+            return
+        del relay._clients[x.id]
+        relay._away.pop(x.id, None)
+        x.move(GONE)
+        peer = x.peer
+        if peer is not None and peer.__class__ is not RemotePeer:  # its peer stays here: x is remote now
+            stand_in = relay.remote_peers[x.id] = RemotePeer(x.id, x.user_id, node, self._forward)
+            stand_in.peer, stand_in.session, peer.peer = peer, x.session, stand_in
+            peer_node = self.node
+        elif peer is not None:
+            peer_node = peer.node
+            self._sessions -= 1  # it was this node's only side of that session
+            if relay.remote_peers.get(peer.id) is peer:
+                del relay.remote_peers[peer.id]
+        position = self._waiting.get(x.id)
+        self._unqueue(x.id)
+        self._moved[x.id] = node
+        self._handed_over_at = trio.current_time()
+        if len(self._moved) > MAX_MOVED:
+            del self._moved[next(iter(self._moved))]
+        mb = x.mailbox
+        state = {
+            "id": x.id, "user": x.user_id, "age": trio.current_time() - x.connected_at, "away": x.was_away,
+            "count": mb.count, "ring": [[n, text.decode()] for n, text in mb.ring],
+            "held": None if mb.held is None else [text.decode() for text in mb.held],
+            "session": None if x.session is None else self._session_json(x.session),
+            "peer": None if peer is None else [peer.id, peer.user_id, peer_node],
+            "position": position, "for": request["for"],
+        }  # fmt: skip
+        self._put(node, HANDOVER, request["for"], "", orjson.dumps(state))
+        log.debug("client %s: resumed on node %s", x.id, node)
+
+    def _handed(self, new_id: str, kind: int, payload: bytes) -> None:
+        """The answer to a resume this node asked another for."""
+        asked = self._asked.pop(new_id, None)
+        if asked is None:
+            return  # too late: it was refused meanwhile
+        c, last, done = asked
+        done.set()
+        relay = self.relay
+        if kind == REFUSED or relay._clients.get(c.id) is not c:
+            self._refuse(c)
+            return
+        state = orjson.loads(payload)
+        x = relay.rebuilt_client(c, state["id"], state["user"], trio.current_time() - state["age"])
+        mb = x.mailbox
+        mb.count = state["count"]
+        mb.ring = [(n, text.encode()) for n, text in state["ring"]]
+        mb.ring_bytes = sum(len(text) for _, text in mb.ring)
+        if state["held"] is not None:
+            mb.held = [text.encode() for text in state["held"]]
+            mb.held_bytes = sum(map(len, mb.held))
+        x.was_away = state["away"]
+        if state["session"] is not None:
+            x.session = self.script.session(state["session"])
+            pid, user, node = state["peer"]
+            local = relay._clients.get(pid)
+            if local is not None:
+                x.peer = local
+                relay.remote_peers.pop(x.id, None)
+            else:
+                x.peer = relay.remote_peers[pid] = RemotePeer(pid, user, node, self._forward)
+                x.peer.session = x.session
+                if node != self.node:  # the peer's node sends here from now on
+                    self._put(node, MOVED, x.id, x.session.id, self.node.encode())
+            self._sessions += 1
+        if state["position"] is not None:
+            self._waiting[x.id] = state["position"]
+        self._enqueue("move", x.id, self.node)  # this node serves it now (before the release take_back asks)
+        relay.take_back(c, x, last)
+
+    def _session_json(self, s: Session) -> dict[str, Any]:
+        """A Session as the script writes it (times in Redis's clock)."""
+        return {
+            "id": s.id, "a": s.initiator, "b": s.answerer, "ints": list(s.interests),
+            "t": round((s.started_at - self.script.offset) * 1000),
+            "w": [round(s.waits[0] * 1000), round(s.waits[1] * 1000)],
+        }  # fmt: skip
 
     async def _position_loop(self) -> None:
         """Every POSITION_INTERVAL: the positions of this node's waiting clients (one round trip)."""
@@ -570,8 +726,9 @@ class ClusterBackend:
             self.queue_changed = True
 
     async def finish(self) -> None:
-        """At shutdown: run the moves left (the clients' disconnects) and send what is still out."""
-        while self._moves:
+        """At shutdown: wait (within SHUTDOWN_TIMEOUT) for the away clients to resume elsewhere,
+        run the moves left (the clients' disconnects) and send what is still out."""
+        while self.relay._away or self._moves or trio.current_time() - self._handed_over_at < LINGER:
             await trio.sleep(0.01)
         while self._outbox:
             await self.flush()

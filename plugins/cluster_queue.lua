@@ -23,7 +23,8 @@
 -- SEP is "\31" (unit separator): interests are printable, so it never occurs in one.
 -- A member: {id, ident, ints (sorted), seq (-1: not waiting), held, since (ms), open, sid ("": none),
 -- recent ({other id, ended at ms} oldest first, at most MAX_RECENT), node}.
--- A script answers one JSON text: {"d": decisions} or {"illegal": code, "message": text}; a
+-- A script answers one JSON text: {"d": decisions, "next": the earliest interest timeout (ms, -1:
+-- none)} or {"illegal": code, "message": text}; a
 -- decision is ["q", id, position, size, node], ["p", session, node a, node b, identity a, identity b]
 -- or ["e", session, reason, by, node a, node b, identity a, identity b] (a: the initiator, b: the
 -- answerer). An illegal move changes nothing.
@@ -287,7 +288,8 @@ local function decided()
   if #out > 0 then
     redis.call('XADD', D, 'MAXLEN', '~', KEEP, '*', 'd', cjson.encode({n = NODE, d = out}))
   end
-  return cjson.encode({d = out})
+  local first = redis.call('ZRANGE', DL, 0, 0, 'WITHSCORES')
+  return cjson.encode({d = out, next = tonumber(first[2]) or -1}) -- next: the first interest timeout to tick at
 end
 
 -- Forget a client: its session ends (reason), it leaves the queue, its own blocks and its place

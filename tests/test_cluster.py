@@ -266,3 +266,104 @@ def test_a_node_restarted_with_its_id_forgets_what_it_left(tmp_path: Path, redis
     assert redis_server.command("ZCARD", "{mm}:queue") == b":0\r\n"
     assert redis_server.command("HLEN", "{mm}:members") == b":0\r\n"
     node.kill()
+
+
+async def vanish(c: Client) -> None:
+    """The connection drops without a close frame (a phone that lost its network)."""
+    await c.ws._stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("a_node", "b_node", "to"), [(0, 1, 2), (0, 1, 1), (0, 0, 2)], ids=["third-node", "peer-node", "peer-stays"]
+)
+async def test_a_client_resumes_on_another_node_in_its_session(
+    cluster: Cluster, nursery: trio.Nursery, a_node: int, b_node: int, to: int
+) -> None:
+    nodes = cluster.harnesses(nursery)
+    n0, n1 = nodes[0], nodes[1]
+    with trio.fail_after(6 * STEP):
+        a, b = await nodes[a_node].connect(), await nodes[b_node].connect()
+        await a.send(type="join")
+        await a.expect("queued")
+        await b.send(type="join")
+        ma = await a.expect("matched", peer_id=b.id)
+        await b.expect("matched", peer_id=a.id)
+        for i in range(1, 6):
+            await b.send(type="signal", data={"i": i})
+        for i in range(1, 4):
+            await a.expect("signal", n=i)  # a got 3 of them (maybe all 5: it says 3)
+        await vanish(a)
+        await b.expect("peer_reconnecting", session_id=ma["session_id"])
+        for i in range(6, 9):  # while a is away: kept on n0 for it
+            await b.send(type="signal", data={"i": i})
+        await b.send(type="ping")
+        await b.expect("pong")
+        back = await nodes[to].connect()  # a's phone comes back through another machine
+        await back.send(type="resume", token=a.welcome["resume_token"], last=3)
+        resumed = await back.expect("resumed", client_id=a.id, state="matched", session_id=ma["session_id"])
+        assert resumed["peer_id"] == b.id and resumed["resume_token"] != a.welcome["resume_token"]
+        for i in range(4, 9):  # what it missed, once, in order, numbered as before
+            assert await back.expect("signal", n=i) == {"type": "signal", "n": i, "data": {"i": i}}
+        await b.expect("peer_resumed", session_id=ma["session_id"])
+        await b.send(type="signal", data={"i": 9})  # b (n1) now reaches a on n2
+        assert (await back.expect("signal", n=9))["data"] == {"i": 9}
+        await back.send(type="signal", data={"back": 1})
+        assert (await b.expect("signal", n=1))["data"] == {"back": 1}
+        await back.send(type="next")  # its session, its moves: from n2 now
+        await b.expect("peer_left", reason="next")
+        stale = await n1.connect()  # the old token is spent, wherever it is tried
+        await stale.send(type="resume", token=a.welcome["resume_token"], last=0)
+        await stale.expect("error", code="resume_failed")
+        foreign = await n0.connect()
+        await foreign.send(type="resume", token=f"{b.id}.not-its-secret", last=0)
+        await foreign.expect("error", code="resume_failed")
+
+
+async def test_a_waiting_client_resumes_on_another_node_in_its_place(cluster: Cluster, nursery: trio.Nursery) -> None:
+    n0, n1, n2 = cluster.harnesses(nursery)
+    with trio.fail_after(6 * STEP):
+        first, second = await n0.connect(), await n2.connect()
+        await first.send(type="join", interests=["chess"])
+        await first.expect("queued", position=1)
+        await second.send(type="join", interests=["go"])
+        await second.expect("queued", position=2)
+        await vanish(first)
+        await trio.sleep(0.3)  # n0 notices: first is away, held in its place
+        back = await n1.connect()
+        await back.send(type="resume", token=first.welcome["resume_token"], last=0)
+        await back.expect("resumed", client_id=first.id, state="queued", position=1)
+        await trio.sleep(0.3)  # n1's release (matchable again) is a move of its own, after resumed
+        newcomer = await n2.connect()
+        await newcomer.send(type="join", interests=["chess", "go"])  # both share one: the first in line
+        await skip_positions(newcomer, "matched", peer_id=first.id)
+        await skip_positions(back, "matched", peer_id=newcomer.id, initiator=True)
+
+
+async def test_a_deploy_keeps_sessions_sigterm_hands_clients_over(cluster: Cluster, nursery: trio.Nursery) -> None:
+    n0, n1, n2 = cluster.harnesses(nursery)
+    with trio.fail_after(8 * STEP):
+        a, b = await n0.connect(), await n1.connect()
+        await a.send(type="join")
+        await a.expect("queued")
+        await b.send(type="join")
+        ma = await a.expect("matched", peer_id=b.id)
+        await b.expect("matched", peer_id=a.id)
+        for i in range(1, 4):
+            await b.send(type="signal", data={"i": i})
+            await a.expect("signal", n=i)
+        cluster.nodes[0].proc.terminate()  # SIGTERM: a deploy
+        await a.expect("draining")
+        assert (await a.closed()).code == 1012
+        for i in range(4, 7):  # meanwhile
+            await b.send(type="signal", data={"i": i})
+        back = await n2.connect()
+        await back.send(type="resume", token=a.welcome["resume_token"], last=3)
+        await back.expect("resumed", client_id=a.id, state="matched", session_id=ma["session_id"])
+        for i in range(4, 7):
+            assert (await back.expect("signal", n=i))["data"] == {"i": i}
+        await skip_positions(b, "peer_reconnecting", session_id=ma["session_id"])
+        await b.expect("peer_resumed", session_id=ma["session_id"])
+        await b.send(type="signal", data={"i": 7})
+        assert (await back.expect("signal", n=7))["data"] == {"i": 7}
+        assert cluster.nodes[0].proc.wait(timeout=STEP) == 0  # it exits once its client went on elsewhere
+        await until_redis(cluster.redis, "SISMEMBER", "relay:nodes", "n0", equals=b":0\r\n")
