@@ -268,6 +268,17 @@ def test_a_node_restarted_with_its_id_forgets_what_it_left(tmp_path: Path, redis
     node.kill()
 
 
+async def paired(first: Harness, second: Harness) -> tuple[Client, Client, dict]:
+    """A client of ``first`` and one of ``second``, matched (the first initiates): both, and its matched."""
+    a, b = await first.connect(), await second.connect()
+    await a.send(type="join")
+    await a.expect("queued")
+    await b.send(type="join")
+    ma = await a.expect("matched", peer_id=b.id)
+    await b.expect("matched", peer_id=a.id)
+    return a, b, ma
+
+
 async def vanish(c: Client) -> None:
     """The connection drops without a close frame (a phone that lost its network)."""
     await c.ws._stream.aclose()
@@ -282,12 +293,7 @@ async def test_a_client_resumes_on_another_node_in_its_session(
     nodes = cluster.harnesses(nursery)
     n0, n1 = nodes[0], nodes[1]
     with trio.fail_after(6 * STEP):
-        a, b = await nodes[a_node].connect(), await nodes[b_node].connect()
-        await a.send(type="join")
-        await a.expect("queued")
-        await b.send(type="join")
-        ma = await a.expect("matched", peer_id=b.id)
-        await b.expect("matched", peer_id=a.id)
+        a, b, ma = await paired(nodes[a_node], nodes[b_node])
         for i in range(1, 6):
             await b.send(type="signal", data={"i": i})
         for i in range(1, 4):
@@ -342,12 +348,7 @@ async def test_a_waiting_client_resumes_on_another_node_in_its_place(cluster: Cl
 async def test_a_deploy_keeps_sessions_sigterm_hands_clients_over(cluster: Cluster, nursery: trio.Nursery) -> None:
     n0, n1, n2 = cluster.harnesses(nursery)
     with trio.fail_after(8 * STEP):
-        a, b = await n0.connect(), await n1.connect()
-        await a.send(type="join")
-        await a.expect("queued")
-        await b.send(type="join")
-        ma = await a.expect("matched", peer_id=b.id)
-        await b.expect("matched", peer_id=a.id)
+        a, b, ma = await paired(n0, n1)
         for i in range(1, 4):
             await b.send(type="signal", data={"i": i})
             await a.expect("signal", n=i)
