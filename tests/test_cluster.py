@@ -368,3 +368,52 @@ async def test_a_deploy_keeps_sessions_sigterm_hands_clients_over(cluster: Clust
         assert (await back.expect("signal", n=7))["data"] == {"i": 7}
         assert cluster.nodes[0].proc.wait(timeout=STEP) == 0  # it exits once its client went on elsewhere
         await until_redis(cluster.redis, "SISMEMBER", "relay:nodes", "n0", equals=b":0\r\n")
+
+
+async def test_redis_restarted_with_its_data_sessions_go_on_and_lose_nothing(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    redis = RedisServer(tmp_path, aof=True).start()
+    c = Cluster(tmp_path, redis, 2)
+    try:
+        n0, n1 = c.harnesses(nursery)
+        with trio.fail_after(8 * STEP):
+            a, b, _ = await paired(n0, n1)
+            await b.send(type="signal", data={"i": 1})
+            await a.expect("signal", n=1)
+            redis.kill()  # SIGKILL; the append-only file has every write (appendfsync always)
+            for i in range(2, 12):  # sent while Redis is down: held in n1's outbox, in order
+                await b.send(type="signal", data={"i": i})
+            await trio.sleep(1)
+            redis.start()
+            for i in range(2, 12):
+                assert (await a.expect("signal", n=i))["data"] == {"i": i}
+            await a.send(type="next")  # the queue is there too
+            await b.expect("peer_left", reason="next")
+            x = await n1.connect()
+            await x.send(type="join")
+            await skip_positions(x, "matched", peer_id=a.id)
+    finally:
+        c.stop()
+        redis.kill()
+
+
+async def test_redis_restarted_empty_the_nodes_start_over(
+    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = Cluster(tmp_path, redis_server, 2)
+    try:
+        n0, n1 = c.harnesses(nursery)
+        with trio.fail_after(8 * STEP):
+            a, b, _ = await paired(n0, n1)
+            redis_server.kill()
+            redis_server.start()  # empty: the queue, the sessions and the nodes' leases are gone
+            # Each node finds its lease gone: it cannot tell which of its clients Redis still knows,
+            # so it closes them all (1012: reconnect) and goes on empty.
+            assert (await a.closed()).code == 1012
+            assert (await b.closed()).code == 1012
+            x, y, _ = await paired(n0, n1)  # and the cluster works again
+            await x.send(type="signal", data={"ok": 1})
+            assert (await y.expect("signal", n=1))["data"] == {"ok": 1}
+    finally:
+        c.stop()
