@@ -13,7 +13,8 @@ start at 0) and logged; the writer retries with backoff and resumes when the dat
 graceful shutdown the channel is flushed before the relay exits; whatever the flush deadline leaves
 unwritten (a database that is locked, frozen or unwritable) is logged and counted as dropped too.
 
-Each row records the node that wrote it (``FLY_MACHINE_ID``, else the host name). At start-up, rows
+Each row records the node that wrote it (``FLY_MACHINE_ID``, else the host name; a cluster node's id
+under ``relay_plugins.cluster``). At start-up, rows
 of this node still "ongoing" were left by a crash: they are ended with the reason ``crashed`` (at
 the time of the restart, an upper bound).
 
@@ -113,6 +114,7 @@ class SessionRecorder:
     ) -> None:
         self.store = store
         self.node = node or node_name()
+        self.node_given = bool(node)
         self.batch = batch
         self.gather = gather
         self._tx, self._rx = trio.open_memory_channel[SessionEvent](queue)
@@ -126,6 +128,9 @@ class SessionRecorder:
     @relay.hookimpl
     def relay_startup(self, relay: Relay, nursery: trio.Nursery) -> None:
         self._relay = relay
+        cluster_node = getattr(relay.backend, "node", None)
+        if cluster_node and not self.node_given:  # one of several nodes, maybe on one host: its own id
+            self.node = cluster_node
         relay.counters["sessions_dropped"] += self.dropped  # present from the start, at 0
         nursery.start_soon(self._writer)
 

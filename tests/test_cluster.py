@@ -7,6 +7,8 @@ intact, and the start-up checks refuse what would break the cluster (exit code 2
 
 from __future__ import annotations
 
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -415,5 +417,46 @@ async def test_redis_restarted_empty_the_nodes_start_over(
             x, y, _ = await paired(n0, n1)  # and the cluster works again
             await x.send(type="signal", data={"ok": 1})
             assert (await y.expect("signal", n=1))["data"] == {"ok": 1}
+    finally:
+        c.stop()
+
+
+async def test_each_session_is_recorded_once(cluster: Cluster, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The three nodes share one SQLite file here (as they would share PostgreSQL): the session made
+    on n1 (b's join paired it) and ended on n0 (a's next) is one row, its start and its end."""
+    n0, n1, _ = cluster.harnesses(nursery)
+    with trio.fail_after(4 * STEP):
+        a, b, ma = await paired(n0, n1)
+        await a.send(type="next")
+        await b.expect("peer_left", reason="next")
+        await a.expect("queued")
+        db = tmp_path / "relay-sessions.db"
+        while True:  # the writers batch: wait for the end to be written
+            with sqlite3.connect(db) as conn:
+                rows = conn.execute(
+                    "SELECT initiator, answerer, end_reason, ended_by, node FROM sessions WHERE session_id = ?",
+                    (ma["session_id"],),
+                ).fetchall()
+            if rows and rows[0][2] is not None:
+                break
+            await trio.sleep(0.1)
+    assert rows == [(a.id, b.id, "next", a.id, "n1")]  # recorded by n1, which made it; n0 ended it
+
+
+async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
+    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = Cluster(tmp_path, redis_server, 2, "--cluster-node-timeout", "2")
+    try:
+        n0, n1 = c.harnesses(nursery)
+        with trio.fail_after(8 * STEP):
+            a, b, _ = await paired(n0, n1)
+            c.nodes[1].proc.send_signal(signal.SIGSTOP)  # paused (a VM migrating, a GC pause, a debugger)
+            await skip_positions(a, "peer_left", reason="disconnected")  # n0 reaped it
+            c.nodes[1].proc.send_signal(signal.SIGCONT)
+            assert (await b.closed()).code == 1012  # it woke up taken for dead: nobody is served twice
+            x = await n1.connect()  # and it serves again
+            await x.send(type="join")
+            await x.expect("queued", position=1)
     finally:
         c.stop()
