@@ -2727,6 +2727,9 @@ class _Port:
                 "sessions": stats.sessions,
                 "uptime_s": stats.uptime_s,
             }
+            cluster = getattr(self.relay.backend, "health", None)  # a cluster backend's: "ok" or "degraded"
+            if cluster is not None:
+                body["cluster"] = cluster
             return HttpResponse(503 if stats.draining else 200, _dumps(body), "application/json")
         answer = call_hooks(self.relay.hook, "relay_http_request", request=request)
         if answer is not None:

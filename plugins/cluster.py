@@ -92,6 +92,7 @@ LINGER: Final = 1.0  # seconds a stopping node goes on forwarding after its last
 HANDOVER_TIMEOUT: Final = 5.0  # seconds a resume waits for the client's node, then resume_failed
 MAX_MOVED: Final = 65_536  # clients that resumed elsewhere, remembered to forward what still comes here
 TICK_SAFETY: Final = 1.0  # seconds between ticks at most, when no interest timeout known here is due
+DEGRADED_AFTER: Final = 2.0  # seconds of failing Redis calls before a node says it is degraded
 RETRY_INTERVAL: Final = 0.5  # seconds between attempts while Redis does not answer
 MIN_REDIS: Final = (7, 0)
 _LENGTH: Final = struct.Struct("!I")
@@ -175,7 +176,9 @@ class QueueScript:
 class ClusterBackend:
     """``relay.Backend`` over Redis, for one node. See the module docstring."""
 
-    def __init__(self, relay: Relay, url: str, node_id: str, flush_s: float, node_timeout: float) -> None:
+    def __init__(
+        self, relay: Relay, url: str, node_id: str, flush_s: float, node_timeout: float, buffer_bytes: int
+    ) -> None:
         import coredis
 
         self.relay = relay
@@ -183,6 +186,10 @@ class ClusterBackend:
         self.node = node_id
         self.flush_s = flush_s
         self.node_timeout = node_timeout
+        self.buffer_bytes = buffer_bytes
+        self._outbox_bytes: dict[str, int] = {}  # node -> bytes waiting in its outbox
+        self._failing_since: float | None = None  # since when Redis calls fail (None: they succeed)
+        self._degraded = False
         self.redis = coredis.Redis.from_url(url)
         self.reader = coredis.Redis.from_url(url)  # XREAD BLOCK gets its own pool
         s = relay.settings
@@ -219,6 +226,29 @@ class ClusterBackend:
     @property
     def session_count(self) -> int:
         return self._sessions
+
+    @property
+    def health(self) -> str:
+        """``/healthz``'s "cluster": "ok", or "degraded" once Redis has failed for DEGRADED_AFTER seconds."""
+        failing = self._failing_since
+        return "degraded" if failing is not None and trio.current_time() - failing >= DEGRADED_AFTER else "ok"
+
+    def _redis_ok(self) -> None:
+        if self._failing_since is not None:
+            self._failing_since = None
+            if self._degraded:
+                self._degraded = False
+                log.warning("cluster: Redis answers again")
+
+    def _redis_failed(self, what: str, exc: BaseException) -> None:
+        now = trio.current_time()
+        if self._failing_since is None:
+            self._failing_since = now
+        if not self._degraded and now - self._failing_since >= DEGRADED_AFTER:
+            self._degraded = True
+            self.statistics["cluster_degraded"] += 1
+            log.error("cluster: Redis has failed for %g s: degraded (same-node pairs go on)", DEGRADED_AFTER)
+        log.warning("cluster: %s failed (%s); retrying", what, exc)
 
     @property
     def queued_with_interests(self) -> int:
@@ -382,7 +412,7 @@ class ClusterBackend:
                     if not live and node != self.node:
                         await self._reap(node)
             except Exception as exc:
-                log.warning("cluster: renewing the lease failed: %s", exc)
+                self._redis_failed("renewing the lease", exc)
 
     async def _forget_clients_of(self, node: str) -> None:
         while (await self.script.call("reap", "", node, node=self.node)).get("left"):
@@ -424,9 +454,10 @@ class ClusterBackend:
             except KeyError:
                 pass  # the client disconnected (and was forgotten) before this move ran
             except Exception as exc:  # Redis does not answer: the move waits, in order
-                log.warning("cluster: %s failed (%s); retrying", move, exc)
+                self._redis_failed(move, exc)
                 await trio.sleep(RETRY_INTERVAL)
                 continue
+            self._redis_ok()
             moves.popleft()
             if move == "join" or move == "next":
                 self._joins -= 1
@@ -494,6 +525,26 @@ class ClusterBackend:
             box = self._outbox[node] = []
         box.append(_LENGTH.pack(len(item)))
         box.append(item)
+        size = self._outbox_bytes[node] = self._outbox_bytes.get(node, 0) + len(item) + 4
+        if size > self.buffer_bytes:
+            self._overflow(node)
+
+    def _overflow(self, node: str) -> None:
+        """More waits for ``node`` than --cluster-buffer-bytes (Redis is down, or that node does not
+        read): rather than lose messages silently, the sessions with its clients end ("overflow")."""
+        del self._outbox[node], self._outbox_bytes[node]
+        self.statistics["cluster_overflows"] += 1
+        relay = self.relay
+        ended = 0
+        for c in list(relay._clients.values()):
+            peer, session = c.peer, c.session
+            if peer is not None and session is not None and peer.__class__ is RemotePeer and peer.node == node:
+                relay.deliver_text(
+                    c, orjson.dumps({"type": "peer_left", "session_id": session.id, "reason": "overflow"})
+                )
+                relay._leave_now(c, "overflow")
+                ended += 1
+        log.error("cluster: more than %d bytes wait for node %s: %d sessions ended", self.buffer_bytes, node, ended)
 
     async def _flush_loop(self) -> None:
         """Every --cluster-flush-ms: one XADD per destination node with what is for it, in order."""
@@ -504,6 +555,7 @@ class ClusterBackend:
 
     async def flush(self) -> None:
         boxes, self._outbox = self._outbox, {}
+        sizes, self._outbox_bytes = self._outbox_bytes, {}
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for node, items in boxes.items():
@@ -512,10 +564,13 @@ class ClusterBackend:
                         threshold=INBOX_MAXLEN, trim_operator=_approximately(),
                     )  # fmt: skip
         except Exception as exc:  # put back in front of what came meanwhile: order kept, nothing lost
-            log.warning("cluster: sending to other nodes failed (%s); retrying", exc)
+            self._redis_failed("sending to other nodes", exc)
             for node, items in boxes.items():
                 self._outbox[node] = items + self._outbox.get(node, [])
+                self._outbox_bytes[node] = sizes.get(node, 0) + self._outbox_bytes.get(node, 0)
             await trio.sleep(RETRY_INTERVAL)
+        else:
+            self._redis_ok()
 
     async def _inbox_loop(self, inbox_last: bytes, decisions_last: bytes) -> None:
         """Read this node's inbox and the decisions (one XREAD BLOCK: both keys are in {mm}'s slot)."""
@@ -527,7 +582,7 @@ class ClusterBackend:
                     {inbox: last[inbox.encode()], decisions: last[decisions.encode()]}, count=INBOX_BATCH, block=1000
                 )
             except Exception as exc:
-                log.warning("cluster: reading the inbox failed (%s); retrying", exc)
+                self._redis_failed("reading the inbox", exc)
                 await trio.sleep(RETRY_INTERVAL)
                 continue
             for key, entries in (answer or {}).items():
@@ -813,6 +868,11 @@ def relay_addoption(parser: argparse.ArgumentParser) -> None:
         help="milliseconds between sends of cross-node messages (default %(default)s)",
     )  # fmt: skip
     group.add_argument(
+        "--cluster-buffer-bytes", type=int, default=16 << 20,
+        help="bytes of messages for one other node waiting for Redis; more ends those sessions (overflow)"
+        " (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
         "--cluster-node-timeout", type=float, default=5.0,
         help="seconds without a lease renewal after which a node is taken for dead (default %(default)s)",
     )  # fmt: skip
@@ -839,7 +899,11 @@ def relay_configure(relay: Relay) -> None:
         raise PluginError("--cluster-flush-ms must be between 0.5 and 1000")
     if not 2 * LEASE_INTERVAL <= o.cluster_node_timeout <= 600:
         raise PluginError("--cluster-node-timeout must be between 2 and 600 seconds")
-    _backends[id(relay)] = ClusterBackend(relay, url, node, o.cluster_flush_ms / 1000, o.cluster_node_timeout)
+    if not 64 * 1024 <= o.cluster_buffer_bytes <= 1 << 32:
+        raise PluginError("--cluster-buffer-bytes must be between 65536 and 4294967296")
+    _backends[id(relay)] = ClusterBackend(
+        relay, url, node, o.cluster_flush_ms / 1000, o.cluster_node_timeout, o.cluster_buffer_bytes
+    )
 
 
 @relay.hookimpl

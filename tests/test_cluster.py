@@ -7,6 +7,7 @@ intact, and the start-up checks refuse what would break the cluster (exit code 2
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
-from conftest import LOOPBACK_FLAGS, STEP, Client, Harness, RedisServer, RelayProcess, free_port
+from conftest import LOOPBACK_FLAGS, STEP, Client, Harness, RedisServer, RelayProcess, free_port, http_get
 
 import relay as relay_mod
 
@@ -460,3 +461,37 @@ async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
             await x.expect("queued", position=1)
     finally:
         c.stop()
+
+
+async def health(node: RelayProcess) -> dict:
+    status, _, body = await http_get(node.port, "/healthz")
+    assert status == 200
+    return json.loads(body)
+
+
+async def test_redis_down_the_node_is_degraded_and_a_full_buffer_ends_sessions_overflow(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    redis = RedisServer(tmp_path, aof=True).start()
+    c = Cluster(tmp_path, redis, 2, "--cluster-buffer-bytes", "65536")
+    try:
+        n0, n1 = c.harnesses(nursery)
+        with trio.fail_after(8 * STEP):
+            assert (await health(c.nodes[0]))["cluster"] == "ok"
+            a, b, ma = await paired(n0, n1)
+            same, other, _ = await paired(n1, n1)  # a pair on one node: no Redis on its way
+            redis.kill()
+            while (await health(c.nodes[1]))["cluster"] != "degraded":  # after 2 s of failing calls
+                await trio.sleep(0.2)
+            await same.send(type="signal", data={"still": "here"})
+            assert (await other.expect("signal", n=1))["data"] == {"still": "here"}
+            for i in range(40):  # 40 x 2 KB for n0 while Redis is down: more than 64 KiB waits
+                await b.send(type="signal", data={"i": i, "sdp": "x" * 2000})
+            await b.expect("peer_left", session_id=ma["session_id"], reason="overflow")
+            redis.start()
+            await skip_positions(a, "peer_left", session_id=ma["session_id"], reason="overflow")
+            while (await health(c.nodes[1]))["cluster"] != "ok":
+                await trio.sleep(0.2)
+    finally:
+        c.stop()
+        redis.kill()
