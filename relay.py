@@ -80,6 +80,7 @@ import argparse
 import base64
 import codecs
 import collections
+import contextlib
 import errno
 import gc
 import hashlib
@@ -2999,6 +3000,17 @@ class Relay:
         elif peer.phase is ACTIVE or peer.phase is NEW:  # away, the mailbox has it for the resume
             if not peer.transport.send_text(out):
                 self._too_slow(peer)
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Hold writes while a batch of messages from another node is delivered, then send each
+        connection's in one ``writev``, as the relay does for the messages of one read."""
+        cork = self._port.cork
+        cork.on = True
+        try:
+            yield
+        finally:
+            cork.release()
 
     def deliver_text(self, c: _Client, text: bytes) -> None:
         """Send ``c`` a message that another node has for it (as it is: JSON text)."""

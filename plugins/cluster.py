@@ -605,6 +605,10 @@ class ClusterBackend:
                 self._apply(d, where, decided_here=here)
 
     def _receive(self, packed: bytes) -> None:
+        with self.relay.corked():  # a batch: each recipient's signals in one write
+            self._receive_batch(packed)
+
+    def _receive_batch(self, packed: bytes) -> None:
         view, at = memoryview(packed), 0
         while at < len(packed):
             (size,) = _LENGTH.unpack_from(view, at)
