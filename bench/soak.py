@@ -5,6 +5,8 @@ fallback instead of a WebSocket (and may come back on the other transport).
 
     python bench/soak.py                       # 2,000 people, 5 rounds of 60 s
     python bench/soak.py --people 500 --rounds 3 --seconds 10
+    python bench/soak.py --nodes 3             # a cluster: 3 nodes, one redis-server, each connection
+                                               # (and each resume) to a node picked at random
 
 It starts `relay.py` (per-address limits lifted: every simulated person comes from 127.0.0.1),
 runs the rounds, and after each waits for the relay to empty, then reads its memory (RSS). The first
@@ -91,10 +93,12 @@ async def read(ws: trio_websocket.WebSocketConnection, state: dict, tally: dict[
         pass
 
 
-async def person(port: int, rng: random.Random, until: float, tally: dict[str, int]) -> None:
-    """One simulated person: sessions of random actions, each ended in one of three ways."""
+async def person(ports: list[int], rng: random.Random, until: float, tally: dict[str, int]) -> None:
+    """One simulated person: sessions of random actions, each ended in one of three ways; each
+    connection to one of the ports (a cluster's nodes), picked at random."""
     token = None
     while trio.current_time() < until:
+        port = rng.choice(ports)
         try:
             async with trio.open_nursery() as nursery:
                 state = {"matched": False, "token": None, "resuming": token is not None}
@@ -147,34 +151,54 @@ async def health(port: int) -> dict:
     return json.loads(data.partition(b"\r\n\r\n")[2])
 
 
-async def round_of(port: int, people: int, seconds: float, seed: int) -> dict[str, int]:
+async def round_of(ports: list[int], people: int, seconds: float, seed: int) -> dict[str, int]:
     tally: dict[str, int] = {}
     until = trio.current_time() + seconds
     async with trio.open_nursery() as nursery:
         for i in range(people):
-            nursery.start_soon(person, port, random.Random(seed * 100_003 + i), until, tally)
+            nursery.start_soon(person, ports, random.Random(seed * 100_003 + i), until, tally)
             if i % 50 == 49:
                 await trio.sleep(0.05)  # arrive over a moment, not in one instant
     return tally
 
 
-async def until_empty(port: int, timeout: float) -> dict:
-    """Wait for the relay to hold nobody; return its health figures."""
+async def until_empty(ports: list[int], timeout: float, redis_port: int | None) -> dict:
+    """Wait for the relays (and the cluster's Redis) to hold nobody; return the health figures, summed."""
+
+    async def figures() -> dict:
+        total = {"connections": 0, "queued": 0, "sessions": 0}
+        for port in ports:
+            h = await health(port)
+            for key in total:
+                total[key] += h[key]
+        if redis_port is not None:  # the clients and sessions Redis still holds
+            total["redis_clients"] = _redis_int(redis_port, "HLEN", "{mm}:members")
+            total["redis_sessions"] = _redis_int(redis_port, "HLEN", "{mm}:sessions")
+        return total
+
     with trio.move_on_after(timeout):
         while True:
-            h = await health(port)
-            if (h["connections"], h["queued"], h["sessions"]) == (0, 0, 0):
+            h = await figures()
+            if not any(h.values()):
                 return h
             await trio.sleep(0.2)
-    return await health(port)
+    return await figures()
+
+
+def _redis_int(port: int, *args: str) -> int:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a.encode()) for a in args))
+        return int(s.recv(64)[1:].split(b"\r\n")[0])
 
 
 def rss(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
 
 
-def start_relay(log: Path, grace: float) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", "--sessions-db", "",
+def start_relay(log: Path, grace: float, *extra: str) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, str(ROOT / "relay.py"), "--host", "127.0.0.1", "--port", "0", "--sessions-db", "", *extra,
            "--resume-grace", str(grace), "--max-connections-per-ip", "100000", "--connect-rate-per-ip", "1e6",
            "--connect-burst-per-ip", "100000", "--joins-per-minute-per-ip", "100000000",
            "--bytes-per-second-per-ip", "100000000000", "--bytes-burst-per-ip", "100000000000"]  # fmt: skip
@@ -190,12 +214,14 @@ def start_relay(log: Path, grace: float) -> tuple[subprocess.Popen, int]:
         time.sleep(0.05)
 
 
-async def soak(port: int, pid: int, people: int, rounds: int, seconds: float, grace: float) -> list[dict]:
+async def soak(
+    ports: list[int], pids: list[int], people: int, rounds: int, seconds: float, grace: float, redis: int | None
+) -> list[dict]:
     results = []
     for r in range(rounds):
-        tally = await round_of(port, people, seconds, seed=r)
-        after = await until_empty(port, timeout=grace + 30)
-        results.append({"round": r + 1, "rss": rss(pid), "health": after, "tally": tally})
+        tally = await round_of(ports, people, seconds, seed=r)
+        after = await until_empty(ports, grace + 30, redis)
+        results.append({"round": r + 1, "rss": sum(map(rss, pids)), "health": after, "tally": tally})
     return results
 
 
@@ -205,15 +231,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds per round")
     parser.add_argument("--grace", type=float, default=2.0, help="the relay's --resume-grace")
+    parser.add_argument("--nodes", type=int, default=0, help="a cluster of this many nodes (needs redis-server)")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    proc, port = start_relay(Path("/tmp/soak-relay.log"), args.grace)
+    redis, redis_port, extra = None, None, []
+    if args.nodes:
+        with __import__("socket").socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            redis_port = probe.getsockname()[1]
+        redis = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        extra = ["--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
+    relays = [
+        start_relay(Path(f"/tmp/soak-relay{i}.log"), args.grace, *extra, *(["--node-id", f"s{i}"] if extra else []))
+        for i in range(max(args.nodes, 1))
+    ]
     try:
-        results = trio.run(soak, port, proc.pid, args.people, args.rounds, args.seconds, args.grace)
+        results = trio.run(
+            soak, [port for _, port in relays], [p.pid for p, _ in relays], args.people, args.rounds, args.seconds,
+            args.grace, redis_port,
+        )  # fmt: skip
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for proc, _ in relays:
+            proc.terminate()
+            proc.wait(timeout=60)
+        if redis is not None:
+            redis.kill()
     baseline = results[0]["rss"]
     print(f"{args.people} people, {args.rounds} rounds of {args.seconds:g} s; python {sys.version.split()[0]}")
     print("| round | messages received by the people | endings (close / vanish / vanish and resume) "
@@ -228,6 +275,8 @@ def main() -> None:
         )
         endings = f"{t.get('close', 0)} / {t.get('vanish', 0)} / {t.get('vanish and resume', 0)}"
         left = f"{h['connections']} connections, {h['queued']} queued, {h['sessions']} sessions"
+        if "redis_clients" in h:
+            left += f"; Redis: {h['redis_clients']} clients, {h['redis_sessions']} sessions"
         print(f"| {r['round']} | {received:,} | {endings} | {left} | {r['rss'] / 2**20:.1f} MiB "
               f"| {(r['rss'] - baseline) / 2**20:+.1f} MiB |")  # fmt: skip
 

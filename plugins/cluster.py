@@ -131,12 +131,14 @@ class QueueScript:
         ]  # fmt: skip
         self.offset = 0.0  # node clock - Redis clock, in seconds
         self.next_deadline = -1.0  # the earliest interest timeout the last call saw (Redis ms; -1: none)
+        self.entry: tuple[bytes, bytes] | None = None  # the last call's (previous, own) decisions entry
 
     async def move(
         self, move: str, client_id: str = "", *args: str, node: str = "", now: float | None = None
     ) -> list[tuple[Decision, dict[str, tuple[str, str]]]]:
         answer = await self.call(move, client_id, *args, node=node, now=now)
         self.next_deadline = answer.get("next", self.next_deadline)
+        self.entry = (answer["prev"].encode(), answer["id"].encode()) if "id" in answer else None
         if "illegal" in answer:
             if answer["illegal"] == "unknown":
                 raise KeyError(f"unknown client {client_id!r}")
@@ -201,7 +203,6 @@ class ClusterBackend:
         self._queue_size = 0  # the cluster's, as the last move or position refresh saw it
         self._waiting: dict[str, int] = {}  # this node's waiting clients -> position
         self._interested: set[str] = set()  # of those, the ones with interests
-        self._sessions = 0
         self._moves: collections.deque[tuple[str, str, tuple[str, ...]]] = collections.deque()
         self._joins = 0  # joins and nexts among the moves
         self._tick_pending = False
@@ -214,6 +215,8 @@ class ClusterBackend:
         self._moved: dict[str, str] = {}  # client id -> the node it resumed on (late messages go there)
         self._asked: dict[str, tuple[Any, int, trio.Event]] = {}  # resumes waiting: new client id -> ...
         self._nursery: trio.Nursery | None = None
+        self._decisions_read = b"0-0"  # the last entry of {mm}:decisions applied here
+        self._applied_early: set[bytes] = set()  # entries applied from a call's answer, not yet read
         self._handed_over_at = -LINGER
         self.statistics: collections.Counter[str] = relay.counters
 
@@ -225,7 +228,8 @@ class ClusterBackend:
 
     @property
     def session_count(self) -> int:
-        return self._sessions
+        """Sessions with a side on this node (counted when asked: /healthz and metrics only)."""
+        return len({c.session.id for c in self.relay._clients.values() if c.session is not None})
 
     @property
     def health(self) -> str:
@@ -448,16 +452,25 @@ class ClusterBackend:
                 await self._wake.park()
             move, client_id, args = moves[0]
             try:
-                await self.script.move(move, client_id, *args, node=self.node)  # decisions: _inbox_loop
+                routed = await self.script.move(move, client_id, *args, node=self.node)
             except IllegalMove as exc:
+                routed = []
                 self._illegal(client_id, exc)
             except KeyError:
-                pass  # the client disconnected (and was forgotten) before this move ran
+                routed = []  # the client disconnected (and was forgotten) before this move ran
             except Exception as exc:  # Redis does not answer: the move waits, in order
                 self._redis_failed(move, exc)
                 await trio.sleep(RETRY_INTERVAL)
                 continue
             self._redis_ok()
+            entry = self.script.entry
+            if routed and entry is not None and entry[0] == self._decisions_read:
+                # Every decision before these was applied here: apply them now (a hop less for the
+                # client waiting for them), and skip them when the stream brings them.
+                self._decisions_read = entry[1]
+                self._applied_early.add(entry[1])
+                for d, where in routed:
+                    self._apply(d, where, decided_here=True)
             moves.popleft()
             if move == "join" or move == "next":
                 self._joins -= 1
@@ -488,14 +501,12 @@ class ClusterBackend:
         if type(d) is Paired:
             for cid in local:
                 self._unqueue(cid)
-            self._sessions += len(local) > 0
             relay.apply([d], decided_here=decided_here)
             for text_or_signal in self._early.pop(s.id, ()):
                 self._early_count -= 1
                 self._deliver(*text_or_signal)
         else:
             self._remember_ended(s.id)
-            self._sessions -= any(_in_session(relay._clients[cid], s) for cid in local)
             relay.apply([d], decided_here=decided_here)
         for cid in where:
             peer = relay.remote_peers.get(cid)
@@ -575,22 +586,31 @@ class ClusterBackend:
     async def _inbox_loop(self, inbox_last: bytes, decisions_last: bytes) -> None:
         """Read this node's inbox and the decisions (one XREAD BLOCK: both keys are in {mm}'s slot)."""
         inbox, decisions = INBOX_KEY + self.node, KEYS[10]
-        last = {inbox.encode(): inbox_last, decisions.encode(): decisions_last}
+        self._decisions_read = decisions_last
         while True:
             try:
                 answer = await self.reader.xread(
-                    {inbox: last[inbox.encode()], decisions: last[decisions.encode()]}, count=INBOX_BATCH, block=1000
+                    {inbox: inbox_last, decisions: self._decisions_read}, count=INBOX_BATCH, block=1000
                 )
             except Exception as exc:
                 self._redis_failed("reading the inbox", exc)
                 await trio.sleep(RETRY_INTERVAL)
                 continue
             for key, entries in (answer or {}).items():
-                handle, field = (self._decided, b"d") if key == decisions.encode() else (self._receive, b"m")
+                is_decisions = key == decisions.encode()
                 for entry in entries:
-                    last[key] = entry.identifier
+                    if is_decisions:
+                        if entry.identifier in self._applied_early:
+                            self._applied_early.discard(entry.identifier)
+                            continue
+                        self._decisions_read = entry.identifier
+                    else:
+                        inbox_last = entry.identifier
                     try:
-                        handle(entry.field_values[field])
+                        if is_decisions:
+                            self._decided(entry.field_values[b"d"])
+                        else:
+                            self._receive(entry.field_values[b"m"])
                     except Exception:  # a malformed entry: say so, go on with the next
                         self.statistics["cluster_bad_entries"] += 1
                         log.exception("cluster: skipping malformed entry %s of %s", entry.identifier, key.decode())
@@ -695,7 +715,6 @@ class ClusterBackend:
             peer_node = self.node
         elif peer is not None:
             peer_node = peer.node
-            self._sessions -= 1  # it was this node's only side of that session
             if relay.remote_peers.get(peer.id) is peer:
                 del relay.remote_peers[peer.id]
         position = self._waiting.get(x.id)
@@ -749,7 +768,6 @@ class ClusterBackend:
                 x.peer.session = x.session
                 if node != self.node:  # the peer's node sends here from now on
                     self._put(node, MOVED, x.id, x.session.id, self.node.encode())
-            self._sessions += 1
         if state["position"] is not None:
             self._waiting[x.id] = state["position"]
         self._enqueue("move", x.id, self.node)  # this node serves it now (before the release take_back asks)
@@ -768,8 +786,6 @@ class ClusterBackend:
         while True:
             await trio.sleep(relay.POSITION_INTERVAL)
             ids = list(self._waiting)
-            if not ids:
-                continue
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     ranks = [pipe.zrank(KEYS[1], cid) for cid in ids]
@@ -796,10 +812,6 @@ class ClusterBackend:
             await self.redis.delete([NODE_KEY + self.node])
         except Exception as exc:
             log.warning("cluster: releasing the lease failed: %s", exc)
-
-
-def _in_session(c: Any, s: Session) -> bool:
-    return c.session is not None and c.session.id == s.id
 
 
 def _nx() -> Any:

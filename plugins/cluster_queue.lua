@@ -24,7 +24,8 @@
 -- A member: {id, ident, ints (sorted), seq (-1: not waiting), held, since (ms), open, sid ("": none),
 -- recent ({other id, ended at ms} oldest first, at most MAX_RECENT), node}.
 -- A script answers one JSON text: {"d": decisions, "next": the earliest interest timeout (ms, -1:
--- none)} or {"illegal": code, "message": text}; a
+-- none), "id": their entry in {mm}:decisions, "prev": the entry before it} or {"illegal": code,
+-- "message": text}; a
 -- decision is ["q", id, position, size, node], ["p", session, node a, node b, identity a, identity b]
 -- or ["e", session, reason, by, node a, node b, identity a, identity b] (a: the initiator, b: the
 -- answerer). An illegal move changes nothing.
@@ -285,11 +286,15 @@ local function parse_ints(text)
 end
 
 local function decided()
+  local answer = {d = out}
   if #out > 0 then
-    redis.call('XADD', D, 'MAXLEN', '~', KEEP, '*', 'd', cjson.encode({n = NODE, d = out}))
+    local prev = redis.call('XREVRANGE', D, '+', '-', 'COUNT', 1)[1]
+    answer.prev = prev and prev[1] or '0-0' -- the entry before this one: a caller that read up to it
+    answer.id = redis.call('XADD', D, 'MAXLEN', '~', KEEP, '*', 'd', cjson.encode({n = NODE, d = out}))
   end
   local first = redis.call('ZRANGE', DL, 0, 0, 'WITHSCORES')
-  return cjson.encode({d = out, next = tonumber(first[2]) or -1}) -- next: the first interest timeout to tick at
+  answer.next = tonumber(first[2]) or -1 -- the first interest timeout to tick at
+  return cjson.encode(answer)
 end
 
 -- Forget a client: its session ends (reason), it leaves the queue, its own blocks and its place

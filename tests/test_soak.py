@@ -21,7 +21,7 @@ def test_soak_leaves_nothing_behind(tmp_path):
     log = tmp_path / "relay.log"
     proc, port = soak.start_relay(log, grace=1.0)
     try:
-        results = trio.run(soak.soak, port, proc.pid, 300, 5, 3.0, 1.0)  # 300 people, 5 rounds of 3 s
+        results = trio.run(soak.soak, [port], [proc.pid], 300, 5, 3.0, 1.0, None)  # 300 people, 5 rounds of 3 s
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -36,3 +36,26 @@ def test_soak_leaves_nothing_behind(tmp_path):
     assert rss[-1] - rss[1] < 6, rss  # measured here: under 1 MiB; the leak it guards against: 12.8
     text = log.read_text()
     assert "Traceback" not in text and " ERROR " not in text
+
+
+def test_a_cluster_soak_leaves_nothing_behind_in_the_nodes_or_in_redis(tmp_path, redis_server):
+    """The same people over three nodes of a cluster, each connection (and resume) to a node picked at
+    random: afterwards no node and no Redis key holds a client or a session."""
+    relays = [
+        soak.start_relay(tmp_path / f"relay{i}.log", 1.0, "--redis-url", redis_server.url, "--node-id", f"s{i}")
+        for i in range(3)
+    ]
+    try:
+        ports, pids = [port for _, port in relays], [p.pid for p, _ in relays]
+        results = trio.run(soak.soak, ports, pids, 300, 3, 3.0, 1.0, redis_server.port)
+    finally:
+        for proc, _ in relays:
+            proc.terminate()
+            proc.wait(timeout=30)
+    for r in results:
+        h, tally = r["health"], r["tally"]
+        assert not any(h.values()), r  # nobody left: nodes' connections, queue, sessions; Redis's clients, sessions
+        assert tally.get("matched", 0) > 100 and tally.get("signal", 0) > 300 and tally.get("resumed", 0) > 10, tally
+    for i in range(3):
+        text = (tmp_path / f"relay{i}.log").read_text()
+        assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
