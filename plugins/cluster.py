@@ -92,6 +92,7 @@ LINGER: Final = 1.0  # seconds a stopping node goes on forwarding after its last
 HANDOVER_TIMEOUT: Final = 5.0  # seconds a resume waits for the client's node, then resume_failed
 MAX_MOVED: Final = 65_536  # clients that resumed elsewhere, remembered to forward what still comes here
 TICK_SAFETY: Final = 1.0  # seconds between ticks at most, when no interest timeout known here is due
+FAILURE_LOG_INTERVAL: Final = 10.0  # seconds between log lines about Redis failing, while it does
 DEGRADED_AFTER: Final = 2.0  # seconds of failing Redis calls before a node says it is degraded
 RETRY_INTERVAL: Final = 0.5  # seconds between attempts while Redis does not answer
 MIN_REDIS: Final = (7, 0)
@@ -191,6 +192,7 @@ class ClusterBackend:
         self.buffer_bytes = buffer_bytes
         self._outbox_bytes: dict[str, int] = {}  # node -> bytes waiting in its outbox
         self._failing_since: float | None = None  # since when Redis calls fail (None: they succeed)
+        self._failure_logged = -FAILURE_LOG_INTERVAL  # when a failure was last logged
         self._degraded = False
         self.redis = coredis.Redis.from_url(url)
         self.reader = coredis.Redis.from_url(url)  # XREAD BLOCK gets its own pool
@@ -240,6 +242,7 @@ class ClusterBackend:
     def _redis_ok(self) -> None:
         if self._failing_since is not None:
             self._failing_since = None
+            self._failure_logged = -FAILURE_LOG_INTERVAL
             if self._degraded:
                 self._degraded = False
                 log.warning("cluster: Redis answers again")
@@ -252,7 +255,10 @@ class ClusterBackend:
             self._degraded = True
             self.statistics["cluster_degraded"] += 1
             log.error("cluster: Redis has failed for %g s: degraded (same-node pairs go on)", DEGRADED_AFTER)
-        log.warning("cluster: %s failed (%s); retrying", what, exc)
+        if now - self._failure_logged >= FAILURE_LOG_INTERVAL:  # every task retries: say so now and then
+            self._failure_logged = now
+            log.warning("cluster: %s failed (%s); retrying (the same failures are not logged again for %g s)",
+                        what, exc, FAILURE_LOG_INTERVAL)  # fmt: skip
 
     @property
     def queued_with_interests(self) -> int:
@@ -491,8 +497,6 @@ class ClusterBackend:
             relay.apply([d], decided_here=decided_here)
             return
         s = d.session
-        if type(d) is Paired and s.id in self._ended:
-            return  # it ended (a move here) before this node heard it began
         for cid, (node, identity) in where.items():
             if cid not in relay._clients and cid not in relay.remote_peers:
                 user = identity if identity != cid else None
