@@ -2932,8 +2932,9 @@ class Relay:
         closing = c.phase is CLOSING
         vanished = transport.close_received is None and not closing
         hands_over = self.draining and getattr(self.backend, "hands_over", False)  # it resumes on another node
+        resumable_close = c.close_code == CLOSE_HEARTBEAT or (hands_over and c.close_code == CLOSE_RESTART)
         if (
-            (vanished or (closing and c.close_code in (CLOSE_HEARTBEAT, CLOSE_RESTART if hands_over else 0)))
+            (vanished or (closing and resumable_close))
             and self.settings.resume_grace > 0
             and (not self.draining or hands_over)
         ):

@@ -8,19 +8,22 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   trip, ``Matchmaker``'s rules to the letter (global FIFO by ticket, interest timeout, rematch
   cooldown, reports), every key in the hash slot ``{mm}`` (Redis Cluster runs it). Time is Redis's
   ``TIME``. The relay's handlers stay synchronous: a node's moves go, in order, to one task that
-  runs them and hands the decisions to ``Relay.apply``; ``tests/test_cluster.py`` holds the script
+  runs them and hands the decisions to ``Relay.apply``; ``tests/test_cluster_queue.py`` holds the script
   against the naive reference model on a real Redis, through three node facades.
 - **Signals between nodes go by streams.** A pair on one node relays as a single node does. A
   signal or message for another node's client is appended to that node's outbox; every
   ``--cluster-flush-ms`` one ``XADD`` per destination carries all of them, in order, to its inbox
-  stream (``relay:{inbox}:<node>``), which one task of the destination reads (``XREAD BLOCK``) and
+  stream (``{mm}:inbox:<node>``), which one task of the destination reads (``XREAD BLOCK``) and
   delivers: the recipient's node numbers signals as for its own. Streams, not pub/sub: what a
   blip delays is read afterwards, in order, never dropped.
-- **Decisions where they were made.** The node whose move paired or ended a session calls the
-  hooks (``relay_matched``, ``relay_session_ended``, ``relay_report``): once for the cluster. The
-  other node is sent the decision and tells its client.
+- **Decisions in Redis's order.** The script appends every call's decisions to ``{mm}:decisions``,
+  which every node reads with its inbox and applies for its own clients. The node whose move made a
+  decision calls the hooks (``relay_matched``, ``relay_session_ended``, ``relay_report``): once for
+  the cluster.
 - **Each node holds a lease** (``relay:node:<id>``, renewed every second, ``--cluster-node-timeout``):
-  a second process with a live node's id refuses to start.
+  a second process with a live node's id refuses to start; one survivor reaps a dead node.
+- **Resume anywhere.** A ``resume`` for a client another node holds asks that node, which hands it
+  over (mailbox, session or place); draining on SIGTERM, a node hands every client over this way.
 
 Checked at start, each a one-line error and exit code 2: the URL, Redis reachable, Redis >= 7.0,
 ``maxmemory-policy`` ``noeviction`` (an evicted queue key would corrupt the queue), the node id free.
@@ -183,7 +186,9 @@ class ClusterBackend:
         self, relay: Relay, url: str, node_id: str, flush_s: float, node_timeout: float, buffer_bytes: int
     ) -> None:
         import coredis
+        from coredis.tokens import PureToken
 
+        self.token = PureToken  # SET's NX / XX, XADD's MAXLEN ~
         self.relay = relay
         self.url = url
         self.node = node_id
@@ -211,7 +216,7 @@ class ClusterBackend:
         self._ticked = 0.0  # when the last tick was asked for
         self._wake = trio.lowlevel.ParkingLot()
         self._outbox: dict[str, list[bytes]] = {}  # node -> packed items, in order
-        self._early: dict[str, list[tuple[int, str, bytes]]] = {}  # session id -> items that came first
+        self._early: dict[str, list[tuple[int, str, str, bytes]]] = {}  # session id -> _deliver's arguments
         self._early_count = 0
         self._ended: dict[str, None] = {}  # recently ended session ids, oldest first
         self._moved: dict[str, str] = {}  # client id -> the node it resumed on (late messages go there)
@@ -386,7 +391,7 @@ class ClusterBackend:
                     "(an evicted key would corrupt it)"
                 )
         lease = round(self.node_timeout * 1000)
-        if not await r.set(NODE_KEY + self.node, b"1", px=lease, condition=_nx()):
+        if not await r.set(NODE_KEY + self.node, b"1", px=lease, condition=self.token.NX):
             raise PluginError(f"--node-id {self.node}: a live node has this id (wait {self.node_timeout:g} s)")
         await r.sadd(NODES_KEY, [self.node])
         await self._forget_clients_of(self.node)  # what a crashed process with this id left behind
@@ -411,7 +416,7 @@ class ClusterBackend:
         while True:
             await trio.sleep(LEASE_INTERVAL)
             try:
-                if not await self.redis.set(NODE_KEY + self.node, b"1", px=lease, condition=_xx()):
+                if not await self.redis.set(NODE_KEY + self.node, b"1", px=lease, condition=self.token.XX):
                     self._taken_for_dead()
                     await self.redis.set(NODE_KEY + self.node, b"1", px=lease)
                     await self.redis.sadd(NODES_KEY, [self.node])
@@ -441,7 +446,7 @@ class ClusterBackend:
     async def _reap(self, node: str) -> None:
         """A node is dead (no lease): if no other node does, forget its clients (their peers are told
         peer_left "disconnected", the hooks fire here), then the node itself."""
-        if not await self.redis.set(REAP_KEY + node, self.node.encode(), px=REAP_LOCK, condition=_nx()):
+        if not await self.redis.set(REAP_KEY + node, self.node.encode(), px=REAP_LOCK, condition=self.token.NX):
             return
         log.warning("cluster: node %s is dead (no lease for %g s): reaping its clients", node, self.node_timeout)
         await self._forget_clients_of(node)
@@ -506,9 +511,9 @@ class ClusterBackend:
             for cid in local:
                 self._unqueue(cid)
             relay.apply([d], decided_here=decided_here)
-            for text_or_signal in self._early.pop(s.id, ()):
+            for early in self._early.pop(s.id, ()):  # what came before this node heard of the session
                 self._early_count -= 1
-                self._deliver(*text_or_signal)
+                self._deliver(*early)
         else:
             self._remember_ended(s.id)
             relay.apply([d], decided_here=decided_here)
@@ -575,8 +580,8 @@ class ClusterBackend:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for node, items in boxes.items():
                     pipe.xadd(
-                        INBOX_KEY + node, {b"m": b"".join(items)}, trim_strategy=_maxlen(),
-                        threshold=INBOX_MAXLEN, trim_operator=_approximately(),
+                        INBOX_KEY + node, {b"m": b"".join(items)}, trim_strategy=self.token.MAXLEN,
+                        threshold=INBOX_MAXLEN, trim_operator=self.token.APPROXIMATELY,
                     )  # fmt: skip
         except Exception as exc:  # put back in front of what came meanwhile: order kept, nothing lost
             self._redis_failed("sending to other nodes", exc)
@@ -641,7 +646,7 @@ class ClusterBackend:
             client_id, session_id, payload = item[1:].split(b"\x1f", 2)
             kind = item[0]
             if kind <= TEXT:
-                self._deliver(kind, session_id.decode(), client_id + b"\x1f" + payload)
+                self._deliver(kind, client_id.decode(), session_id.decode(), payload)
             elif kind == REQUEST:
                 self._hand_over(client_id.decode(), orjson.loads(payload))
             elif kind == MOVED:
@@ -651,18 +656,18 @@ class ClusterBackend:
             else:
                 self._handed(client_id.decode(), kind, payload)
 
-    def _deliver(self, kind: int, session_id: str, item: bytes) -> None:
-        client_id, text = item.split(b"\x1f", 1)
-        c = self.relay._clients.get(client_id.decode())
+    def _deliver(self, kind: int, client_id: str, session_id: str, text: bytes) -> None:
+        """A signal (SIGNAL) or message (TEXT) from another node for ``client_id``, in ``session_id``."""
+        c = self.relay._clients.get(client_id)
         if c is None:
-            moved = self._moved.get(client_id.decode())
+            moved = self._moved.get(client_id)
             if moved is not None:  # it resumed on another node: on to there, in order
-                self._put(moved, kind, client_id.decode(), session_id, text)
+                self._put(moved, kind, client_id, session_id, text)
             return
         if c.session is None or c.session.id != session_id:
             if session_id in self._ended or self._early_count >= MAX_EARLY:
                 return  # its session is over (the sender had not heard yet)
-            self._early.setdefault(session_id, []).append((kind, session_id, item))
+            self._early.setdefault(session_id, []).append((kind, client_id, session_id, text))
             self._early_count += 1
             return
         if kind == SIGNAL:
@@ -816,30 +821,6 @@ class ClusterBackend:
             await self.redis.delete([NODE_KEY + self.node])
         except Exception as exc:
             log.warning("cluster: releasing the lease failed: %s", exc)
-
-
-def _nx() -> Any:
-    from coredis.tokens import PureToken
-
-    return PureToken.NX
-
-
-def _xx() -> Any:
-    from coredis.tokens import PureToken
-
-    return PureToken.XX
-
-
-def _maxlen() -> Any:
-    from coredis.tokens import PureToken
-
-    return PureToken.MAXLEN
-
-
-def _approximately() -> Any:
-    from coredis.tokens import PureToken
-
-    return PureToken.APPROXIMATELY
 
 
 def _why(exc: BaseException) -> str:

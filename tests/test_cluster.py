@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,10 +40,30 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, redis_server: RedisServer) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, redis_server, 3, "--interest-timeout", "2", "--rematch-cooldown", "30")
-    yield c
-    c.stop()
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(redis, nodes, *flags)``: relay nodes on that Redis, SIGKILLed after the test."""
+    made: list[Cluster] = []
+
+    def make(redis: RedisServer, nodes: int, *args: str) -> Cluster:
+        made.append(Cluster(tmp_path, redis, nodes, *args))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., Cluster], redis_server: RedisServer) -> Cluster:
+    return make_cluster(redis_server, 3, "--interest-timeout", "2", "--rematch-cooldown", "30")
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that keeps every write in its append-only file: a restart finds its data."""
+    server = RedisServer(tmp_path, aof=True).start()
+    yield server
+    server.kill()
 
 
 async def skip_positions(c: Client, kind: str, **fields: object) -> dict:
@@ -218,36 +238,29 @@ async def until_redis(redis: RedisServer, *command: str, equals: bytes) -> None:
 
 
 async def test_a_dead_node_is_reaped_and_nothing_of_its_clients_stays(
-    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    c = Cluster(tmp_path, redis_server, 2, "--cluster-node-timeout", "2")
-    try:
-        n0, n1 = c.harnesses(nursery)
-        with trio.fail_after(6 * STEP):
-            a, b = await n0.connect(), await n1.connect()
-            await a.send(type="join")
-            await a.expect("queued")
-            await b.send(type="join")
-            await a.expect("matched", peer_id=b.id)
-            waiting = await n1.connect()
-            await waiting.send(type="join")
-            await waiting.expect("queued", position=1)
-            c.nodes[1].kill()  # SIGKILL: nothing of it says goodbye
-            await skip_positions(a, "peer_left", reason="disconnected")  # once n0 reaped n1
-            x = await n0.connect()
-            await x.send(type="join")  # the dead node's waiting client is gone: nobody to meet
-            await skip_positions(x, "queued", position=1, queue_size=1)
-            await a.send(type="join")
-            await skip_positions(a, "matched", peer_id=x.id)
-            await a.ws.aclose()
-            await x.ws.aclose()
-            for key in ("{mm}:members", "{mm}:sessions"):
-                await until_redis(redis_server, "HLEN", key, equals=b":0\r\n")
-            for key in ("{mm}:queue", "{mm}:owners", "{mm}:index"):
-                await until_redis(redis_server, "ZCARD", key, equals=b":0\r\n")
-            await until_redis(redis_server, "SMEMBERS", "relay:nodes", equals=b"*1\r\n$2\r\nn0\r\n")
-    finally:
-        c.stop()
+    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(6 * STEP):
+        a, _, _ = await paired(n0, n1)
+        waiting = await n1.connect()
+        await waiting.send(type="join")
+        await waiting.expect("queued", position=1)
+        c.nodes[1].kill()  # SIGKILL: nothing of it says goodbye
+        await skip_positions(a, "peer_left", reason="disconnected")  # once n0 reaped n1
+        x = await n0.connect()
+        await x.send(type="join")  # the dead node's waiting client is gone: nobody to meet
+        await skip_positions(x, "queued", position=1, queue_size=1)
+        await a.send(type="join")
+        await skip_positions(a, "matched", peer_id=x.id)
+        await a.ws.aclose()
+        await x.ws.aclose()
+        for key in ("{mm}:members", "{mm}:sessions"):
+            await until_redis(redis_server, "HLEN", key, equals=b":0\r\n")
+        for key in ("{mm}:queue", "{mm}:owners", "{mm}:index"):
+            await until_redis(redis_server, "ZCARD", key, equals=b":0\r\n")
+        await until_redis(redis_server, "SMEMBERS", "relay:nodes", equals=b"*1\r\n$2\r\nn0\r\n")
 
 
 def test_a_node_restarted_with_its_id_forgets_what_it_left(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -374,52 +387,44 @@ async def test_a_deploy_keeps_sessions_sigterm_hands_clients_over(cluster: Clust
 
 
 async def test_redis_restarted_with_its_data_sessions_go_on_and_lose_nothing(
-    tmp_path: Path, nursery: trio.Nursery
+    make_cluster: Callable[..., Cluster], aof_redis: RedisServer, nursery: trio.Nursery
 ) -> None:
-    redis = RedisServer(tmp_path, aof=True).start()
-    c = Cluster(tmp_path, redis, 2)
-    try:
-        n0, n1 = c.harnesses(nursery)
-        with trio.fail_after(8 * STEP):
-            a, b, _ = await paired(n0, n1)
-            await b.send(type="signal", data={"i": 1})
-            await a.expect("signal", n=1)
-            redis.kill()  # SIGKILL; the append-only file has every write (appendfsync always)
-            for i in range(2, 12):  # sent while Redis is down: held in n1's outbox, in order
-                await b.send(type="signal", data={"i": i})
-            await trio.sleep(1)
-            redis.start()
-            for i in range(2, 12):
-                assert (await a.expect("signal", n=i))["data"] == {"i": i}
-            await a.send(type="next")  # the queue is there too
-            await b.expect("peer_left", reason="next")
-            x = await n1.connect()
-            await x.send(type="join")
-            await skip_positions(x, "matched", peer_id=a.id)
-    finally:
-        c.stop()
-        redis.kill()
+    c = make_cluster(aof_redis, 2)
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(8 * STEP):
+        a, b, _ = await paired(n0, n1)
+        await b.send(type="signal", data={"i": 1})
+        await a.expect("signal", n=1)
+        aof_redis.kill()  # SIGKILL; the append-only file has every write (appendfsync always)
+        for i in range(2, 12):  # sent while Redis is down: held in n1's outbox, in order
+            await b.send(type="signal", data={"i": i})
+        await trio.sleep(1)
+        aof_redis.start()
+        for i in range(2, 12):
+            assert (await a.expect("signal", n=i))["data"] == {"i": i}
+        await a.send(type="next")  # the queue is there too
+        await b.expect("peer_left", reason="next")
+        x = await n1.connect()
+        await x.send(type="join")
+        await skip_positions(x, "matched", peer_id=a.id)
 
 
 async def test_redis_restarted_empty_the_nodes_start_over(
-    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    c = Cluster(tmp_path, redis_server, 2)
-    try:
-        n0, n1 = c.harnesses(nursery)
-        with trio.fail_after(8 * STEP):
-            a, b, _ = await paired(n0, n1)
-            redis_server.kill()
-            redis_server.start()  # empty: the queue, the sessions and the nodes' leases are gone
-            # Each node finds its lease gone: it cannot tell which of its clients Redis still knows,
-            # so it closes them all (1012: reconnect) and goes on empty.
-            assert (await a.closed()).code == 1012
-            assert (await b.closed()).code == 1012
-            x, y, _ = await paired(n0, n1)  # and the cluster works again
-            await x.send(type="signal", data={"ok": 1})
-            assert (await y.expect("signal", n=1))["data"] == {"ok": 1}
-    finally:
-        c.stop()
+    c = make_cluster(redis_server, 2)
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(8 * STEP):
+        a, b, _ = await paired(n0, n1)
+        redis_server.kill()
+        redis_server.start()  # empty: the queue, the sessions and the nodes' leases are gone
+        # Each node finds its lease gone: it cannot tell which of its clients Redis still knows,
+        # so it closes them all (1012: reconnect) and goes on empty.
+        assert (await a.closed()).code == 1012
+        assert (await b.closed()).code == 1012
+        x, y, _ = await paired(n0, n1)  # and the cluster works again
+        await x.send(type="signal", data={"ok": 1})
+        assert (await y.expect("signal", n=1))["data"] == {"ok": 1}
 
 
 async def test_each_session_is_recorded_once(cluster: Cluster, nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -445,22 +450,19 @@ async def test_each_session_is_recorded_once(cluster: Cluster, nursery: trio.Nur
 
 
 async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
-    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    c = Cluster(tmp_path, redis_server, 2, "--cluster-node-timeout", "2")
-    try:
-        n0, n1 = c.harnesses(nursery)
-        with trio.fail_after(8 * STEP):
-            a, b, _ = await paired(n0, n1)
-            c.nodes[1].proc.send_signal(signal.SIGSTOP)  # paused (a VM migrating, a GC pause, a debugger)
-            await skip_positions(a, "peer_left", reason="disconnected")  # n0 reaped it
-            c.nodes[1].proc.send_signal(signal.SIGCONT)
-            assert (await b.closed()).code == 1012  # it woke up taken for dead: nobody is served twice
-            x = await n1.connect()  # and it serves again
-            await x.send(type="join")
-            await x.expect("queued", position=1)
-    finally:
-        c.stop()
+    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(8 * STEP):
+        a, b, _ = await paired(n0, n1)
+        c.nodes[1].proc.send_signal(signal.SIGSTOP)  # paused (a VM migrating, a GC pause, a debugger)
+        await skip_positions(a, "peer_left", reason="disconnected")  # n0 reaped it
+        c.nodes[1].proc.send_signal(signal.SIGCONT)
+        assert (await b.closed()).code == 1012  # it woke up taken for dead: nobody is served twice
+        x = await n1.connect()  # and it serves again
+        await x.send(type="join")
+        await x.expect("queued", position=1)
 
 
 async def health(node: RelayProcess) -> dict:
@@ -470,28 +472,23 @@ async def health(node: RelayProcess) -> dict:
 
 
 async def test_redis_down_the_node_is_degraded_and_a_full_buffer_ends_sessions_overflow(
-    tmp_path: Path, nursery: trio.Nursery
+    make_cluster: Callable[..., Cluster], aof_redis: RedisServer, nursery: trio.Nursery
 ) -> None:
-    redis = RedisServer(tmp_path, aof=True).start()
-    c = Cluster(tmp_path, redis, 2, "--cluster-buffer-bytes", "65536")
-    try:
-        n0, n1 = c.harnesses(nursery)
-        with trio.fail_after(8 * STEP):
-            assert (await health(c.nodes[0]))["cluster"] == "ok"
-            a, b, ma = await paired(n0, n1)
-            same, other, _ = await paired(n1, n1)  # a pair on one node: no Redis on its way
-            redis.kill()
-            while (await health(c.nodes[1]))["cluster"] != "degraded":  # after 2 s of failing calls
-                await trio.sleep(0.2)
-            await same.send(type="signal", data={"still": "here"})
-            assert (await other.expect("signal", n=1))["data"] == {"still": "here"}
-            for i in range(40):  # 40 x 2 KB for n0 while Redis is down: more than 64 KiB waits
-                await b.send(type="signal", data={"i": i, "sdp": "x" * 2000})
-            await b.expect("peer_left", session_id=ma["session_id"], reason="overflow")
-            redis.start()
-            await skip_positions(a, "peer_left", session_id=ma["session_id"], reason="overflow")
-            while (await health(c.nodes[1]))["cluster"] != "ok":
-                await trio.sleep(0.2)
-    finally:
-        c.stop()
-        redis.kill()
+    c = make_cluster(aof_redis, 2, "--cluster-buffer-bytes", "65536")
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(8 * STEP):
+        assert (await health(c.nodes[0]))["cluster"] == "ok"
+        a, b, ma = await paired(n0, n1)
+        same, other, _ = await paired(n1, n1)  # a pair on one node: no Redis on its way
+        aof_redis.kill()
+        while (await health(c.nodes[1]))["cluster"] != "degraded":  # after 2 s of failing calls
+            await trio.sleep(0.2)
+        await same.send(type="signal", data={"still": "here"})
+        assert (await other.expect("signal", n=1))["data"] == {"still": "here"}
+        for i in range(40):  # 40 x 2 KB for n0 while Redis is down: more than 64 KiB waits
+            await b.send(type="signal", data={"i": i, "sdp": "x" * 2000})
+        await b.expect("peer_left", session_id=ma["session_id"], reason="overflow")
+        aof_redis.start()
+        await skip_positions(a, "peer_left", session_id=ma["session_id"], reason="overflow")
+        while (await health(c.nodes[1]))["cluster"] != "ok":
+            await trio.sleep(0.2)
