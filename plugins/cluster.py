@@ -195,7 +195,8 @@ class ClusterBackend:
         self.flush_s = flush_s
         self.node_timeout = node_timeout
         self.buffer_bytes = buffer_bytes
-        self._outbox_bytes: dict[str, int] = {}  # node -> bytes waiting in its outbox
+        self._outbox_bytes: dict[str, int] = {}  # node -> bytes waiting for it (in its outbox or being sent)
+        self._dropped: set[str] = set()  # nodes whose waiting messages overflowed during the current flush
         self._failing_since: float | None = None  # since when Redis calls fail (None: they succeed)
         self._failure_logged = -FAILURE_LOG_INTERVAL  # when a failure was last logged
         self._degraded = False
@@ -552,7 +553,9 @@ class ClusterBackend:
     def _overflow(self, node: str) -> None:
         """More waits for ``node`` than --cluster-buffer-bytes (Redis is down, or that node does not
         read): rather than lose messages silently, the sessions with its clients end ("overflow")."""
-        del self._outbox[node], self._outbox_bytes[node]
+        self._outbox.pop(node, None)
+        del self._outbox_bytes[node]
+        self._dropped.add(node)  # and what a flush in flight has for it, if that flush fails
         self.statistics["cluster_overflows"] += 1
         relay = self.relay
         ended = 0
@@ -574,8 +577,10 @@ class ClusterBackend:
                 await self.flush()
 
     async def flush(self) -> None:
+        """One XADD per destination with what is for it. ``_outbox_bytes`` counts what is sent
+        meanwhile too, so the bound holds while Redis keeps failing."""
         boxes, self._outbox = self._outbox, {}
-        sizes, self._outbox_bytes = self._outbox_bytes, {}
+        self._dropped.clear()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for node, items in boxes.items():
@@ -586,11 +591,14 @@ class ClusterBackend:
         except Exception as exc:  # put back in front of what came meanwhile: order kept, nothing lost
             self._redis_failed("sending to other nodes", exc)
             for node, items in boxes.items():
-                self._outbox[node] = items + self._outbox.get(node, [])
-                self._outbox_bytes[node] = sizes.get(node, 0) + self._outbox_bytes.get(node, 0)
+                if node not in self._dropped:  # (its sessions ended meanwhile, overflowing)
+                    self._outbox[node] = items + self._outbox.get(node, [])
             await trio.sleep(RETRY_INTERVAL)
         else:
             self._redis_ok()
+            for node, items in boxes.items():
+                if node not in self._dropped:
+                    self._outbox_bytes[node] -= sum(map(len, items))
 
     async def _inbox_loop(self, inbox_last: bytes, decisions_last: bytes) -> None:
         """Read this node's inbox and the decisions (one XREAD BLOCK: both keys are in {mm}'s slot)."""
