@@ -63,7 +63,8 @@ class SessionEvent:
     ended_by: str = ""  # client id
     initiator_user: str | None = None  # user ids, under auth
     answerer_user: str | None = None
-    node: str = ""  # the relay that recorded it (starts)
+    node: str = ""  # the relay that recorded it (a start's node wins over an end's)
+    started_at: float = 0.0  # unix time (ends: in case the start is written after them)
 
 
 class SessionStore(Protocol):
@@ -144,8 +145,19 @@ class SessionRecorder:
         )  # fmt: skip
 
     @relay.hookimpl
-    def relay_session_ended(self, session: Session, reason: str, ended_by: str) -> None:
-        self._put(SessionEvent("end", session.id, time.time(), reason=reason, ended_by=ended_by))
+    def relay_session_ended(
+        self, session: Session, reason: str, ended_by: str, duration: float, users: dict[str, str | None]
+    ) -> None:
+        # The whole row: in a cluster another node records the start, and its write may come later.
+        now = time.time()
+        self._put(
+            SessionEvent(
+                "end", session.id, now, initiator=session.initiator, answerer=session.answerer,
+                interests=session.interests, reason=reason, ended_by=ended_by, started_at=now - duration,
+                initiator_user=users.get(session.initiator), answerer_user=users.get(session.answerer),
+                node=self.node,
+            )
+        )  # fmt: skip
 
     @relay.hookimpl
     def relay_shutdown(self) -> Any:

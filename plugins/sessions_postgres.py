@@ -79,7 +79,8 @@ class PostgresStore:
         def write(cur: Any) -> None:
             cur.executemany(
                 "INSERT INTO sessions (session_id, initiator, answerer, interests, started_at, initiator_user,"
-                " answerer_user, node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING",
+                " answerer_user, node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id)"
+                " DO UPDATE SET node = excluded.node, started_at = excluded.started_at",
                 [
                     (
                         e.session_id,
@@ -94,10 +95,19 @@ class PostgresStore:
                     for e in starts
                 ],
             )
-            cur.executemany(
-                "UPDATE sessions SET ended_at = %s, end_reason = %s, ended_by = %s WHERE session_id = %s",
-                [(e.at, e.reason, e.ended_by, e.session_id) for e in ends],
-            )
+            cur.executemany(  # the whole row, if its start is not written yet (a cluster's other node)
+                "INSERT INTO sessions (session_id, initiator, answerer, interests, started_at, initiator_user,"
+                " answerer_user, node, ended_at, end_reason, ended_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO UPDATE SET"
+                " ended_at = excluded.ended_at, end_reason = excluded.end_reason, ended_by = excluded.ended_by",
+                [
+                    (
+                        e.session_id, e.initiator, e.answerer, list(e.interests), e.started_at, e.initiator_user,
+                        e.answerer_user, e.node, e.at, e.reason, e.ended_by,
+                    )
+                    for e in ends
+                ],
+            )  # fmt: skip
 
         self._run(write)
 

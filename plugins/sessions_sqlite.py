@@ -82,9 +82,10 @@ class SQLiteStore:
         db = self._connect()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(
-                "INSERT OR IGNORE INTO sessions (session_id, initiator, answerer, interests, started_at,"
-                " initiator_user, answerer_user, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.executemany(  # an end written first (another node's) made the row: the start names its node
+                "INSERT INTO sessions (session_id, initiator, answerer, interests, started_at,"
+                " initiator_user, answerer_user, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE SET node = excluded.node, started_at = excluded.started_at",
                 [
                     (
                         e.session_id,
@@ -99,10 +100,19 @@ class SQLiteStore:
                     for e in starts
                 ],
             )
-            db.executemany(
-                "UPDATE sessions SET ended_at = ?, end_reason = ?, ended_by = ? WHERE session_id = ?",
-                [(e.at, e.reason, e.ended_by, e.session_id) for e in ends],
-            )
+            db.executemany(  # the whole row, if its start is not written yet (a cluster's other node)
+                "INSERT INTO sessions (session_id, initiator, answerer, interests, started_at, initiator_user,"
+                " answerer_user, node, ended_at, end_reason, ended_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE SET ended_at = excluded.ended_at,"
+                " end_reason = excluded.end_reason, ended_by = excluded.ended_by",
+                [
+                    (
+                        e.session_id, e.initiator, e.answerer, json.dumps(list(e.interests)), e.started_at,
+                        e.initiator_user, e.answerer_user, e.node, e.at, e.reason, e.ended_by,
+                    )
+                    for e in ends
+                ],
+            )  # fmt: skip
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -315,6 +315,22 @@ def test_schema_migration_is_idempotent(tmp_path, postgres_url):
         store.close()
 
 
+def test_an_end_written_before_its_start_is_kept(tmp_path, postgres_url):
+    """In a cluster the node that ends a session may write before the node that made it: one row,
+    with the end, the start's time and the start's node, whichever comes first."""
+    for store in (SQLiteStore(str(tmp_path / "o.db")), PostgresStore(postgres_url)):
+        store.migrate()
+        sid = f"o-{type(store).__name__}"
+        end = SessionEvent("end", sid, 20.0, "a", "b", ("x",), "next", "a", node="n0", started_at=9.5)
+        store.write([end])
+        store.write([SessionEvent("start", sid, 10.0, "a", "b", ("x",), node="n1")])
+        [row] = [r for r in store.recent(10_000) if r["session_id"] == sid]
+        assert (row["started_at"], row["ended_at"], row["end_reason"], row["ended_by"], row["node"]) == (
+            10.0, 20.0, "next", "a", "n1",
+        )  # fmt: skip
+        store.close()
+
+
 def test_sqlite_file_is_in_wal_mode(tmp_path: Path):
     import sqlite3
 
