@@ -75,8 +75,9 @@ class SessionStore(Protocol):
         """Connect if needed, and create or upgrade the schema. Idempotent."""
 
     def write(self, events: list[SessionEvent]) -> None:
-        """Apply the events in one transaction: a "start" inserts a row, an "end" completes it
-        (``split`` orders them)."""
+        """Apply the events in one transaction: a "start" inserts a row, an "end" completes it, or
+        writes the whole row if its start is not there (dropped, or a cluster's other node has not
+        written it yet; the start then fills in its time and node). ``split`` orders them."""
 
     def end_crashed(self, node: str, at: float) -> int:
         """End the rows ``node`` left ongoing (reason ``crashed``, at ``at``); how many there were."""

@@ -242,11 +242,10 @@ class GatedStore:
         self.writing.set()
         self.gate.wait()
         self.writing.clear()
-        for e in events:
-            if e.kind == "start":
-                self.rows[e.session_id] = {"reason": None}
-            else:
-                self.rows[e.session_id]["reason"] = e.reason
+        for e in events:  # as the real stores: an end whose start was dropped (or comes later) makes the row
+            row = self.rows.setdefault(e.session_id, {"reason": None})
+            if e.kind == "end":
+                row["reason"] = e.reason
 
     def close(self) -> None:
         self.gate.set()
