@@ -141,9 +141,7 @@ def turnserver(tmp_path) -> Iterator[Callable[[str], int]]:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(secret: str) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_udp_and_tcp_port()
         log = (tmp_path / f"turnserver-{port}.log").open("wb")
         process = subprocess.Popen(
             ["turnserver", "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
@@ -168,6 +166,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_udp_and_tcp_port() -> int:
+    """A port free on 127.0.0.1 for both UDP and TCP (coturn listens on both with one number)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class RelayProcess:

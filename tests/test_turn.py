@@ -24,7 +24,7 @@ import relay_plugins.turn
 from relay_plugins.turn import MAX_TTL, TurnCredentials, credentials, urls_for_host
 
 import relay as relay_mod
-from tests.conftest import Harness, http_get, start_relay, stun_binding_answered
+from tests.conftest import Harness, free_udp_and_tcp_port, http_get, start_relay, stun_binding_answered
 
 SECRET = "north-shared-secret-123"
 
@@ -192,10 +192,9 @@ def production_coturn(tmp_path) -> Iterator[tuple[int, str]]:
     """coturn with deploy/turnserver.conf, moved onto 127.0.0.1 and free ports, with a throwaway
     certificate; everything else (auth, denied peers, quotas) as in production."""
     secret = "secret-for-the-production-config-test"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        port, tls_port = a.getsockname()[1], b.getsockname()[1]
+    port = tls_port = free_udp_and_tcp_port()  # coturn takes each for UDP and TCP (TLS and DTLS)
+    while tls_port == port:
+        tls_port = free_udp_and_tcp_port()
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
          "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
