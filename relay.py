@@ -3232,12 +3232,13 @@ class Relay:
         """A session ended: its peers are free, the one left behind is told (and, draining, closed)."""
         s = d.session
         users = self._users(s)
+        notify = self._clients.get(d.notify)
+        told = notify is not None and notify.session is not None and notify.session.id == s.id
         for cid in (s.initiator, s.answerer):
             c = self._clients.get(cid) or self.remote_peers.get(cid)
             if c is not None and c.session is not None and c.session.id == s.id:
                 c.peer = c.session = None
-        notify = self._clients.get(d.notify)
-        if notify is not None:
+        if told:  # (not twice: a cluster node that ended it alone while Redis was away told it then)
             # The reported side is not told it was reported: for it, the peer left.
             self._send(notify, _msg_peer_left(s.id, "left" if d.reason == "reported" else d.reason))
             if self.draining:

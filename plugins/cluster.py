@@ -24,9 +24,13 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   a second process with a live node's id refuses to start; one survivor reaps a dead node.
 - **Resume anywhere.** A ``resume`` for a client another node holds asks that node, which hands it
   over (mailbox, session or place); draining on SIGTERM, a node hands every client over this way.
+- **Alone while Redis is away.** After DEGRADED_AFTER seconds of failing calls (or from the start,
+  when Redis is unreachable then), a ``Matchmaker`` pairs the node's own clients. When Redis answers
+  again, or turns out to have lost its data (its epoch, ``{mm}:epoch``, is gone), the node restores
+  its clients into it (``_restore``): sessions, places and waits as the node has them.
 
-Checked at start, each a one-line error and exit code 2: the URL, Redis reachable, Redis >= 7.0,
-``maxmemory-policy`` ``noeviction`` (an evicted queue key would corrupt the queue), the node id free.
+Checked at start, each a one-line error and exit code 2: the URL, Redis >= 7.0, ``maxmemory-policy``
+``noeviction`` (an evicted queue key would corrupt the queue), the node id free (once Redis answers).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import collections
 import logging
 import os
+import random
 import secrets
 import struct
 import urllib.parse
@@ -56,6 +61,7 @@ from relay import (
     Decision,
     Ended,
     IllegalMove,
+    Matchmaker,
     Paired,
     PluginError,
     ProtocolError,
@@ -72,7 +78,7 @@ KEYS: Final = tuple(
     "{mm}:" + name
     for name in (
         "members", "queue", "index", "deadlines", "sessions", "blocks", "blocklists", "blockers", "users", "counters",
-        "decisions", "owners",
+        "decisions", "owners", "epoch",
     )
 )  # fmt: skip
 NODE_KEY: Final = "relay:node:"  # + node id: the node's lease
@@ -98,8 +104,10 @@ TICK_SAFETY: Final = 1.0  # seconds between ticks at most, when no interest time
 FAILURE_LOG_INTERVAL: Final = 10.0  # seconds between log lines about Redis failing, while it does
 DEGRADED_AFTER: Final = 2.0  # seconds of failing Redis calls before a node says it is degraded
 RETRY_INTERVAL: Final = 0.5  # seconds between attempts while Redis does not answer
+RESTORE_BATCH: Final = 100  # clients per script call when a node restores its clients into Redis
 MIN_REDIS: Final = (7, 0)
 _LENGTH: Final = struct.Struct("!I")
+_REASONS: Final = {"next": "next", "report": "reported"}  # a move's reason for ending a session
 
 
 def _mb(text: str | bytes) -> bytes:
@@ -109,6 +117,10 @@ def _mb(text: str | bytes) -> bytes:
 ########################################################################################################
 # The queue script: Matchmaker's moves in Redis
 ########################################################################################################
+
+
+class EpochChanged(Exception):
+    """Redis's epoch is not the one this node knows (or is gone): Redis lost its data."""
 
 
 class QueueScript:
@@ -136,11 +148,14 @@ class QueueScript:
         self.offset = 0.0  # node clock - Redis clock, in seconds
         self.next_deadline = -1.0  # the earliest interest timeout the last call saw (Redis ms; -1: none)
         self.entry: tuple[bytes, bytes] | None = None  # the last call's (previous, own) decisions entry
+        self.epoch = ""  # Redis's epoch as this node knows it ("": not checked)
 
     async def move(
         self, move: str, client_id: str = "", *args: str, node: str = "", now: float | None = None
     ) -> list[tuple[Decision, dict[str, tuple[str, str]]]]:
         answer = await self.call(move, client_id, *args, node=node, now=now)
+        if "epoch" in answer:
+            raise EpochChanged(answer["epoch"])
         self.next_deadline = answer.get("next", self.next_deadline)
         self.entry = (answer["prev"].encode(), answer["id"].encode()) if "id" in answer else None
         if "illegal" in answer:
@@ -153,7 +168,7 @@ class QueueScript:
         """One call of the script: its answer, as JSON."""
         argv = [
             "" if now is None else str(round(now * 1000)), *self.settings, secrets.token_hex(8), node,
-            str(DECISIONS_KEEP), move, client_id,
+            str(DECISIONS_KEEP), self.epoch, move, client_id,
         ]  # fmt: skip
         return orjson.loads(await self.script(keys=KEYS, args=[*argv, *args]))
 
@@ -165,7 +180,7 @@ class QueueScript:
         )  # fmt: skip
 
     def decision(self, d: list[Any]) -> tuple[Decision, dict[str, tuple[str, str]]]:
-        """One decision as the script (or another node) gave it, in JSON."""
+        """One decision as the script (or another node) gave it, in JSON (not a restore's mark, "r")."""
         if d[0] == "q":
             return Queued(d[1], d[2], d[3]), {d[1]: (d[4], "")}
         s = self.session(d[1])
@@ -204,13 +219,14 @@ class ClusterBackend:
         self.reader = coredis.Redis.from_url(url)  # XREAD BLOCK gets its own pool
         s = relay.settings
         self.script = QueueScript(self.redis, interest_timeout=s.interest_timeout, rematch_cooldown=s.rematch_cooldown)
-        self.queue_changed = False
+        self._queue_changed = False
         #: Draining, the relay closes every client at once and keeps it away: it resumes on another
         #: node (this one hands it over), its session going on.
         self.hands_over = True
         self._queue_size = 0  # the cluster's, as the last move or position refresh saw it
         self._waiting: dict[str, int] = {}  # this node's waiting clients -> position
-        self._interested: set[str] = set()  # of those, the ones with interests
+        self._interests: dict[str, list[str]] = {}  # this node's clients -> the interests of their last join
+        self._since: dict[str, float] = {}  # this node's waiting clients -> when they began to wait
         self._moves: collections.deque[tuple[str, str, tuple[str, ...]]] = collections.deque()
         self._joins = 0  # joins and nexts among the moves
         self._tick_pending = False
@@ -227,12 +243,33 @@ class ClusterBackend:
         self._applied_early: set[bytes] = set()  # entries applied from a call's answer, not yet read
         self._handed_over_at = -LINGER
         self.statistics: collections.Counter[str] = relay.counters
+        # Alone (degraded): a Matchmaker pairs this node's clients; a restore then tells Redis.
+        self._island: Matchmaker | None = None
+        self._foreign: dict[str, Session] = {}  # alone: client -> its session from before (Matchmaker's are its own)
+        self._fresh: set[str] = set()  # sessions made alone, not yet restored
+        self._alone_ended: list[list[str]] = []  # [session id, reason, by]: ended alone (told and recorded)
+        self._alone_blocks: collections.deque[list[str]] = collections.deque(maxlen=MAX_PENDING_MOVES)  # reports
+        self._restore_needed = False
+        self._lost = False  # Redis lost its data: the restore takes the new epoch
+        self._reading = 0  # bumped by each restore: decisions read before it are stale
+        self._healthy_since = 0.0  # since when Redis answers (a node reaps others only after node_timeout)
 
     # -- Backend: queries (this node's clients) ----------------------------------------------------
 
     @property
     def queue_size(self) -> int:
-        return self._queue_size
+        return self._queue_size if self._island is None else self._island.queue_size
+
+    @property
+    def queue_changed(self) -> bool:
+        island = self._island
+        return self._queue_changed or (island is not None and island.queue_changed)
+
+    @queue_changed.setter
+    def queue_changed(self, value: bool) -> None:
+        self._queue_changed = value
+        if self._island is not None:
+            self._island.queue_changed = value
 
     @property
     def session_count(self) -> int:
@@ -241,17 +278,21 @@ class ClusterBackend:
 
     @property
     def health(self) -> str:
-        """``/healthz``'s "cluster": "ok", or "degraded" once Redis has failed for DEGRADED_AFTER seconds."""
-        failing = self._failing_since
-        return "degraded" if failing is not None and trio.current_time() - failing >= DEGRADED_AFTER else "ok"
+        """``/healthz``'s "cluster": "ok", or "degraded" once Redis has failed for DEGRADED_AFTER
+        seconds (the node pairs its clients alone)."""
+        return "degraded" if self._degraded else "ok"
 
     def _redis_ok(self) -> None:
         if self._failing_since is not None:
             self._failing_since = None
+            self._healthy_since = trio.current_time()
             self._failure_logged = -FAILURE_LOG_INTERVAL
             if self._degraded:
                 self._degraded = False
                 log.warning("cluster: Redis answers again")
+        if self._island is not None and not self._restore_needed:
+            self._restore_needed = True  # the move task restores this node's clients into Redis
+            self._wake.unpark()
 
     def _redis_failed(self, what: str, exc: BaseException) -> None:
         now = trio.current_time()
@@ -260,7 +301,8 @@ class ClusterBackend:
         if not self._degraded and now - self._failing_since >= DEGRADED_AFTER:
             self._degraded = True
             self.statistics["cluster_degraded"] += 1
-            log.error("cluster: Redis has failed for %g s: degraded (same-node pairs go on)", DEGRADED_AFTER)
+            if self._island is None:
+                self._go_alone()
         if now - self._failure_logged >= FAILURE_LOG_INTERVAL:  # every task retries: say so now and then
             self._failure_logged = now
             log.warning("cluster: %s failed (%s); retrying (the same failures are not logged again for %g s)",
@@ -268,58 +310,84 @@ class ClusterBackend:
 
     @property
     def queued_with_interests(self) -> int:
-        return sum(1 for cid in self._waiting if cid in self._interested)
+        if self._island is not None:
+            return self._island.queued_with_interests
+        return sum(1 for cid in self._waiting if self._interests.get(cid))
 
     def state(self, client_id: str) -> str:
         c = self.relay._clients.get(client_id)
         if c is not None and c.session is not None:
             return "matched"
+        island = self._island
+        if island is not None:
+            return island.state(client_id) if client_id in island else "idle"
         return "queued" if client_id in self._waiting else "idle"
 
     def position_of(self, client_id: str) -> int:
-        return self._waiting[client_id]
+        return self._waiting[client_id] if self._island is None else self._island.position_of(client_id)
 
     def positions(self) -> Iterator[tuple[str, int]]:
-        return iter(list(self._waiting.items()))
+        return iter(list(self._waiting.items() if self._island is None else self._island.positions()))
 
     # -- Backend: moves (decided by the script, in order, by _move_loop) ---------------------------
 
     def connect(self, client_id: str, identity: str | None = None) -> None:
+        if self._island is not None:
+            self._island.connect(client_id, identity)  # (Redis hears of it at the restore)
+            return
         self._enqueue("connect", client_id, identity or client_id, self.node)
 
     def join(self, client_id: str, interests: Iterable[str] = ()) -> list[Decision]:
-        self._enqueue_join("join", client_id, orjson.dumps(sorted(interests)).decode())
-        self._note_interests(client_id, bool(interests))
+        wanted = self._interests[client_id] = sorted(interests)
+        if self._island is not None:
+            return self._alone("join", client_id)
+        self._enqueue_join("join", client_id, orjson.dumps(wanted).decode())
         return []
 
     def next(self, client_id: str) -> list[Decision]:
+        if self._island is not None:
+            return self._alone("next", client_id)
         self._enqueue_join("next", client_id)
         return []
 
     def leave(self, client_id: str, reason: str = "left") -> list[Decision]:
+        if self._island is not None:
+            return self._alone("leave", client_id, reason)
         self._unqueue(client_id)
         self._enqueue("leave", client_id, reason)
         return []
 
     def disconnect(self, client_id: str, reason: str = "disconnected") -> list[Decision]:
+        self._interests.pop(client_id, None)
+        if self._island is not None:
+            return self._alone("disconnect", client_id, reason)
         self._unqueue(client_id)
         self._enqueue("disconnect", client_id, reason)
         return []
 
     def report(self, client_id: str) -> list[Decision]:
+        if self._island is not None:
+            return self._alone("report", client_id)
         self._enqueue("report", client_id)
         return []
 
     def hold(self, client_id: str) -> None:
+        if self._island is not None:
+            self._alone("hold", client_id)
+            return
         self._enqueue("hold", client_id)
 
     def release(self, client_id: str) -> list[Decision]:
+        if self._island is not None:
+            return self._alone("release", client_id)
         self._enqueue("release", client_id)
         return []
 
     def tick(self) -> list[Decision]:
         """A tick when an interest timeout this node heard of is due, else once every TICK_SAFETY
         seconds (for those only other nodes heard of): an idle node costs Redis a call a second."""
+        if self._island is not None:
+            return self._made(self._island.tick())
         now = trio.current_time()
         deadline = self.script.next_deadline
         due = deadline >= 0 and (now - self.script.offset) * 1000 >= deadline
@@ -339,41 +407,227 @@ class ClusterBackend:
         self._joins += 1
         self._enqueue(move, client_id, *args)
 
-    def _note_interests(self, client_id: str, interested: bool) -> None:
-        if interested:
-            self._interested.add(client_id)
-        else:
-            self._interested.discard(client_id)
-
     def _unqueue(self, client_id: str) -> None:
         if self._waiting.pop(client_id, None) is not None:
-            self.queue_changed = True
-        self._interested.discard(client_id)
+            self._queue_changed = True
+        self._since.pop(client_id, None)
+
+    # -- alone: while Redis is away, and the restore after ------------------------------------------
+
+    def _go_alone(self) -> None:
+        """Redis has failed for DEGRADED_AFTER seconds: this node decides alone from now on. A
+        ``Matchmaker`` pairs its own clients (those waiting first, held ones kept out, then the moves
+        that waited for Redis); a session from before ends here when one of its sides here ends it,
+        told and recorded now. When Redis answers again, ``_restore`` tells it all."""
+        relay, s = self.relay, self.relay.settings
+        island = self._island = Matchmaker(
+            clock=trio.current_time, rng=random.Random(), interest_timeout=s.interest_timeout,
+            rematch_cooldown=s.rematch_cooldown,
+        )  # fmt: skip
+        self._foreign = {}
+        for c in relay._clients.values():
+            island.connect(c.id, c.user_id)
+            if c.session is not None and c.peer is not None:
+                self._foreign[c.id] = c.session
+        for peer in relay.remote_peers.values():  # (also those whose side here left, Redis not told yet)
+            if peer.session is not None:
+                self._foreign[peer.id] = peer.session
+        decisions: list[Decision] = []
+        waiting, away = self._waiting, relay._away
+        for cid in sorted(waiting, key=lambda cid: (cid not in away, waiting[cid])):  # held ones first: kept out
+            if cid in island:
+                decisions += island.join(cid, self._interests.get(cid, ()))
+                if cid in away:
+                    island.hold(cid)
+        self._waiting, self._since = {}, {}
+        moves = list(self._moves)
+        self._moves.clear()
+        self._joins, self._tick_pending = 0, False
+        for move, cid, args in moves:
+            if move not in ("connect", "move", "tick"):  # (connected above, if still here)
+                try:
+                    decisions += self._alone(move, cid, *args[:1] if move in ("leave", "disconnect") else ())
+                except IllegalMove as exc:
+                    self._illegal(cid, exc)
+        log.error("cluster: Redis has failed for %g s: degraded, pairing this node's clients alone", DEGRADED_AFTER)
+        relay.apply(self._made(decisions))
+
+    def _alone(self, move: str, client_id: str, reason: str = "") -> list[Decision]:
+        """One move while alone: Matchmaker's decision, or the end of a session from before."""
+        island = self._island
+        assert island is not None
+        session = self._foreign.get(client_id) or next(
+            (s for s in self._foreign.values() if client_id in (s.initiator, s.answerer)), None
+        )  # (the second: a side already gone here, or one that left at once)
+        if client_id not in island:  # gone: only its session from before may be left
+            return [self._end_alone(session, reason, client_id)] if session and move == "disconnect" else []
+        if move == "hold":
+            island.hold(client_id)
+            return []
+        if move == "release":
+            return self._made(island.release(client_id))
+        if move == "join":
+            if session is not None:
+                raise IllegalMove("already_matched", "already in a session: send next or leave first")
+            return self._made(island.join(client_id, self._interests.get(client_id, ())))
+        if move == "report":
+            reported = session or island.session_of(client_id)
+            if reported is None:
+                raise IllegalMove("not_matched", "no session to report")
+            self._alone_blocks.append([self._identity(client_id), self._identity(reported.peer_of(client_id))])
+            if session is None:
+                return self._made(island.report(client_id))
+        out = [] if session is None else [self._end_alone(session, _REASONS.get(move, reason), client_id)]
+        if move == "next":
+            if session is None and island.session_of(client_id) is not None:
+                out += island.leave(client_id, "next")
+            out += island.join(client_id, self._interests.get(client_id, ()))
+        elif move == "leave":
+            out += island.leave(client_id, reason)
+        elif move == "disconnect":
+            out += island.disconnect(client_id, reason)
+        return self._made(out)
+
+    def _end_alone(self, session: Session, reason: str, by: str) -> Ended:
+        for cid in (session.initiator, session.answerer):
+            self._foreign.pop(cid, None)
+        self._alone_ended.append([session.id, reason, by])
+        return Ended(session, reason, by)
+
+    def _made(self, decisions: list[Decision]) -> list[Decision]:
+        """Matchmaker's decisions while alone: note the sessions it made (the restore creates them)."""
+        for d in decisions:
+            if type(d) is Paired:
+                self._fresh.add(d.session.id)
+            elif type(d) is Ended:
+                self._fresh.discard(d.session.id)
+        return decisions
+
+    def _identity(self, client_id: str) -> str:
+        c = self.relay._clients.get(client_id) or self.relay.remote_peers.get(client_id)
+        return c.user_id or client_id if c is not None else client_id
+
+    def _snapshot(self, round_: str) -> list[dict[str, Any]]:
+        """This node's clients as the restore tells Redis: interests, session and peer, or place and wait."""
+        relay, island, now = self.relay, self._island, trio.current_time()
+        if island is not None:
+            waits = {cid: (since, held) for cid, _, since, _, held in island.waiting()}
+        else:
+            waits = {cid: (self._since.get(cid, now), cid in relay._away) for cid in self._waiting}
+        out = []
+        for c in relay._clients.values():
+            item: dict[str, Any] = {"id": c.id, "ident": c.user_id or c.id, "ints": self._interests.get(c.id, []),
+                                    "r": round_}  # fmt: skip
+            s, peer = c.session, c.peer
+            if s is not None and peer is not None:
+                node = peer.node if peer.__class__ is RemotePeer else self.node
+                item.update(s=self._session_json(s), p=[peer.id, peer.user_id or peer.id, node])
+                item["fresh"] = s.id in self._fresh
+            elif c.id in waits:
+                since, held = waits[c.id]
+                item["q"] = {"waited": round((now - since) * 1000), "held": held}
+            out.append(item)
+        out.sort(key=lambda item: -item["q"]["waited"] if "q" in item else 0)  # the longest wait queues first
+        return out
+
+    async def _restore(self) -> None:
+        """Redis is back after this node was alone, or lost its data (a new epoch): tell it this
+        node's clients as they are here (Redis's view of them gives way), then read the decisions on
+        from there: those made before concern a state that no longer is."""
+        r = self.redis
+        if self._lost:
+            await r.set(KEYS[12], secrets.token_hex(8).encode(), condition=self.token.NX)
+            self.script.epoch = (await r.get(KEYS[12]) or b"").decode()
+            await r.set(NODE_KEY + self.node, b"1", px=round(self.node_timeout * 1000))
+            await r.sadd(NODES_KEY, [self.node])
+        round_ = secrets.token_hex(6)
+        clients = self._snapshot(round_)
+        island = self._island
+        if island is not None:  # from now on, moves wait for Redis again (they run after the restore)
+            self._waiting, self._island = dict(island.positions()), None
+            self._since = {cid: since for cid, _, since, _, _ in island.waiting()}
+        first = None
+        for at in range(0, len(clients) or 1, RESTORE_BATCH):
+            head = at == 0
+            batch = {
+                "first": head, "lost": self._lost, "ended": self._alone_ended if head else [],
+                "blocks": list(self._alone_blocks) if head else [], "c": clients[at : at + RESTORE_BATCH],
+            }  # fmt: skip
+            answer = await self.script.call("restore", "", orjson.dumps(batch).decode(), node=self.node)
+            if "epoch" in answer:
+                raise EpochChanged(answer["epoch"])
+            first = first or answer["prev"]
+            for sid, reason, by in answer["gone"]:
+                self._gone(sid, reason, by)
+        seen = ""
+        while True:
+            answer = await self.script.call("restored", "", round_, seen, node=self.node)
+            if "epoch" in answer:
+                raise EpochChanged(answer["epoch"])
+            if not (seen := answer["seen"]):
+                break
+        assert first is not None
+        self._decisions_read, self._reading = first.encode(), self._reading + 1
+        self._applied_early.clear()
+        self._alone_ended, self._fresh, self._foreign = [], set(), {}
+        self._alone_blocks.clear()
+        self._lost = self._restore_needed = False
+        self.statistics["cluster_restores"] += 1
+        log.warning("cluster: node %s restored its %d clients into Redis", self.node, len(clients))
+
+    def _gone(self, session_id: str, reason: str, by: str) -> None:
+        """A session of this node's that Redis no longer has: it ended elsewhere while this node was
+        alone (told and recorded there). Its side here learns it now."""
+        relay = self.relay
+        for c in list(relay._clients.values()):
+            if c.session is not None and c.session.id == session_id:
+                peer_id = c.session.peer_of(c.id)
+                relay.apply([Ended(c.session, reason, by if by != c.id else peer_id)], decided_here=False)
+                relay.remote_peers.pop(peer_id, None)
 
     # -- the node's tasks ---------------------------------------------------------------------------
 
     async def run(self, relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect and check Redis, take the node's lease, then run the node's tasks until cancelled."""
         started = False
-        try:
-            async with self.redis, self.reader:
+        self._healthy_since = trio.current_time()
+        async with self.redis, self.reader:
+            try:
                 await self._check()
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._lease_loop)
-                    nursery.start_soon(self._move_loop)
-                    nursery.start_soon(self._flush_loop)
-                    nursery.start_soon(self._inbox_loop, *await self._inbox_start())
-                    nursery.start_soon(self._position_loop)
-                    log.info("cluster: node %s on %s", self.node, _redacted(self.url))
-                    started = True
-                    task_status.started()
-        except PluginError:
-            raise
-        except Exception as exc:
-            if started:
+            except PluginError:
                 raise
-            raise PluginError(f"--redis-url {_redacted(self.url)}: cannot use Redis: {_why(exc)}") from exc
+            except Exception as exc:  # Redis unreachable (or failing): serve alone meanwhile
+                log.error("cluster: cannot use Redis at %s (%s): degraded, pairing this node's clients alone "
+                          "until it answers", _redacted(self.url), _why(exc))  # fmt: skip
+                self._failing_since = trio.current_time() - DEGRADED_AFTER
+                self._degraded = True
+                self.statistics["cluster_degraded"] += 1
+                self._go_alone()
+                started = True
+                task_status.started()
+                await self._check_until_it_answers()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._lease_loop)
+                nursery.start_soon(self._move_loop)
+                nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._inbox_loop, *await self._inbox_start())
+                nursery.start_soon(self._position_loop)
+                log.info("cluster: node %s on %s", self.node, _redacted(self.url))
+                self._redis_ok()
+                if not started:
+                    task_status.started()
+
+    async def _check_until_it_answers(self) -> None:
+        while True:
+            await trio.sleep(RETRY_INTERVAL)
+            try:
+                await self._check()
+                return
+            except PluginError:
+                raise
+            except Exception as exc:
+                self._redis_failed("connecting", exc)
 
     async def _check(self) -> None:
         r = self.redis
@@ -395,6 +649,8 @@ class ClusterBackend:
         if not await r.set(NODE_KEY + self.node, b"1", px=lease, condition=self.token.NX):
             raise PluginError(f"--node-id {self.node}: a live node has this id (wait {self.node_timeout:g} s)")
         await r.sadd(NODES_KEY, [self.node])
+        await r.set(KEYS[12], secrets.token_hex(8).encode(), condition=self.token.NX)  # the first node makes it
+        self.script.epoch = (await r.get(KEYS[12]) or b"").decode()
         await self._forget_clients_of(self.node)  # what a crashed process with this id left behind
         await self._sync_clock()
 
@@ -418,9 +674,12 @@ class ClusterBackend:
             await trio.sleep(LEASE_INTERVAL)
             try:
                 if not await self.redis.set(NODE_KEY + self.node, b"1", px=lease, condition=self.token.XX):
-                    self._taken_for_dead()
+                    await self._lease_lost()
                     await self.redis.set(NODE_KEY + self.node, b"1", px=lease)
                     await self.redis.sadd(NODES_KEY, [self.node])
+                self._redis_ok()
+                if trio.current_time() - self._healthy_since < self.node_timeout:
+                    continue  # Redis was away: the other nodes may not have renewed their leases yet
                 nodes = [n.decode() for n in await self.redis.smembers(NODES_KEY)]
                 async with self.redis.pipeline(transaction=False) as pipe:
                     alive = [pipe.exists([NODE_KEY + n]) for n in nodes]
@@ -433,6 +692,19 @@ class ClusterBackend:
     async def _forget_clients_of(self, node: str) -> None:
         while (await self.script.call("reap", "", node, node=self.node)).get("left"):
             pass
+
+    async def _lease_lost(self) -> None:
+        """This node's lease ran out. Redis lost its data (no epoch, or another): restore this node's
+        clients. Else, if no node reaped or reaps it, Redis was away longer than the lease: renew
+        it. Else it was taken for dead."""
+        r = self.redis
+        epoch = await r.get(KEYS[12])
+        if epoch is None or epoch.decode() != self.script.epoch:
+            log.error("cluster: Redis lost its data: restoring this node's clients")
+            self._lost = self._restore_needed = True
+            self._wake.unpark()
+        elif not await r.sismember(NODES_KEY, self.node) or await r.exists([REAP_KEY + self.node]):
+            self._taken_for_dead()
 
     def _taken_for_dead(self) -> None:
         """This node's lease ran out (it was paused, or cut off from Redis) and another node may have
@@ -453,6 +725,7 @@ class ClusterBackend:
         await self._forget_clients_of(node)
         await self.redis.srem(NODES_KEY, [node])
         await self.redis.delete([INBOX_KEY + node, REAP_KEY + node])
+        await self.redis.hdel(KEYS[9], ["restored:" + node])
         self.statistics["cluster_nodes_reaped"] += 1
         log.warning("cluster: node %s reaped", node)
 
@@ -460,11 +733,25 @@ class ClusterBackend:
         """Run the moves in order, one script call each; hand their decisions out."""
         moves = self._moves
         while True:
-            while not moves:
+            if self._restore_needed:
+                try:
+                    await self._restore()
+                except EpochChanged:
+                    self._lost = True
+                except Exception as exc:
+                    self._redis_failed("restoring", exc)
+                    await trio.sleep(RETRY_INTERVAL)
+                continue
+            if not moves:
                 await self._wake.park()
-            move, client_id, args = moves[0]
+                continue
+            head = moves[0]
+            move, client_id, args = head
             try:
                 routed = await self.script.move(move, client_id, *args, node=self.node)
+            except EpochChanged:  # Redis lost its data: the move waits for the restore
+                self._lost = self._restore_needed = True
+                continue
             except IllegalMove as exc:
                 routed = []
                 self._illegal(client_id, exc)
@@ -474,6 +761,8 @@ class ClusterBackend:
                 self._redis_failed(move, exc)
                 await trio.sleep(RETRY_INTERVAL)
                 continue
+            if not moves or moves[0] is not head:
+                continue  # the node went alone meanwhile and decided this move itself: the restore will tell Redis
             self._redis_ok()
             entry = self.script.entry
             if routed and entry is not None and entry[0] == self._decisions_read:
@@ -498,6 +787,8 @@ class ClusterBackend:
         relay = self.relay
         if type(d) is Queued:
             if d.client_id in relay._clients:
+                if d.client_id not in self._waiting:
+                    self._since[d.client_id] = trio.current_time()
                 self._waiting[d.client_id] = d.position
                 self._queue_size = d.queue_size
             relay.apply([d], decided_here=decided_here)
@@ -605,6 +896,7 @@ class ClusterBackend:
         inbox, decisions = INBOX_KEY + self.node, KEYS[10]
         self._decisions_read = decisions_last
         while True:
+            reading = self._reading
             try:
                 answer = await self.reader.xread(
                     {inbox: inbox_last, decisions: self._decisions_read}, count=INBOX_BATCH, block=1000
@@ -613,10 +905,16 @@ class ClusterBackend:
                 self._redis_failed("reading the inbox", exc)
                 await trio.sleep(RETRY_INTERVAL)
                 continue
+            self._redis_ok()
             for key, entries in (answer or {}).items():
                 is_decisions = key == decisions.encode()
+                if is_decisions and reading != self._reading:
+                    continue  # read before a restore: stale (it reads on from where the restore began)
                 for entry in entries:
                     if is_decisions:
+                        if self._island is not None or self._restore_needed:
+                            self._decisions_read = entry.identifier  # stale: the restore tells Redis how it is
+                            continue
                         if entry.identifier in self._applied_early:
                             self._applied_early.discard(entry.identifier)
                             continue
@@ -637,9 +935,12 @@ class ClusterBackend:
         entry = orjson.loads(payload)
         here = entry["n"] == self.node
         clients = self.relay._clients
-        for d, where in map(self.script.decision, entry["d"]):
+        for raw in entry["d"]:
+            if raw[0] == "r":  # a restore's mark
+                continue
+            d, where = self.script.decision(raw)
             if here or any(cid in clients for cid in where):
-                self._apply(d, where, decided_here=here)
+                self._apply(d, where, decided_here=here and len(raw) < 9)  # (quiet: told and recorded alone)
 
     def _receive(self, packed: bytes) -> None:
         with self.relay.corked():  # a batch: each recipient's signals in one write

@@ -17,21 +17,30 @@
 --  11 {mm}:decisions   stream every call's decisions, in the order Redis ran the calls: each node
 --                             reads it and tells its own clients (field d: {"n": node, "d": [...]})
 --  12 {mm}:owners      zset   lexicographic: "node SEP client" for every client (who serves it)
+--  13 {mm}:epoch       string a random token set once: gone or changed, Redis lost its data
 -- ARGV: now (ms, or "" for Redis TIME), interest timeout (ms), rematch cooldown (ms), max blocks,
 -- max blocking identities, a random salt for session ids, the calling node, the decisions stream's
--- length (approximate), the move, the client id, then the move's own arguments.
+-- length (approximate), the epoch the node knows ("": unchecked), the move, the client id, then
+-- the move's own arguments. A call with another epoch than Redis's changes nothing and answers
+-- {"epoch": Redis's epoch, or ""}: the node then restores its clients (move "restore").
 -- SEP is "\31" (unit separator): interests are printable, so it never occurs in one.
 -- A member: {id, ident, ints (sorted), seq (-1: not waiting), held, since (ms), open, sid ("": none),
--- recent ({other id, ended at ms} oldest first, at most MAX_RECENT), node}.
+-- recent ({other id, ended at ms} oldest first, at most MAX_RECENT), node, last ({session id,
+-- reason, by} of its last session), r (the round of the restore that last wrote it)}.
 -- A script answers one JSON text: {"d": decisions, "next": the earliest interest timeout (ms, -1:
 -- none), "id": their entry in {mm}:decisions, "prev": the entry before it} or {"illegal": code,
 -- "message": text}; a
 -- decision is ["q", id, position, size, node], ["p", session, node a, node b, identity a, identity b]
--- or ["e", session, reason, by, node a, node b, identity a, identity b] (a: the initiator, b: the
--- answerer). An illegal move changes nothing.
+-- or ["e", session, reason, by, node a, node b, identity a, identity b, quiet] (a: the initiator, b:
+-- the answerer; quiet, 1 or absent: its end was already told and recorded, by a node that decided it
+-- alone while Redis was away). An illegal move changes nothing.
 
 local M, Q, IX, DL, S, B, BL, BO, U, C = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local D, O = KEYS[11], KEYS[12]
+local D, O, E = KEYS[11], KEYS[12], KEYS[13]
+if ARGV[9] ~= '' then
+  local epoch = redis.call('GET', E)
+  if epoch ~= ARGV[9] then return cjson.encode({epoch = epoch or ''}) end
+end
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
@@ -196,23 +205,30 @@ local function update(m, wanted)
   out[#out + 1] = {'q', m.id, redis.call('ZRANK', Q, m.id) + 1, redis.call('ZCARD', Q), m.node}
 end
 
-local function finish(sid, reason, by)
-  local session = cjson.decode(redis.call('HGET', S, sid))
+local function finish(sid, reason, by, quiet)
+  local v = redis.call('HGET', S, sid)
+  if not v then return end
+  local session = cjson.decode(v)
   redis.call('HDEL', S, sid)
-  local a, b = get(session.a), get(session.b)
-  a.sid, b.sid = '', ''
-  for _, pr in ipairs({{a, b.id}, {b, a.id}}) do
-    local m, other = pr[1], pr[2]
-    local recent = {}
-    for _, r in ipairs(m.recent) do
-      if r[1] ~= other then recent[#recent + 1] = r end
+  local e = {'e', session, reason, by, '', '', session.a, session.b}
+  for k, pr in ipairs({{session.a, session.b}, {session.b, session.a}}) do
+    local m, other = get(pr[1]), pr[2]
+    if m then
+      e[4 + k], e[6 + k] = m.node, m.ident
+      if m.sid == sid then m.sid = '' end
+      m.last = {sid, reason, by} -- (a restore of the other side, late, tells its node how it ended)
+      local recent = {}
+      for _, r in ipairs(m.recent) do
+        if r[1] ~= other then recent[#recent + 1] = r end
+      end
+      recent[#recent + 1] = {other, now}
+      if #recent > MAX_RECENT then table.remove(recent, 1) end
+      m.recent = recent
+      put(m)
     end
-    recent[#recent + 1] = {other, now}
-    if #recent > MAX_RECENT then table.remove(recent, 1) end
-    m.recent = recent
-    put(m)
   end
-  out[#out + 1] = {'e', session, reason, by, a.node, b.node, a.ident, b.ident}
+  if quiet then e[9] = 1 end
+  out[#out + 1] = e
 end
 
 local function join(m, wanted)
@@ -315,27 +331,94 @@ local function forget(m, reason)
   end
 end
 
-local move = ARGV[9]
-local cid = ARGV[10]
-
-if move == 'connect' then
-  local ident, node = ARGV[11], ARGV[12]
-  if redis.call('HEXISTS', M, cid) == 1 then return illegal('connected', 'client is already connected') end
-  put({id = cid, ident = ident, ints = {}, seq = -1, held = false, since = 0, open = false, sid = '', recent = {}, node = node})
-  if ident ~= cid then
+-- A new member (idle), among its user's clients and its node's.
+local function register(id, ident, node)
+  local m = {id = id, ident = ident, ints = {}, seq = -1, held = false, since = 0, open = false, sid = '', recent = {}, node = node}
+  put(m)
+  cache[id] = m
+  if ident ~= id then
     local list = {}
     local v = redis.call('HGET', U, ident)
     if v then list = cjson.decode(v) end
-    list[#list + 1] = cid
+    list[#list + 1] = id
     redis.call('HSET', U, ident, cjson.encode(list))
   end
-  redis.call('ZADD', O, 0, node .. SEP .. cid)
+  redis.call('ZADD', O, 0, node .. SEP .. id)
+  return m
+end
+
+-- Restore one of the calling node's clients as that node has it: c = {id, ident, ints, r (the
+-- restore's round), q = {waited (ms), held} if it waits, s = session and p = {peer id, identity,
+-- node}, fresh (made while Redis was away) if it is in one}. lost: Redis lost its data (a new
+-- epoch). Whatever Redis had for the client gives way; a session Redis no longer has is made
+-- again if Redis lost it or the node made it alone, else it ended meanwhile: {its id, reason, by}
+-- goes to gone.
+local function restore(c, lost, gone)
+  local m = get(c.id) or register(c.id, c.ident, NODE)
+  if m.node ~= NODE then
+    redis.call('ZREM', O, m.node .. SEP .. m.id)
+    m.node = NODE
+    redis.call('ZADD', O, 0, NODE .. SEP .. m.id)
+  end
+  if m.seq >= 0 then dequeue(m) end
+  local want = c.s and c.s.id or ''
+  if m.sid ~= '' and m.sid ~= want then finish(m.sid, 'disconnected', m.id) end
+  m.ints = parse_ints(cjson.encode(c.ints))
+  m.r = c.r
+  if c.s then
+    m.sid = want
+    put(m)
+    if redis.call('HEXISTS', S, want) == 0 then
+      if not (lost or c.fresh) then
+        local last = m.last or {}
+        if last[1] == want then gone[#gone + 1] = last else gone[#gone + 1] = {want, 'left', c.p[1]} end
+        m.sid = ''
+        put(m)
+      else
+        redis.call('HSET', S, want, cjson.encode(c.s))
+        local pid, pident, pnode = c.p[1], c.p[2], c.p[3]
+        local p = get(pid)
+        if p == nil and redis.call('HGET', C, 'restored:' .. pnode) ~= ARGV[9] then
+          p = register(pid, pident, pnode) -- its node restores it, or its reaper forgets it
+          p.sid = want
+          put(p)
+        elseif p == nil or p.sid ~= want then
+          finish(want, 'disconnected', pid) -- the peer is gone, or went on, while Redis was away
+        end
+      end
+    end
+  elseif c.q then
+    m.since = now - c.q.waited
+    m.open = is_open(m)
+    m.held = false
+    local partner = (not c.q.held) and find(m)
+    if partner then return pair(partner, m) end
+    m.seq = redis.call('HINCRBY', C, 'ticket', 1) - 1
+    redis.call('ZADD', Q, m.seq, m.id)
+    m.held = c.q.held
+    if not m.held then index(m) end
+    put(m)
+    local size = redis.call('ZCARD', Q)
+    out[#out + 1] = {'q', m.id, redis.call('ZRANK', Q, m.id) + 1, size, m.node}
+  else
+    put(m)
+  end
+end
+
+local move = ARGV[10]
+local cid = ARGV[11]
+
+if move == 'connect' then
+  local known = get(cid)
+  if known and known.node == ARGV[13] then return cjson.encode({d = {}}) end -- a restore told Redis first
+  if known then return illegal('connected', 'client is already connected') end
+  register(cid, ARGV[12], ARGV[13])
   return cjson.encode({d = {}})
 end
 
 if move == 'reap' then
-  -- node ARGV[11] is dead: forget up to 100 of its clients (their peers are told); answers how many are left
-  local dead = ARGV[11]
+  -- node ARGV[12] is dead: forget up to 100 of its clients (their peers are told); answers how many are left
+  local dead = ARGV[12]
   local first, last = '[' .. dead .. SEP, '[' .. dead .. SEP .. '\255'
   for _, e in ipairs(redis.call('ZRANGEBYLEX', O, first, last, 'LIMIT', 0, 100)) do
     local m = get(string.sub(e, #dead + 2))
@@ -362,13 +445,48 @@ if move == 'tick' then
   return decided()
 end
 
+if move == 'restore' then
+  -- ARGV[12]: {first (the first call of this restore), lost, ended = {{session id, reason, by}} (ended by the node alone: quiet), blocks =
+  -- {{identity, identity}} (reports made meanwhile), c = {clients}}. Answers also gone.
+  local r = cjson.decode(ARGV[12])
+  if r.first then redis.call('HDEL', C, 'restored:' .. NODE) end -- (its peers wait for all its clients)
+  for _, e in ipairs(r.ended) do finish(e[1], e[2], e[3], true) end
+  for _, pr in ipairs(r.blocks) do
+    local forgotten = {}
+    block(pr[1], pr[2], forgotten)
+    block(pr[2], pr[1], forgotten)
+  end
+  local gone = {}
+  for _, c in ipairs(r.c) do restore(c, r.lost, gone) end
+  if #out == 0 then out[1] = {'r'} end -- an entry always: the node reads on from it
+  local answer = cjson.decode(decided())
+  answer.gone = gone
+  return cjson.encode(answer)
+end
+
+if move == 'restored' then
+  -- the node has restored all its clients (round ARGV[12]): forget up to 200 of the others Redis
+  -- still has for it (gone while Redis was away), after ARGV[13]; answers the last one seen
+  local first, last = '(' .. NODE .. SEP .. ARGV[13], '[' .. NODE .. SEP .. '\255'
+  if ARGV[13] == '' then first = '[' .. NODE .. SEP end
+  local seen = ''
+  for _, e in ipairs(redis.call('ZRANGEBYLEX', O, first, last, 'LIMIT', 0, 200)) do
+    seen = string.sub(e, #NODE + 2)
+    local m = get(seen)
+    if m and m.r ~= ARGV[12] then forget(m, 'disconnected') end
+  end
+  if seen == '' then redis.call('HSET', C, 'restored:' .. NODE, ARGV[9]) end
+  decided()
+  return cjson.encode({d = {}, seen = seen})
+end
+
 local m = get(cid)
 if not m then return illegal('unknown', 'unknown client') end
 
 if move == 'join' then
   if m.sid ~= '' then return illegal('already_matched', 'already in a session: send next or leave first') end
   if m.seq >= 0 and m.held then return illegal('bad_message', 'a held client cannot change its interests') end
-  join(m, parse_ints(ARGV[11]))
+  join(m, parse_ints(ARGV[12]))
 elseif move == 'next' then
   if m.sid == '' and m.seq >= 0 and m.held then
     return illegal('bad_message', 'a held client cannot change its interests')
@@ -376,16 +494,18 @@ elseif move == 'next' then
   if m.sid ~= '' then finish(m.sid, 'next', m.id) end
   join(m, m.ints)
 elseif move == 'leave' then
-  leave(m, ARGV[11])
+  leave(m, ARGV[12])
 elseif move == 'disconnect' then
-  forget(m, ARGV[11])
+  forget(m, ARGV[12])
 elseif move == 'report' then
   if m.sid == '' then return illegal('not_matched', 'no session to report') end
   local session = cjson.decode(redis.call('HGET', S, m.sid))
   local other = get(session.a == cid and session.b or session.a)
   local forgotten = {}
-  block(m.ident, other.ident, forgotten)
-  block(other.ident, m.ident, forgotten)
+  if other then -- (else: gone while Redis was away, and not restored yet)
+    block(m.ident, other.ident, forgotten)
+    block(other.ident, m.ident, forgotten)
+  end
   finish(m.sid, 'reported', cid)
   for _, identity in ipairs(forgotten) do
     for _, id in ipairs(clients_of(identity)) do
@@ -412,9 +532,9 @@ elseif move == 'release' then
     if partner then pair(partner, m) end
   end
 elseif move == 'move' then
-  -- the client is now served by node ARGV[11] (a resume or a handover)
+  -- the client is now served by node ARGV[12] (a resume or a handover)
   redis.call('ZREM', O, m.node .. SEP .. m.id)
-  m.node = ARGV[11]
+  m.node = ARGV[12]
   redis.call('ZADD', O, 0, m.node .. SEP .. m.id)
   put(m)
 else

@@ -66,6 +66,12 @@ def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
+@pytest.fixture
+def aof_cluster(make_cluster: Callable[..., Cluster], aof_redis: RedisServer) -> Cluster:
+    """Two nodes on a Redis that keeps its data across a restart."""
+    return make_cluster(aof_redis, 2)
+
+
 async def skip_positions(c: Client, kind: str, **fields: object) -> dict:
     """The next message but position updates (queued), which come once a second as the queue moves."""
     while True:
@@ -387,9 +393,9 @@ async def test_a_deploy_keeps_sessions_sigterm_hands_clients_over(cluster: Clust
 
 
 async def test_redis_restarted_with_its_data_sessions_go_on_and_lose_nothing(
-    make_cluster: Callable[..., Cluster], aof_redis: RedisServer, nursery: trio.Nursery
+    aof_cluster: Cluster, aof_redis: RedisServer, nursery: trio.Nursery
 ) -> None:
-    c = make_cluster(aof_redis, 2)
+    c = aof_cluster
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(8 * STEP):
         a, b, _ = await paired(n0, n1)
@@ -409,22 +415,32 @@ async def test_redis_restarted_with_its_data_sessions_go_on_and_lose_nothing(
         await skip_positions(x, "matched", peer_id=a.id)
 
 
-async def test_redis_restarted_empty_the_nodes_start_over(
+async def test_redis_restarted_empty_the_nodes_restore_their_clients(
     make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
     c = make_cluster(redis_server, 2)
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(8 * STEP):
-        a, b, _ = await paired(n0, n1)
+        a, b, ma = await paired(n0, n1)
+        w = await n0.connect()
+        await w.send(type="join")
+        await w.expect("queued", position=1)
         redis_server.kill()
-        redis_server.start()  # empty: the queue, the sessions and the nodes' leases are gone
-        # Each node finds its lease gone: it cannot tell which of its clients Redis still knows,
-        # so it closes them all (1012: reconnect) and goes on empty.
-        assert (await a.closed()).code == 1012
-        assert (await b.closed()).code == 1012
-        x, y, _ = await paired(n0, n1)  # and the cluster works again
-        await x.send(type="signal", data={"ok": 1})
-        assert (await y.expect("signal", n=1))["data"] == {"ok": 1}
+        redis_server.start()  # empty: the queue, the sessions, the leases and the epoch are gone
+        # Each node finds the epoch gone and tells Redis its clients: nobody is closed.
+        await until_redis(redis_server, "HLEN", "{mm}:members", equals=b":3\r\n")
+        await until_redis(redis_server, "ZCARD", "{mm}:queue", equals=b":1\r\n")
+        for i in range(1, 6):  # the session goes on
+            await b.send(type="signal", data={"i": i})
+        for i in range(1, 6):
+            assert (await a.expect("signal", n=i))["data"] == {"i": i}
+        x = await n1.connect()
+        await x.send(type="join")
+        await skip_positions(x, "matched", peer_id=w.id)  # w kept its place
+        await skip_positions(w, "matched", peer_id=x.id)
+        await a.send(type="next")  # the session is in Redis again: its end reaches the other node
+        await skip_positions(b, "peer_left", session_id=ma["session_id"], reason="next")
+        await skip_positions(a, "queued", position=1)
 
 
 async def test_each_session_is_recorded_once(cluster: Cluster, nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -471,6 +487,12 @@ async def health(node: RelayProcess) -> dict:
     return json.loads(body)
 
 
+async def until_health(node: RelayProcess, cluster: str) -> None:
+    """Poll /healthz (every 0.2 s) until its "cluster" is ``cluster``."""
+    while (await health(node))["cluster"] != cluster:
+        await trio.sleep(0.2)
+
+
 async def test_redis_down_the_node_is_degraded_and_a_full_buffer_ends_sessions_overflow(
     make_cluster: Callable[..., Cluster], aof_redis: RedisServer, nursery: trio.Nursery
 ) -> None:
@@ -481,8 +503,7 @@ async def test_redis_down_the_node_is_degraded_and_a_full_buffer_ends_sessions_o
         a, b, ma = await paired(n0, n1)
         same, other, _ = await paired(n1, n1)  # a pair on one node: no Redis on its way
         aof_redis.kill()
-        while (await health(c.nodes[1]))["cluster"] != "degraded":  # after 2 s of failing calls
-            await trio.sleep(0.2)
+        await until_health(c.nodes[1], "degraded")  # after 2 s of failing calls
         await same.send(type="signal", data={"still": "here"})
         assert (await other.expect("signal", n=1))["data"] == {"still": "here"}
         for i in range(40):  # 40 x 2 KB for n0 while Redis is down: more than 64 KiB waits
@@ -490,5 +511,57 @@ async def test_redis_down_the_node_is_degraded_and_a_full_buffer_ends_sessions_o
         await b.expect("peer_left", session_id=ma["session_id"], reason="overflow")
         aof_redis.start()
         await skip_positions(a, "peer_left", session_id=ma["session_id"], reason="overflow")
-        while (await health(c.nodes[1]))["cluster"] != "ok":
-            await trio.sleep(0.2)
+        await until_health(c.nodes[1], "ok")
+
+
+async def test_redis_down_a_node_pairs_its_own_clients_and_tells_redis_when_back(
+    aof_cluster: Cluster, aof_redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = aof_cluster
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(10 * STEP):
+        a, b, ma = await paired(n0, n1)  # a session across nodes, from before
+        aof_redis.kill()
+        await until_health(c.nodes[0], "degraded")
+        x, y = await n0.connect(), await n0.connect()
+        await x.send(type="join")
+        await x.expect("queued", position=1)
+        await y.send(type="join")  # paired by n0 alone
+        mx = await y.expect("matched", peer_id=x.id, initiator=False)
+        await x.expect("matched", peer_id=y.id, initiator=True)
+        await x.send(type="signal", data={"hi": 1})
+        assert (await y.expect("signal", n=1))["data"] == {"hi": 1}
+        await a.send(type="next")  # ends here at once; b's node learns when Redis is back
+        await a.expect("queued", position=1)
+        aof_redis.start()
+        await skip_positions(b, "peer_left", session_id=ma["session_id"], reason="next")
+        await until_health(c.nodes[0], "ok")
+        await until_redis(aof_redis, "ZCARD", "{mm}:queue", equals=b":1\r\n")  # a waits in Redis's queue now
+        z = await n1.connect()
+        await z.send(type="join")
+        await skip_positions(z, "matched", peer_id=a.id)
+        await skip_positions(a, "matched", peer_id=z.id)
+        await y.send(type="next")  # the session made alone is in Redis now: its end goes through it
+        await skip_positions(x, "peer_left", session_id=mx["session_id"], reason="next")
+        await skip_positions(y, "queued", position=1)
+
+
+async def test_redis_unreachable_at_start_the_node_starts_degraded(
+    tmp_path: Path, make_cluster: Callable[..., Cluster], nursery: trio.Nursery
+) -> None:
+    redis = RedisServer(tmp_path)  # not started yet: nothing listens on its port
+    try:
+        c = make_cluster(redis, 1)
+        (n0,) = c.harnesses(nursery)
+        with trio.fail_after(6 * STEP):
+            assert (await health(c.nodes[0]))["cluster"] == "degraded"
+            x, y, mx = await paired(n0, n0)  # paired alone
+            redis.start()
+            await until_redis(redis, "HLEN", "{mm}:members", equals=b":2\r\n")  # told Redis its clients
+            assert (await health(c.nodes[0]))["cluster"] == "ok"
+            await x.send(type="next")
+            await skip_positions(y, "peer_left", session_id=mx["session_id"], reason="next")
+            await skip_positions(x, "queued", position=1)
+            await until_redis(redis, "ZCARD", "{mm}:queue", equals=b":1\r\n")
+    finally:
+        redis.kill()

@@ -250,7 +250,7 @@ def test_every_key_of_the_script_is_declared_and_in_one_slot() -> None:
     assert all(key.startswith("{mm}:") for key in KEYS)
     code = "\n".join(line.split("--", 1)[0] for line in SCRIPT.splitlines())
     used = set(re.findall(r"redis\.call\('\w+', (\w+)", code))
-    assert used <= {"M", "Q", "IX", "DL", "S", "B", "BL", "BO", "U", "C", "D", "O"}, used
+    assert used <= {"M", "Q", "IX", "DL", "S", "B", "BL", "BO", "U", "C", "D", "O", "E"}, used
     assert "KEYS[" + str(len(KEYS)) + "]" in code and "KEYS[" + str(len(KEYS) + 1) + "]" not in code
 
 
@@ -322,3 +322,72 @@ def test_the_oldest_blocks_are_forgotten_at_the_bounds(facade: RedisMatchmaker) 
     mm.join("r")
     [paired] = mm.join("p0")
     assert paired.session.peer_of("r") == "p0"
+
+
+# -- the restore: a node tells Redis its clients after it was alone, or after Redis lost its data ----
+
+
+def _restore(loop: TrioThread, node: str, clients: list[dict], *, lost: bool, ended: list | None = None) -> dict:
+    import orjson
+
+    async def run(redis: Any) -> dict:
+        script = await _script(redis)
+        batch = {"first": True, "lost": lost, "ended": ended or [], "blocks": [], "c": clients}
+        return await script.call("restore", "", orjson.dumps(batch).decode(), node=node, now=1000.0)
+
+    return loop.call(run)
+
+
+def _member(loop: TrioThread, cid: str) -> dict | None:
+    import orjson
+
+    async def run(redis: Any) -> Any:
+        return await redis.hget(KEYS[0], cid)
+
+    record = loop.call(run)
+    return None if record is None else orjson.loads(record)
+
+
+def test_a_session_redis_lost_is_made_again_or_ended_by_what_its_other_side_says(redis_loop: TrioThread) -> None:
+    async def flush(redis: Any) -> None:
+        await redis.flushall()
+
+    redis_loop.call(flush)
+    s1 = {"id": "s1", "a": "c", "b": "p", "ints": [], "t": 0, "w": [0, 0]}
+    s2 = {"id": "s2", "a": "d", "b": "q", "ints": [], "t": 0, "w": [0, 0]}
+    # n0 comes first: its sides of s1 and s2 are in; their peers (n1's) wait there for n1's word
+    _restore(redis_loop, "n0", [
+        {"id": "c", "ident": "c", "ints": [], "r": "x", "s": s1, "p": ["p", "p", "n1"]},
+        {"id": "d", "ident": "d", "ints": [], "r": "x", "s": s2, "p": ["q", "q", "n1"]},
+    ], lost=True)  # fmt: skip
+    assert _member(redis_loop, "p")["sid"] == "s1" and _member(redis_loop, "p")["node"] == "n1"
+    # n1 still has p in s1, but q went on alone meanwhile (it is waiting): s2 ends, its peer is told
+    answer = _restore(redis_loop, "n1", [
+        {"id": "p", "ident": "p", "ints": [], "r": "y", "s": s1, "p": ["c", "c", "n0"]},
+        {"id": "q", "ident": "q", "ints": [], "r": "y", "q": {"waited": 3000, "held": False}},
+    ], lost=True)  # fmt: skip
+    ends = [d for d in answer["d"] if d[0] == "e"]
+    assert [(d[1]["id"], d[2], d[3], d[4]) for d in ends] == [("s2", "disconnected", "q", "n0")]  # by q: d is told
+    assert _member(redis_loop, "c")["sid"] == "s1" and _member(redis_loop, "d")["sid"] == ""
+    assert _member(redis_loop, "q")["seq"] >= 0 and _member(redis_loop, "q")["since"] == 1_000_000 - 3000
+
+
+def test_a_session_that_ended_while_its_node_was_alone_is_gone_with_its_reason(redis_loop: TrioThread) -> None:
+    async def flush(redis: Any) -> None:
+        await redis.flushall()
+
+    redis_loop.call(flush)
+    mm = RedisMatchmaker(redis_loop, Clock(), nodes=2)
+    mm.connect("a")
+    mm.node = 1
+    mm.connect("b")
+    mm.join("a")
+    [paired] = mm.join("b")
+    sid = next(k for k, v in mm.ids.items() if v == paired.session.id)  # Redis's id for it
+    mm.next("b")  # on n1, while n0 (a's node) was cut off from Redis
+    session = {"id": sid, "a": "a", "b": "b", "ints": [], "t": 0, "w": [0, 0]}
+    answer = _restore(redis_loop, "node0", [
+        {"id": "a", "ident": "a", "ints": [], "r": "x", "s": session, "p": ["b", "b", "node1"]},
+    ], lost=False)  # fmt: skip
+    assert answer["gone"] == [[sid, "next", "b"]]  # a's node tells a how it ended
+    assert _member(redis_loop, "a")["sid"] == ""
