@@ -191,6 +191,9 @@ CLOSE_TIMEOUT: Final = 5.0  # seconds a closing client gets to take its last mes
 TICK_INTERVAL: Final = 0.1  # seconds between checks for expired interest timeouts
 POSITION_INTERVAL: Final = 1.0  # seconds between queue-position updates (at most one per client)
 SHUTDOWN_TIMEOUT: Final = 5.0  # seconds plugins get to finish (flush) once every client is gone
+WORKER_ENV: Final = "RELAY_WORKER"  # set in a --workers process: "<index>-<restarts>" (its node id's suffix)
+READY_ENV: Final = "RELAY_READY_FD"  # a pipe a --workers process writes one byte to once it listens
+WORKER_RESTART_DELAY: Final = 1.0  # seconds before a worker that exited on its own is started again
 FLOOD_WINDOW: Final = 10.0  # seconds over which refused (rate-limited) messages are counted
 MAX_TOKEN_CHARS: Final = 128  # characters of a resume token
 MAX_REPORT_REASON: Final = 200  # characters of a report's reason
@@ -2060,8 +2063,9 @@ def _close_socket(fd: int) -> None:
     os.close(fd)
 
 
-def _listen(host: str, port: int) -> list[socket.socket]:
-    """Non-blocking listening sockets on every address ``host`` names (IPv6 ones IPv6 only, as trio does)."""
+def _listen(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address ``host`` names (IPv6 ones IPv6 only, as trio
+    does); ``reuse_port``: shared with the other --workers processes (the kernel spreads connections)."""
     sockets: list[socket.socket] = []
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -2071,6 +2075,8 @@ def _listen(host: str, port: int) -> list[socket.socket]:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
@@ -2812,7 +2818,7 @@ class Relay:
             run_backend = getattr(self.backend, "run", None)
             if run_backend is not None:  # connects, checks (PluginError: no start), then serves
                 await nursery.start(run_backend, self)
-            listeners = _listen(s.host, s.port)
+            listeners = _listen(s.host, s.port, reuse_port=s.workers > 1)
             self.port = listeners[0].getsockname()[1]
             self._started = trio.current_time()
             port.nursery = nursery
@@ -2844,6 +2850,10 @@ class Relay:
             backend = self.hook.relay_backend(relay=self)
             if backend is not None:
                 self.backend = backend
+            if self.settings.workers > 1 and isinstance(self.backend, Matchmaker):
+                raise StartupError(
+                    "--workers needs a queue the workers share: --redis-url (pip install 'roulette-relay[cluster]')"
+                )
             log.info("plugins: %s", "; ".join(describe_plugins(self.pm)) or "none")
 
     def drain(self, deadline_s: float | None = None) -> None:
@@ -3492,6 +3502,10 @@ def _origin_problem(origin: str) -> str | None:
     return "an origin is scheme://host[:port], e.g. https://chat.example.com (no path, no slash at the end)"
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def _directory_problem(path: str) -> str | None:
     return None if not path or Path(path).is_dir() else "no such directory"
 
@@ -3564,6 +3578,10 @@ class Settings:
         flag="ice-server", many=True, parse=_ice_server, env=None,
     )  # fmt: skip
     static_dir: str = setting(str(STATIC_DIR), "directory served at / ('' for none)", check=_directory_problem)
+    workers: int = setting(
+        1, "processes serving the port together (SO_REUSEPORT), each a cluster node: needs --redis-url; "
+        "auto: one per core", low=1, high=256, parse=lambda text: _cores() if text == "auto" else int(text),
+    )  # fmt: skip
     plugins: tuple[str, ...] = setting(
         (), "a plugin to load: a module name, or a .py file (default: the installed ones only)",
         flag="plugin", many=True, env=None,
@@ -3671,6 +3689,10 @@ async def _run(relay: Relay) -> None:
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve_then_stop)
+            ready = os.environ.pop(READY_ENV, None)
+            if ready is not None:  # a --workers process: tell the supervisor it listens
+                os.write(int(ready), b"1")
+                os.close(int(ready))
             # Start-up objects never die: keep the cyclic collector off them. And as connections and
             # messages make no reference cycles (tests/test_gc.py), let it run rarely: with Python's
             # thresholds its full passes over every connection's objects took 9 % of the CPU at 500
@@ -3682,6 +3704,73 @@ async def _run(relay: Relay) -> None:
                 if relay.stopping:
                     nursery.cancel_scope.cancel()
                 relay.shutdown()
+
+
+def _stop_with_parent() -> None:
+    """In a --workers process before it runs: SIGTERM (drain) when the supervisor dies, even SIGKILLed."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+
+
+async def _supervise(argv: list[str], workers: int) -> None:
+    """``--workers N``: run N relay processes (``python relay.py`` with the same arguments) on the
+    port, started one after another, each once the one before listens (a mistake is said once, by
+    the first, and stops all); pass SIGTERM and SIGINT on to them and return once all have exited.
+    A worker that exits on its own is started again, as another cluster node."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+    running: dict[int, trio.Process] = {}
+    stopping = trio.Event()
+
+    async def forward(signals: Any) -> None:
+        async for signum in signals:
+            log.info("received %s: passing it on to %d workers", signal.Signals(signum).name, len(running))
+            stopping.set()
+            for proc in running.values():
+                if proc.returncode is None:
+                    proc.send_signal(signum)
+
+    async def worker(i: int, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        restarts = 0
+        while not stopping.is_set():
+            r, w = os.pipe()
+            env = {**os.environ, WORKER_ENV: f"{i}-{restarts}", READY_ENV: str(w)}
+            try:
+                proc = running[i] = await trio.lowlevel.open_process(
+                    cmd, env=env, pass_fds=(w,), preexec_fn=_stop_with_parent
+                )
+            finally:
+                os.close(w)
+            try:
+                async with trio.lowlevel.FdStream(r) as pipe:
+                    listening = await pipe.receive_some(1)
+                if restarts == 0:
+                    if not listening:
+                        raise StartupError(f"--workers: worker {i} did not start (exit code {await proc.wait()})")
+                    task_status.started()
+                code = await proc.wait()
+            finally:
+                with trio.CancelScope(shield=True):  # never leave a worker behind
+                    if proc.returncode is None:
+                        proc.terminate()
+                        with trio.move_on_after(SHUTDOWN_TIMEOUT + CLOSE_TIMEOUT):
+                            await proc.wait()
+                        if proc.returncode is None:
+                            proc.kill()
+                            await proc.wait()
+            if not stopping.is_set():
+                log.error("worker %d exited (code %s): starting it again", i, code)
+                restarts += 1
+                await trio.sleep(WORKER_RESTART_DELAY)
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(forward, signals)
+            async with trio.open_nursery() as nursery:
+                for i in range(workers):
+                    await nursery.start(worker, i)
+                log.info("%d workers listening", workers)
+            outer.cancel_scope.cancel()
 
 
 def _raise_fd_limit() -> None:
@@ -3710,6 +3799,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "command", None):
             return int(args.command(args))
         settings = settings_from_args(args)
+        if settings.workers > 1 and WORKER_ENV not in os.environ:
+            if settings.port == 0:
+                raise SettingError("--workers needs a fixed --port (with 0 each worker would listen on another)")
+            trio.run(_supervise, argv, settings.workers)
+            return 0
         _raise_fd_limit()
         trio.run(_run, Relay(settings, plugin_manager=pm, options=args))
     except BaseException as exc:  # what is not a start-up problem goes on, below

@@ -58,6 +58,7 @@ from relay import (
     MAX_BLOCKS,
     SIGNAL,
     TEXT,
+    WORKER_ENV,
     Decision,
     Ended,
     IllegalMove,
@@ -1120,14 +1121,23 @@ class ClusterBackend:
 
     async def finish(self) -> None:
         """At shutdown: wait (within SHUTDOWN_TIMEOUT) for the away clients to resume elsewhere,
-        run the moves left (the clients' disconnects) and send what is still out."""
-        while self.relay._away or self._moves or trio.current_time() - self._handed_over_at < LINGER:
-            await trio.sleep(0.01)
-        while self._outbox:
-            await self.flush()
+        run the moves left (the clients' disconnects) and send what is still out; then give the
+        lease up. If some clients were not taken over in time, the node stays in the node list
+        without a lease: another node reaps it at once, so that nothing of them stays in Redis."""
+        with trio.move_on_after(relay.SHUTDOWN_TIMEOUT - LINGER):
+            while self.relay._away or self._moves or trio.current_time() - self._handed_over_at < LINGER:
+                await trio.sleep(0.01)
+            while self._outbox:
+                await self.flush()
+        left = len(self.relay._away) + len(self._moves)
         try:
-            await self.redis.srem(NODES_KEY, [self.node])
             await self.redis.delete([NODE_KEY + self.node])
+            if left:
+                log.warning("cluster: node %s stops with %d clients or moves left: another node reaps them",
+                            self.node, left)  # fmt: skip
+            else:
+                await self.redis.srem(NODES_KEY, [self.node])
+                await self.redis.hdel(KEYS[9], ["restored:" + self.node])
         except Exception as exc:
             log.warning("cluster: releasing the lease failed: %s", exc)
 
@@ -1203,6 +1213,9 @@ def relay_configure(relay: Relay) -> None:
         raise PluginError("--redis-url needs coredis: pip install 'roulette-relay[cluster]'") from exc
     check_url(url)
     node = o.node_id or secrets.token_hex(6)
+    worker = os.environ.get(WORKER_ENV)  # one of --workers N: each is a node of its own
+    if worker is not None:
+        node = f"{node}-{worker}"
     if not 0 < len(node) <= 64 or not node.replace("-", "").replace("_", "").isalnum():
         raise PluginError(f"--node-id {node!r}: 1-64 letters, digits, - or _")
     if not 0.5 <= o.cluster_flush_ms <= 1000:
