@@ -53,7 +53,9 @@ Read top to bottom, this file is: constants, exceptions and the public types plu
    a new connection replays exactly what was missed (or, if the mailbox overflowed, ends the
    session as ``overflow``: never a silent gap).
 6. **Settings and the command line** (``Settings``: each setting declared once, with its flag,
-   variable, bounds and help; the README's table is checked against it) and ``main()``.
+   variable, bounds and help; the README's table is checked against it) and ``main()``. With
+   ``--workers N`` ``main()`` is a supervisor (``_supervise``): N processes of this file on the
+   port (``SO_REUSEPORT``), each a node of a cluster (they need a shared backend: ``--redis-url``).
 
 Plugins (pluggy, project name ``relay``; ``docs/plugins.md``) add flags and commands, configure
 themselves, start tasks, see connects, matches, session ends and disconnects, answer HTTP requests
@@ -3718,9 +3720,19 @@ async def _supervise(argv: list[str], workers: int) -> None:
     port, started one after another, each once the one before listens (a mistake is said once, by
     the first, and stops all); pass SIGTERM and SIGINT on to them and return once all have exited.
     A worker that exits on its own is started again, as another cluster node."""
+    import subprocess
+
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    running: dict[int, trio.Process] = {}
+    running: dict[int, subprocess.Popen[bytes]] = {}
     stopping = trio.Event()
+
+    async def exited(proc: subprocess.Popen[bytes]) -> int:
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        return proc.wait()
 
     async def forward(signals: Any) -> None:
         async for signum in signals:
@@ -3735,10 +3747,8 @@ async def _supervise(argv: list[str], workers: int) -> None:
         while not stopping.is_set():
             r, w = os.pipe()
             env = {**os.environ, WORKER_ENV: f"{i}-{restarts}", READY_ENV: str(w)}
-            try:
-                proc = running[i] = await trio.lowlevel.open_process(
-                    cmd, env=env, pass_fds=(w,), preexec_fn=_stop_with_parent
-                )
+            try:  # from this (the main) thread: the worker's parent-death signal is tied to it
+                proc = running[i] = subprocess.Popen(cmd, env=env, pass_fds=(w,), preexec_fn=_stop_with_parent)
             finally:
                 os.close(w)
             try:
@@ -3746,18 +3756,18 @@ async def _supervise(argv: list[str], workers: int) -> None:
                     listening = await pipe.receive_some(1)
                 if restarts == 0:
                     if not listening:
-                        raise StartupError(f"--workers: worker {i} did not start (exit code {await proc.wait()})")
+                        raise StartupError(f"--workers: worker {i} did not start (exit code {await exited(proc)})")
                     task_status.started()
-                code = await proc.wait()
+                code = await exited(proc)
             finally:
                 with trio.CancelScope(shield=True):  # never leave a worker behind
-                    if proc.returncode is None:
+                    if proc.poll() is None:
                         proc.terminate()
                         with trio.move_on_after(SHUTDOWN_TIMEOUT + CLOSE_TIMEOUT):
-                            await proc.wait()
-                        if proc.returncode is None:
+                            await exited(proc)
+                        if proc.poll() is None:
                             proc.kill()
-                            await proc.wait()
+                            proc.wait()
             if not stopping.is_set():
                 log.error("worker %d exited (code %s): starting it again", i, code)
                 restarts += 1

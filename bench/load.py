@@ -6,7 +6,7 @@
     python bench/load.py --compare baseline relay --baseline /tmp/before --only throughput memory
     python bench/load.py --only fallback       # the HTTP fallback's pairs, as ratios to WebSocket pairs
     python bench/load.py --compare relay relay-nofallback --only throughput   # WebSockets, fallback on / off
-    python bench/load.py --nodes 2 --pairs 500  # scale-out: cluster mode against the single node
+    python bench/load.py --nodes 2 --pairs 500  # scale-out: cluster mode and --workers 2 against the single node
 
 Each server runs pinned to core 0 (`taskset`), a fresh process for each group of figures; the load
 generator (`bench/loadgen.mjs`, Node, raw WebSocket frames) runs pinned to core 1; both get the same
@@ -29,7 +29,8 @@ but its concurrent-connection limit (5,000), lifted for the memory figure. Figur
   one side the HTTP fallback, or both, as ratios to the WebSocket pairs of the same repetition;
 * with ``--nodes N`` (scale-out; needs Debian's redis-server): relayed messages per second of server
   CPU (every node's and Redis's, all on the server core) for the single-node relay, one node of a
-  cluster (its pairs on it), and N nodes with each pair's sides on two nodes; Redis commands per
+  cluster (its pairs on it), ``--workers 2`` on one port (the kernel spreads the connections, so
+  about half the pairs are split), and N nodes with each pair's sides on two nodes; Redis commands per
   relayed message, cross-node match latency idle, at half load and flat out, Redis commands per idle
   node per second, Redis memory per 1,000 clients paired.
 
@@ -75,6 +76,8 @@ def server_command(kind: str, port: int, extra: tuple[str, ...] = ()) -> list[st
     relay = [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port), *LIFTED]
     if kind == "cluster":  # a node of a cluster: extra = (Redis URL, node id)
         return [*relay, "--sessions-db", "", "--redis-url", extra[0], "--node-id", extra[1]]
+    if kind == "workers":  # --workers 2 on one Redis: extra = (Redis URL, node id)
+        return [*relay, "--sessions-db", "", "--redis-url", extra[0], "--node-id", extra[1], "--workers", "2"]
     if kind in ("relay", "baseline"):
         return [*relay, "--sessions-db", ""]
     if kind == "relay-nofallback":  # the same, without the HTTP fallback plugin
@@ -109,8 +112,14 @@ class Server:
         time.sleep(0.5)
 
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds of the process and of its children that run (--workers' workers)."""
+        children = [int(pid) for task in Path(f"/proc/{self.proc.pid}/task").glob("*/children")
+                    for pid in task.read_text().split()]  # fmt: skip
+        total = 0.0
+        for pid in (self.proc.pid, *children):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def rss(self) -> int:
         return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.proc.pid}/status").read_text()).group(1)) * 1024
@@ -333,6 +342,10 @@ def cluster(args: argparse.Namespace) -> dict:
     try:
         with Server("cluster", args.server_core, redis.url, "same") as node:
             figures["same"] = run([node], redis)
+        redis.command("FLUSHALL")
+        with Server("workers", args.server_core, redis.url, "w") as workers:
+            time.sleep(1)  # the second worker starts once the first listens
+            figures["workers"] = run([workers], redis)
         nodes = fresh("idle")
         try:
             time.sleep(2)
@@ -385,13 +398,20 @@ def cluster_report(runs: list[dict], args: argparse.Namespace) -> str:
         f"| single node (no Redis) | {med('single', 'msgs_per_s'):,.0f} | {med('single', 'per_core'):,.0f} | 1 | "
         f"{med('single', 'relay_cpu'):.0%} / - | - |",
     ]
-    for key, name in (("same", "cluster mode, pairs on one node"), ("cross", f"{args.nodes} nodes, every pair across")):
+    rows = (
+        ("same", "cluster mode, pairs on one node (= --workers 1)"),
+        ("workers", "--workers 2, the kernel spreading connections"),
+        ("cross", f"{args.nodes} nodes, every pair across"),
+    )
+    for key, name in rows:
         per_msg = statistics.median(r[key]["stream_commands"] / (r[key]["msgs_per_s"] * args.seconds) for r in runs)
         lines.append(
             f"| {name} | {med(key, 'msgs_per_s'):,.0f} | {med(key, 'per_core'):,.0f} | "
             f"**{med_ratio(key, 'single'):.2f}** | {med(key, 'relay_cpu'):.0%} / {med(key, 'redis_cpu'):.0%} | "
             f"{per_msg:.4f} |"
         )
+    workers = statistics.median(r["workers"]["per_core"] / r["same"]["per_core"] for r in runs)
+    lines.append(f"\n--workers 2 vs --workers 1, per server CPU-second: **{workers:.2f}**")
     lines.append("")
     lines.append("| cross-node match latency (join -> matched) | p50 | p99 |")
     lines.append("|---|---:|---:|")

@@ -113,3 +113,20 @@ def test_workers_auto_is_one_per_core(tmp_path: Path) -> None:
     )
     expected = "needs a fixed --port" if len(os.sched_getaffinity(0)) > 1 else "needs a queue the workers share"
     assert done.returncode == 2 and expected in done.stderr, done.stderr
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(supervisor: Supervisor, redis_server: RedisServer) -> None:
+    await until_nodes(redis_server, {"w-0-0", "w-1-0"})
+    workers = supervisor.workers()
+    supervisor.proc.kill()  # SIGKILL: nothing passes signals on; the kernel tells each worker (SIGTERM)
+    supervisor.proc.wait(timeout=10)
+    with trio.fail_after(3 * STEP):
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+            await trio.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"
