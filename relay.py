@@ -2673,7 +2673,7 @@ class _Port:
             status, reason, headers = bad
             answer = HttpResponse(status, f"{status} {reason}\n".encode(), headers=headers)
         else:
-            answer = self._accept(request, address, None, head.rest)
+            answer = await self._replayed(request) or self._accept(request, address, None, head.rest)
         if type(answer) is _Upgrade:
             return answer
         await _respond(
@@ -2681,6 +2681,22 @@ class _Port:
             head_only=request.method == "HEAD", headers=answer.headers, cache=answer.cache,
         )  # fmt: skip
         return None
+
+    async def _replayed(self, request: HttpRequest) -> HttpResponse | None:
+        """Fly.io's shortcut: a client reconnecting with ``/ws?resume=<client id>`` whose client a
+        cluster node on another Fly machine holds is sent there by Fly's proxy (``fly-replay``), so
+        its resume needs no handover; never a request the proxy replayed already. Else None."""
+        replay_to = getattr(self.relay.backend, "replay_to", None)
+        if replay_to is None or "fly-replay-src" in request.headers or "fly-replay-failed" in request.headers:
+            return None
+        client_id = next((v for k, _, v in (p.partition("=") for p in request.query.split("&")) if k == "resume"), "")
+        if not 0 < len(client_id) <= 64 or client_id in self.relay._clients:
+            return None
+        machine = await replay_to(client_id)
+        if machine is None:
+            return None
+        headers = (("fly-replay", f"instance={machine};fallback=prefer_self"),)
+        return HttpResponse(409, b"409 this client is on another machine\n", headers=headers)
 
     def _accept(
         self, request: HttpRequest, address: _Address, stream: HttpStream | None, early: bytes = b""

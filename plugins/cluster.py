@@ -100,6 +100,7 @@ REFUSED: Final = 4  # inbox item: no such client there, or not that token
 MOVED: Final = 5  # inbox item: your client's peer resumed on another node (payload: that node)
 LINGER: Final = 1.0  # seconds a stopping node goes on forwarding after its last handover
 HANDOVER_TIMEOUT: Final = 5.0  # seconds a resume waits for the client's node, then resume_failed
+REPLAY_LOOKUP_TIMEOUT: Final = 0.5  # seconds a reconnection waits to learn its client's machine (fly-replay)
 MAX_MOVED: Final = 65_536  # clients that resumed elsewhere, remembered to forward what still comes here
 TICK_SAFETY: Final = 1.0  # seconds between ticks at most, when no interest timeout known here is due
 FAILURE_LOG_INTERVAL: Final = 10.0  # seconds between log lines about Redis failing, while it does
@@ -254,6 +255,8 @@ class ClusterBackend:
         self._lost = False  # Redis lost its data: the restore takes the new epoch
         self._reading = 0  # bumped by each restore: decisions read before it are stale
         self._healthy_since = 0.0  # since when Redis answers (a node reaps others only after node_timeout)
+        self.machine = os.environ.get("FLY_MACHINE_ID", "")  # (Fly.io) this node's machine: its lease says it
+        self._lease_value = self.machine.encode() or b"1"
 
     # -- Backend: queries (this node's clients) ----------------------------------------------------
 
@@ -539,7 +542,7 @@ class ClusterBackend:
         if self._lost:
             await r.set(KEYS[12], secrets.token_hex(8).encode(), condition=self.token.NX)
             self.script.epoch = (await r.get(KEYS[12]) or b"").decode()
-            await r.set(NODE_KEY + self.node, b"1", px=round(self.node_timeout * 1000))
+            await r.set(NODE_KEY + self.node, self._lease_value, px=round(self.node_timeout * 1000))
             await r.sadd(NODES_KEY, [self.node])
         round_ = secrets.token_hex(6)
         clients = self._snapshot(round_)
@@ -647,7 +650,7 @@ class ClusterBackend:
                     "(an evicted key would corrupt it)"
                 )
         lease = round(self.node_timeout * 1000)
-        if not await r.set(NODE_KEY + self.node, b"1", px=lease, condition=self.token.NX):
+        if not await r.set(NODE_KEY + self.node, self._lease_value, px=lease, condition=self.token.NX):
             raise PluginError(f"--node-id {self.node}: a live node has this id (wait {self.node_timeout:g} s)")
         await r.sadd(NODES_KEY, [self.node])
         await r.set(KEYS[12], secrets.token_hex(8).encode(), condition=self.token.NX)  # the first node makes it
@@ -674,9 +677,9 @@ class ClusterBackend:
         while True:
             await trio.sleep(LEASE_INTERVAL)
             try:
-                if not await self.redis.set(NODE_KEY + self.node, b"1", px=lease, condition=self.token.XX):
+                if not await self.redis.set(NODE_KEY + self.node, self._lease_value, px=lease, condition=self.token.XX):
                     await self._lease_lost()
-                    await self.redis.set(NODE_KEY + self.node, b"1", px=lease)
+                    await self.redis.set(NODE_KEY + self.node, self._lease_value, px=lease)
                     await self.redis.sadd(NODES_KEY, [self.node])
                 self._redis_ok()
                 if trio.current_time() - self._healthy_since < self.node_timeout:
@@ -1010,6 +1013,24 @@ class ClusterBackend:
                 await done.wait()
         if self._asked.pop(c.id, None) is not None:  # no answer (or nobody to ask)
             self._refuse(c)
+
+    async def replay_to(self, client_id: str) -> str | None:
+        """Backend (Fly.io): the machine of the live node holding ``client_id``, if not this one's (a
+        reconnection is replayed there); None if unknown, here, or Redis is slow to say."""
+        if not self.machine or self._island is not None:
+            return None
+        with trio.move_on_after(REPLAY_LOOKUP_TIMEOUT):
+            try:
+                record = await self.redis.hget(KEYS[0], client_id)
+                node = orjson.loads(record)["node"] if record else None
+                if node is None or node == self.node:
+                    return None
+                machine = (await self.redis.get(NODE_KEY + node) or b"").decode()
+            except Exception as exc:
+                log.warning("cluster: looking up %s for fly-replay failed: %s", client_id, exc)
+                return None
+            return machine if machine not in ("", "1", self.machine) else None
+        return None
 
     def _refuse(self, c: Any) -> None:
         relay = self.relay

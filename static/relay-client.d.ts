@@ -121,6 +121,8 @@ export function backoffDelay(
 
 /** The relay's HTTP base for a WebSocket URL: `wss://a.example/ws` -> `https://a.example`. */
 export function httpBase(url: string): string;
+/** The URL a reconnection opens: the relay's with `?resume=<clientId>` (a cluster on Fly.io routes it to the client's machine). */
+export function resumeUrl(url: string, clientId: string): string;
 
 /** One Server-Sent Events block of the fallback stream. */
 export function parseEvent(block: string): { event: string; data: string | null; comment: boolean };

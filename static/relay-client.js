@@ -46,6 +46,23 @@ export function httpBase(url) {
 }
 
 /**
+ * The URL a reconnection opens: the relay's, naming the client it resumes (`?resume=<id>`), so that
+ * a cluster on Fly.io can have its proxy take the connection to the machine holding that client.
+ * @param {string} url
+ * @param {string} clientId
+ * @returns {string}
+ */
+export function resumeUrl(url, clientId) {
+  try {
+    const u = new URL(url);
+    u.searchParams.set("resume", clientId);
+    return u.toString();
+  } catch {
+    return url; // (not a URL: the attempt fails as it would have)
+  }
+}
+
+/**
  * Parse one Server-Sent Events block (the lines between two blank lines) of the fallback stream.
  * @param {string} block
  * @returns {{event: string, data: string | null, comment: boolean}}
@@ -443,7 +460,8 @@ export class RelayClient extends EventTarget {
     const transport = this._fallback ? "fallback" : "websocket";
     let ws;
     try {
-      ws = this._connect(url);
+      const resuming = this._resumable && this.resumeToken && !this._fallback;
+      ws = this._connect(resuming ? resumeUrl(url, this.clientId) : url);
     } catch (err) {
       // A malformed URL: count it as a failed attempt.
       this._failed(url, transport);

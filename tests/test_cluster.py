@@ -565,3 +565,45 @@ async def test_redis_unreachable_at_start_the_node_starts_degraded(
             await until_redis(redis, "ZCARD", "{mm}:queue", equals=b":1\r\n")
     finally:
         redis.kill()
+
+
+async def upgrade_answer(port: int, path: str, extra: str = "") -> tuple[int, str]:
+    """A WebSocket upgrade request: the status of the answer, and its head."""
+    with trio.fail_after(STEP):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n".encode()
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some()
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+    return int(head.split()[1]), head
+
+
+async def test_on_fly_a_reconnection_goes_to_the_machine_that_holds_its_client(
+    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    nodes = [
+        RelayProcess(tmp_path, "--redis-url", redis_server.url, "--node-id", f"n{i}", env={"FLY_MACHINE_ID": f"m{i}"})
+        for i in range(2)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        n1 = Harness(nursery, SimpleNamespace(port=nodes[1].port))  # type: ignore[arg-type]
+        with trio.fail_after(4 * STEP):
+            a = await n1.connect()
+            await a.send(type="join")
+            await a.expect("queued")
+            status, head = await upgrade_answer(nodes[0].port, f"/ws?resume={a.id}")  # a lives on m1
+            assert status == 409 and "fly-replay: instance=m1;fallback=prefer_self" in head.lower(), head
+            replayed = await upgrade_answer(nodes[0].port, f"/ws?resume={a.id}", "fly-replay-src: instance=m0\r\n")
+            assert replayed[0] == 101  # the proxy replayed it here anyway: the resume goes on as usual
+            assert (await upgrade_answer(nodes[1].port, f"/ws?resume={a.id}"))[0] == 101  # its own machine
+            assert (await upgrade_answer(nodes[0].port, "/ws?resume=nobody"))[0] == 101
+    finally:
+        for node in nodes:
+            node.kill()

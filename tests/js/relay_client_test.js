@@ -191,7 +191,7 @@ const tests = {
   },
 
   client_comes_back_to_the_first_url_after_a_drop() {
-    const { timers, last } = makeClient(["ws://a/ws", "ws://b/ws"]);
+    const { client, timers, last } = makeClient(["ws://a/ws", "ws://b/ws"]);
     for (let i = 0; i < 3; i++) {
       last().drop();
       timers.fireNext();
@@ -199,7 +199,7 @@ const tests = {
     last().welcome(); // connected to b
     last().drop(); // b drops later
     timers.fireNext();
-    equal(last().url, "ws://a/ws", "the preferred URL first again");
+    equal(last().url, `ws://a/ws?resume=${client.clientId}`, "the preferred URL first again (naming its client)");
   },
 
   client_resumes_after_a_lost_connection_and_keeps_its_session() {
@@ -212,6 +212,7 @@ const tests = {
     assert(!events.some(([t]) => t === "ended"), "the session is not given up yet");
     assert(client.signal({ late: true }), "a signal while reconnecting is kept");
     timers.fireNext();
+    equal(last().url, "ws://a/ws?resume=c1", "the reconnection names the client (a cluster on Fly.io routes it)");
     last().welcome();
     equal(last().sent, [{ type: "resume", token: "c1.secret", last: 7 }], "resume first, with what it saw last");
     last().receive({ type: "resumed", client_id: "c1", resume_token: "c1.next", state: "matched", session_id: "s1", peer_id: "p" });
