@@ -103,7 +103,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeAlias
@@ -2445,7 +2445,7 @@ class _Port:
                     await self._stream_loop(c, transport)  # type: ignore[arg-type]  (a stream's transport)
             except Exception:
                 log.exception("client %s: handler failed", c.id)
-                relay._close(c, CLOSE_INTERNAL, "internal error")
+                relay.close_client(c, CLOSE_INTERNAL, "internal error")
             finally:
                 code, reason = c.close_code, c.close_reason
                 relay._connection_lost(c, transport)
@@ -2598,7 +2598,7 @@ class _Port:
                         if not transport.send_control(OP_PONG, payload):
                             relay._too_slow(c)
                     elif opcode == OP_BINARY:
-                        relay._error(c, "bad_message", "binary frames are not supported: send JSON text")
+                        relay.send_error(c, "bad_message", "binary frames are not supported: send JSON text")
                     if c.phase is NEW:
                         c.move(ACTIVE)
         finally:
@@ -2606,7 +2606,7 @@ class _Port:
             address_bytes.tokens = budget
             cork.release()
         if failed is not None:
-            relay._close(c, *failed)
+            relay.close_client(c, *failed)
             return False
         return True
 
@@ -2893,7 +2893,7 @@ class Relay:
         for c in list(self._clients.values()):
             self._send(c, note)
             if c.peer is None or hands_over:
-                self._close(c, CLOSE_RESTART, "server restarting")
+                self.close_client(c, CLOSE_RESTART, "server restarting")
 
     def undrain(self) -> None:
         """Take clients again after ``drain()`` (not after ``shutdown()``)."""
@@ -2912,13 +2912,23 @@ class Relay:
         self._drain_requested.set()
         self._check_drained()
 
+    @property
+    def clients(self) -> Mapping[str, _Client]:
+        """This node's clients by id, away ones too (for a backend to read: the relay changes it)."""
+        return self._clients
+
+    @property
+    def away(self) -> Mapping[str, _Client]:
+        """Of those, the ones away (their connection vanished: they may resume), oldest first."""
+        return self._away
+
     def kick(self, client_id: str, reason: str = "kicked by an operator") -> bool:
         """Close a client (1008); its peer gets ``peer_left``. False if no such client."""
         c = self._clients.get(client_id)
         if c is None:
             return False
         log.info("client %s: kicked", client_id)
-        self._close(c, CLOSE_POLICY, reason)
+        self.close_client(c, CLOSE_POLICY, reason)
         return True
 
     def statistics(self) -> RelayStatistics:
@@ -3018,7 +3028,7 @@ class Relay:
             else:
                 self._handlers[kind](c, msg)
         except ProtocolError as exc:
-            self._error(c, exc.code, exc.message)
+            self.send_error(c, exc.code, exc.message)
 
     def deliver_signal(self, peer: _Client, text: bytes, msg: dict[str, Any]) -> None:
         """Relay a signal (``text``, parsed: ``msg``) to ``peer``: numbered, kept in its mailbox and
@@ -3053,9 +3063,9 @@ class Relay:
         c.floods += 1
         if c.floods >= s.flood_limit:
             log.info("client %s: flooding, closing", c.id)
-            self._close(c, CLOSE_POLICY, "flooding: too many messages")
+            self.close_client(c, CLOSE_POLICY, "flooding: too many messages")
         else:
-            self._error(c, "rate_limited", why)
+            self.send_error(c, "rate_limited", why)
 
     # -- message handlers (synchronous: they only decide and enqueue) -----------------------------
 
@@ -3101,7 +3111,7 @@ class Relay:
         self._send(c, _LEFT)
         self.apply(self.backend.leave(c.id))
         if self.draining:
-            self._close(c, CLOSE_RESTART, "server restarting")
+            self.close_client(c, CLOSE_RESTART, "server restarting")
 
     def _on_ping(self, c: _Client, msg: dict[str, Any]) -> None:
         self._send(c, _PONG)
@@ -3156,10 +3166,17 @@ class Relay:
             return None
         if x.phase is not AWAY:
             x.was_away = False
-            self._close(x, CLOSE_RESUMED, "resumed on another connection")
+            self.close_client(x, CLOSE_RESUMED, "resumed on another connection")
         else:
             x.was_away = True
         return x
+
+    def hand_off(self, x: _Client) -> None:
+        """Client ``x`` (from ``release_client``) goes on on another node: this one forgets it
+        without a move or a hook (its new node's backend tells the cluster)."""
+        del self._clients[x.id]
+        self._away.pop(x.id, None)
+        x.move(GONE)
 
     def rebuilt_client(self, c: _Client, client_id: str, user_id: str | None, connected_at: float) -> _Client:
         """Client ``client_id`` that another node held, rebuilt (away, with an empty mailbox: the
@@ -3169,18 +3186,26 @@ class Relay:
         x.move(AWAY)
         return x
 
-    def take_back(self, c: _Client, x: _Client, last: int) -> None:
+    def take_back(self, c: _Client, x: _Client, last: int, secret: str = "") -> None:
         """The new connection's client ``c`` becomes ``x`` (from ``release_client``: here, or rebuilt
-        from another node's) and gets what it missed after signal ``last``."""
+        from another node's) and gets what it missed after signal ``last``. If ``c``'s connection
+        vanished meanwhile (a cluster fetched ``x`` from another node), ``x`` waits here, away, for
+        a resume with the same token (``secret``: the client never saw a new one)."""
         was_away = x.was_away
         self._take_over(c, x)
         mm = self.backend
+        if c.phase is AWAY:
+            c.secret = secret or c.secret
+            if c.peer is not None and c.session is not None and not was_away:
+                self._send(c.peer, _msg_peer("peer_reconnecting", c.session.id))
+            mm.hold(c.id)
+            return
         missed, complete = c.mailbox.resume(last)
         session = c.session
         if not complete and session is not None:  # some fell out: rather than a silent gap, the session ends
             log.info("client %s: missed more than was kept, ending its session", c.id)
             missed.append(_msg_peer_left(session.id, "overflow"))
-            self._leave_now(c, "overflow")
+            self.end_session(c, "overflow")
             session = None
         if session is not None:
             details = {"session_id": session.id, "peer_id": session.peer_of(c.id)}
@@ -3196,8 +3221,10 @@ class Relay:
         self.apply(mm.release(c.id))
 
     def _take_over(self, c: _Client, x: _Client) -> None:
-        """``c`` becomes client ``x`` (away, or being closed): its id, user, peer, place and mailbox."""
+        """``c`` becomes client ``x`` (away, or being closed): its id, user, peer, place and mailbox.
+        If ``c`` is away itself, ``x`` stays away, under its own id, for the rest of ``c``'s grace."""
         self._away.pop(x.id, None)
+        away = self._away.pop(c.id, None) is not None
         del self._clients[c.id]
         self.backend.disconnect(c.id)  # the provisional client never did anything
         call_hooks(self.hook, "relay_client_disconnected", client_id=c.id, code=None, duration=0.0)
@@ -3209,6 +3236,10 @@ class Relay:
         if c.peer is not None:
             c.peer.peer = c
         self._clients[c.id] = c
+        if away:
+            self._away[c.id] = c
+            if not c.mailbox.away:
+                c.mailbox.go_away()
         self._resumed += 1
         log.debug("client %s resumed from %s", c.id, c.remote)
 
@@ -3224,7 +3255,7 @@ class Relay:
         if not self.draining:
             return False
         self.apply(self.backend.leave(c.id, "next"))
-        self._close(c, CLOSE_RESTART, "server restarting")
+        self.close_client(c, CLOSE_RESTART, "server restarting")
         return True
 
     def apply(self, decisions: list[Decision], *, decided_here: bool = True) -> None:
@@ -3270,7 +3301,7 @@ class Relay:
             # The reported side is not told it was reported: for it, the peer left.
             self._send(notify, _msg_peer_left(s.id, "left" if d.reason == "reported" else d.reason))
             if self.draining:
-                self._close(notify, CLOSE_RESTART, "server restarting")
+                self.close_client(notify, CLOSE_RESTART, "server restarting")
         if decided_here:
             self._ended[d.reason] = self._ended.get(d.reason, 0) + 1
             duration = trio.current_time() - s.started_at
@@ -3294,7 +3325,7 @@ class Relay:
     def _too_slow(self, c: _Client) -> None:
         self._closed_slow += 1
         log.info("client %s: send buffer full, closing", c.id)
-        self._close(c, CLOSE_TOO_SLOW, "too slow: send buffer full")
+        self.close_client(c, CLOSE_TOO_SLOW, "too slow: send buffer full")
 
     def _overflow(self, c: _Client) -> None:
         """More was sent to an away client than its mailbox keeps: rather than lose messages
@@ -3304,19 +3335,19 @@ class Relay:
             return  # nothing but a finished session's messages could pile up: drop this one
         log.info("client %s: too much waiting while it is away, ending its session", c.id)
         c.mailbox.replace_held(_msg_peer_left(session.id, "overflow"))
-        self._leave_now(c, "overflow")
+        self.end_session(c, "overflow")
 
-    def _leave_now(self, c: _Client, reason: str) -> None:
+    def end_session(self, c: _Client, reason: str) -> None:
         """End ``c``'s session for the relay's own reasons. Over at once for ``c``, even where the
         backend decides later (a cluster's): one move, not one per message that still comes."""
         self.apply(self.backend.leave(c.id, reason))
         c.session = c.peer = None
 
-    def _error(self, c: _Client, code: str, message: str) -> None:
+    def send_error(self, c: _Client, code: str, message: str) -> None:
         self._errors[code] = self._errors.get(code, 0) + 1
         self._send(c, _msg_error(code, message))
 
-    def _close(self, c: _Client, code: int, reason: str) -> None:
+    def close_client(self, c: _Client, code: int, reason: str) -> None:
         """Close ``c`` with ``code`` after what was sent to it so far; nothing more is sent.
 
         Its read loop stops at once; its own task then detaches it and closes the WebSocket.
@@ -3350,7 +3381,7 @@ class Relay:
                             self._too_slow(c)
                 elif now - c.pinged_at >= s.heartbeat_timeout:
                     log.info("client %s: no pong in %.0f s", c.id, now - c.pinged_at)
-                    self._close(c, CLOSE_HEARTBEAT, "heartbeat timeout")
+                    self.close_client(c, CLOSE_HEARTBEAT, "heartbeat timeout")
 
     async def _tick_loop(self) -> None:
         """Expire interest timeouts on time even when nobody joins; end vanished clients whose grace
@@ -3402,7 +3433,7 @@ class Relay:
         await self._drain_requested.wait()
         await trio.sleep(self.settings.drain_seconds)
         for c in list(self._clients.values()):
-            self._close(c, CLOSE_RESTART, "server restarting")
+            self.close_client(c, CLOSE_RESTART, "server restarting")
         await trio.sleep(CLOSE_TIMEOUT + 1.0)
         self._stopped.set()
 

@@ -53,7 +53,6 @@ import trio
 import relay
 from relay import (
     CLOSE_RESTART,
-    GONE,
     MAX_BLOCKING_IDENTITIES,
     MAX_BLOCKS,
     SIGNAL,
@@ -207,6 +206,7 @@ class ClusterBackend:
 
         self.token = PureToken  # SET's NX / XX, XADD's MAXLEN ~
         self.relay = relay
+        self.clients = relay.clients  # (the relay's own mapping: read once per message from another node)
         self.url = url
         self.node = node_id
         self.flush_s = flush_s
@@ -239,7 +239,7 @@ class ClusterBackend:
         self._early_count = 0
         self._ended: dict[str, None] = {}  # recently ended session ids, oldest first
         self._moved: dict[str, str] = {}  # client id -> the node it resumed on (late messages go there)
-        self._asked: dict[str, tuple[Any, int, trio.Event]] = {}  # resumes waiting: new client id -> ...
+        self._asked: dict[str, tuple[Any, int, str, trio.Event]] = {}  # resumes waiting: new client id -> ...
         self._nursery: trio.Nursery | None = None
         self._decisions_read = b"0-0"  # the last entry of {mm}:decisions applied here
         self._applied_early: set[bytes] = set()  # entries applied from a call's answer, not yet read
@@ -278,7 +278,7 @@ class ClusterBackend:
     @property
     def session_count(self) -> int:
         """Sessions with a side on this node (counted when asked: /healthz and metrics only)."""
-        return len({c.session.id for c in self.relay._clients.values() if c.session is not None})
+        return len({c.session.id for c in self.clients.values() if c.session is not None})
 
     @property
     def health(self) -> str:
@@ -319,7 +319,7 @@ class ClusterBackend:
         return sum(1 for cid in self._waiting if self._interests.get(cid))
 
     def state(self, client_id: str) -> str:
-        c = self.relay._clients.get(client_id)
+        c = self.clients.get(client_id)
         if c is not None and c.session is not None:
             return "matched"
         island = self._island
@@ -429,7 +429,7 @@ class ClusterBackend:
             rematch_cooldown=s.rematch_cooldown,
         )  # fmt: skip
         self._foreign = {}
-        for c in relay._clients.values():
+        for c in relay.clients.values():
             island.connect(c.id, c.user_id)
             if c.session is not None and c.peer is not None:
                 self._foreign[c.id] = c.session
@@ -437,7 +437,7 @@ class ClusterBackend:
             if peer.session is not None:
                 self._foreign[peer.id] = peer.session
         decisions: list[Decision] = []
-        waiting, away = self._waiting, relay._away
+        waiting, away = self._waiting, relay.away
         for cid in sorted(waiting, key=lambda cid: (cid not in away, waiting[cid])):  # held ones first: kept out
             if cid in island:
                 decisions += island.join(cid, self._interests.get(cid, ()))
@@ -508,7 +508,7 @@ class ClusterBackend:
         return decisions
 
     def _identity(self, client_id: str) -> str:
-        c = self.relay._clients.get(client_id) or self.relay.remote_peers.get(client_id)
+        c = self.clients.get(client_id) or self.relay.remote_peers.get(client_id)
         return c.user_id or client_id if c is not None else client_id
 
     def _snapshot(self, round_: str) -> list[dict[str, Any]]:
@@ -517,9 +517,9 @@ class ClusterBackend:
         if island is not None:
             waits = {cid: (since, held) for cid, _, since, _, held in island.waiting()}
         else:
-            waits = {cid: (self._since.get(cid, now), cid in relay._away) for cid in self._waiting}
+            waits = {cid: (self._since.get(cid, now), cid in relay.away) for cid in self._waiting}
         out = []
-        for c in relay._clients.values():
+        for c in relay.clients.values():
             item: dict[str, Any] = {"id": c.id, "ident": c.user_id or c.id, "ints": self._interests.get(c.id, []),
                                     "r": round_}  # fmt: skip
             s, peer = c.session, c.peer
@@ -583,7 +583,7 @@ class ClusterBackend:
         """A session of this node's that Redis no longer has: it ended elsewhere while this node was
         alone (told and recorded there). Its side here learns it now."""
         relay = self.relay
-        for c in list(relay._clients.values()):
+        for c in list(relay.clients.values()):
             if c.session is not None and c.session.id == session_id:
                 peer_id = c.session.peer_of(c.id)
                 relay.apply([Ended(c.session, reason, by if by != c.id else peer_id)], decided_here=False)
@@ -704,11 +704,16 @@ class ClusterBackend:
         r = self.redis
         epoch = await r.get(KEYS[12])
         if epoch is None or epoch.decode() != self.script.epoch:
-            log.error("cluster: Redis lost its data: restoring this node's clients")
-            self._lost = self._restore_needed = True
+            self._epoch_changed()
+            self._restore_needed = True
             self._wake.unpark()
         elif not await r.sismember(NODES_KEY, self.node) or await r.exists([REAP_KEY + self.node]):
             self._taken_for_dead()
+
+    def _epoch_changed(self) -> None:
+        if not self._lost:
+            self._lost = True
+            log.error("cluster: Redis lost its data (its epoch changed): restoring this node's clients")
 
     def _taken_for_dead(self) -> None:
         """This node's lease ran out (it was paused, or cut off from Redis) and another node may have
@@ -717,8 +722,8 @@ class ClusterBackend:
         log.error("cluster: node %s: the lease had run out (taken for dead): closing its clients", self.node)
         self.statistics["cluster_lease_lost"] += 1
         relay = self.relay
-        for c in list(relay._clients.values()):
-            relay._close(c, CLOSE_RESTART, "server restarting")
+        for c in list(relay.clients.values()):
+            relay.close_client(c, CLOSE_RESTART, "server restarting")
 
     async def _reap(self, node: str) -> None:
         """A node is dead (no lease): if no other node does, forget its clients (their peers are told
@@ -741,7 +746,7 @@ class ClusterBackend:
                 try:
                     await self._restore()
                 except EpochChanged:
-                    self._lost = True
+                    self._epoch_changed()
                 except Exception as exc:
                     self._redis_failed("restoring", exc)
                     await trio.sleep(RETRY_INTERVAL)
@@ -754,7 +759,8 @@ class ClusterBackend:
             try:
                 routed = await self.script.move(move, client_id, *args, node=self.node)
             except EpochChanged:  # Redis lost its data: the move waits for the restore
-                self._lost = self._restore_needed = True
+                self._epoch_changed()
+                self._restore_needed = True
                 continue
             except IllegalMove as exc:
                 routed = []
@@ -783,14 +789,14 @@ class ClusterBackend:
                 self._tick_pending = False
 
     def _illegal(self, client_id: str, exc: IllegalMove) -> None:
-        c = self.relay._clients.get(client_id)
+        c = self.clients.get(client_id)
         if c is not None:
-            self.relay._error(c, exc.code, exc.message)
+            self.relay.send_error(c, exc.code, exc.message)
 
     def _apply(self, d: Decision, where: dict[str, tuple[str, str]], *, decided_here: bool) -> None:
         relay = self.relay
         if type(d) is Queued:
-            if d.client_id in relay._clients:
+            if d.client_id in relay.clients:
                 if d.client_id not in self._waiting:
                     self._since[d.client_id] = trio.current_time()
                 self._waiting[d.client_id] = d.position
@@ -799,10 +805,10 @@ class ClusterBackend:
             return
         s = d.session
         for cid, (node, identity) in where.items():
-            if cid not in relay._clients and cid not in relay.remote_peers:
+            if cid not in relay.clients and cid not in relay.remote_peers:
                 user = identity if identity != cid else None
                 relay.remote_peers[cid] = RemotePeer(cid, user, node, self._forward)
-        local = [cid for cid in where if cid in relay._clients]
+        local = [cid for cid in where if cid in relay.clients]
         if type(d) is Paired:
             for cid in local:
                 self._unqueue(cid)
@@ -815,7 +821,7 @@ class ClusterBackend:
             relay.apply([d], decided_here=decided_here)
         for cid in where:
             peer = relay.remote_peers.get(cid)
-            if peer is not None and (peer.peer is None or relay._clients.get(peer.peer.id) is not peer.peer):
+            if peer is not None and (peer.peer is None or relay.clients.get(peer.peer.id) is not peer.peer):
                 del relay.remote_peers[cid]
 
     def _remember_ended(self, session_id: str) -> None:
@@ -854,13 +860,13 @@ class ClusterBackend:
         self.statistics["cluster_overflows"] += 1
         relay = self.relay
         ended = 0
-        for c in list(relay._clients.values()):
+        for c in list(relay.clients.values()):
             peer, session = c.peer, c.session
             if peer is not None and session is not None and peer.__class__ is RemotePeer and peer.node == node:
                 relay.deliver_text(
                     c, orjson.dumps({"type": "peer_left", "session_id": session.id, "reason": "overflow"})
                 )
-                relay._leave_now(c, "overflow")
+                relay.end_session(c, "overflow")
                 ended += 1
         log.error("cluster: more than %d bytes wait for node %s: %d sessions ended", self.buffer_bytes, node, ended)
 
@@ -938,7 +944,7 @@ class ClusterBackend:
         """One move's decisions, as every node reads them, in the order Redis made them."""
         entry = orjson.loads(payload)
         here = entry["n"] == self.node
-        clients = self.relay._clients
+        clients = self.clients
         for raw in entry["d"]:
             if raw[0] == "r":  # a restore's mark
                 continue
@@ -971,7 +977,7 @@ class ClusterBackend:
 
     def _deliver(self, kind: int, client_id: str, session_id: str, text: bytes) -> None:
         """A signal (SIGNAL) or message (TEXT) from another node for ``client_id``, in ``session_id``."""
-        c = self.relay._clients.get(client_id)
+        c = self.clients.get(client_id)
         if c is None:
             moved = self._moved.get(client_id)
             if moved is not None:  # it resumed on another node: on to there, in order
@@ -994,7 +1000,7 @@ class ClusterBackend:
         """Backend: ``c``'s ``resume`` names a client this node does not hold. Ask its node (which
         checks the token); ``Relay.take_back`` or ``resume_failed`` follows. Always True: pending."""
         done = trio.Event()
-        self._asked[c.id] = (c, last, done)
+        self._asked[c.id] = (c, last, secret, done)
         assert self._nursery is not None
         self._nursery.start_soon(self._ask, c, client_id, secret, done)
         return True
@@ -1034,8 +1040,8 @@ class ClusterBackend:
 
     def _refuse(self, c: Any) -> None:
         relay = self.relay
-        if relay._clients.get(c.id) is c:
-            relay._error(c, "resume_failed", "cannot resume (too late, or not yours): join again")
+        if relay.clients.get(c.id) is c:
+            relay.send_error(c, "resume_failed", "cannot resume (too late, or not yours): join again")
 
     def _hand_over(self, client_id: str, request: dict[str, Any]) -> None:
         """Another node's new connection resumes ``client_id``: if the token is right, the client
@@ -1045,9 +1051,7 @@ class ClusterBackend:
         if x is None:
             self._put(node, REFUSED, request["for"], "", b"")
             return
-        del relay._clients[x.id]
-        relay._away.pop(x.id, None)
-        x.move(GONE)
+        relay.hand_off(x)
         peer = x.peer
         if peer is not None and peer.__class__ is not RemotePeer:  # its peer stays here: x is remote now
             stand_in = relay.remote_peers[x.id] = RemotePeer(x.id, x.user_id, node, self._forward)
@@ -1080,13 +1084,16 @@ class ClusterBackend:
         asked = self._asked.pop(new_id, None)
         if asked is None:
             return  # too late: it was refused meanwhile
-        c, last, done = asked
+        c, last, secret, done = asked
         done.set()
         relay = self.relay
-        if kind == REFUSED or relay._clients.get(c.id) is not c:
+        if kind == REFUSED:
             self._refuse(c)
             return
         state = orjson.loads(payload)
+        if relay.clients.get(c.id) is not c:  # the new connection closed meanwhile: the client ends here
+            self._enqueue("disconnect", state["id"], "disconnected")
+            return
         x = relay.rebuilt_client(c, state["id"], state["user"], trio.current_time() - state["age"])
         mb = x.mailbox
         mb.count = state["count"]
@@ -1099,7 +1106,7 @@ class ClusterBackend:
         if state["session"] is not None:
             x.session = self.script.session(state["session"])
             pid, user, node = state["peer"]
-            local = relay._clients.get(pid)
+            local = relay.clients.get(pid)
             if local is not None:
                 x.peer = local
                 relay.remote_peers.pop(x.id, None)
@@ -1111,7 +1118,7 @@ class ClusterBackend:
         if state["position"] is not None:
             self._waiting[x.id] = state["position"]
         self._enqueue("move", x.id, self.node)  # this node serves it now (before the release take_back asks)
-        relay.take_back(c, x, last)
+        relay.take_back(c, x, last, secret)
 
     def _session_json(self, s: Session) -> dict[str, Any]:
         """A Session as the script writes it (times in Redis's clock)."""
@@ -1146,11 +1153,11 @@ class ClusterBackend:
         lease up. If some clients were not taken over in time, the node stays in the node list
         without a lease: another node reaps it at once, so that nothing of them stays in Redis."""
         with trio.move_on_after(relay.SHUTDOWN_TIMEOUT - LINGER):
-            while self.relay._away or self._moves or trio.current_time() - self._handed_over_at < LINGER:
+            while self.relay.away or self._moves or trio.current_time() - self._handed_over_at < LINGER:
                 await trio.sleep(0.01)
             while self._outbox:
                 await self.flush()
-        left = len(self.relay._away) + len(self._moves)
+        left = len(self.relay.away) + len(self._moves)
         try:
             await self.redis.delete([NODE_KEY + self.node])
             if left:

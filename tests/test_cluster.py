@@ -607,3 +607,36 @@ async def test_on_fly_a_reconnection_goes_to_the_machine_that_holds_its_client(
     finally:
         for node in nodes:
             node.kill()
+
+
+async def test_a_resume_whose_connection_vanishes_during_the_handover_can_be_made_again(
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = make_cluster(redis_server, 3, "--resume-grace", "2")
+    n0, n1, n2 = c.harnesses(nursery)
+    with trio.fail_after(6 * STEP):
+        a, b, ma = await paired(n0, n1)
+        await b.send(type="signal", data={"i": 1})
+        await a.expect("signal", n=1)
+        back = await n2.connect()  # a's phone on another network, its old connection still up
+        await back.send(type="resume", token=a.welcome["resume_token"], last=1)
+        await vanish(back)  # gone before n0 hands a over: n2 keeps a away, under a's id
+        assert (await a.closed()).code == 4000  # n0 gave a up
+        await b.expect("peer_reconnecting", session_id=ma["session_id"])
+        await b.send(type="signal", data={"i": 2})
+        again = await n2.connect()
+        while True:  # the same token (a never saw another): n2 holds a once the handover is in
+            await again.send(type="resume", token=a.welcome["resume_token"], last=1)
+            msg = await again.recv()
+            if msg["type"] == "resumed":
+                break
+            assert msg["type"] == "error" and msg["code"] == "resume_failed", msg
+            again = await n2.connect()
+            await trio.sleep(0.05)
+        assert msg["client_id"] == a.id and msg["session_id"] == ma["session_id"]
+        assert (await again.expect("signal", n=2))["data"] == {"i": 2}
+        await b.expect("peer_resumed", session_id=ma["session_id"])
+        await b.send(type="signal", data={"i": 3})
+        assert (await again.expect("signal", n=3))["data"] == {"i": 3}
+        await trio.sleep(2.5)  # past the grace of the connections that vanished: n2 still serves
+        assert (await health(c.nodes[2]))["status"] == "ok"

@@ -87,7 +87,7 @@ async def test_the_descriptor_is_usable_after_notify_closing(pair):
 
 
 async def test_notify_closing_without_waiters_is_harmless(pair):
-    """Relay._close interrupts a client whose task may be busy, not waiting: nothing must happen."""
+    """Relay.close_client interrupts a client whose task may be busy, not waiting: nothing must happen."""
     a, _ = pair
     trio.lowlevel.notify_closing(a.fileno())
     trio.lowlevel.notify_closing(a.fileno())

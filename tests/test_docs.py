@@ -67,7 +67,8 @@ def test_what_the_plugin_docs_tell_authors_to_use_is_public():
     text = (ROOT / "docs" / "plugins.md").read_text()
     instance = {  # a Relay's attributes, relay.py
         "pm", "options", "counters", "statistics", "settings", "py", "backend", "apply", "remote_peers",
-        "deliver_signal", "deliver_text", "release_client", "rebuilt_client", "take_back", "corked",
+        "deliver_signal", "deliver_text", "release_client", "rebuilt_client", "take_back", "corked", "clients",
+        "away", "hand_off", "send_error", "end_session", "close_client",
     }  # fmt: skip
     named = set(re.findall(r"\brelay\.([A-Za-z_]\w*)", text)) - instance
     assert named, "no names found"
