@@ -3802,7 +3802,7 @@ async def _supervise(argv: list[str], workers: int) -> None:
                 async with trio.lowlevel.FdStream(r) as pipe:
                     listening = await pipe.receive_some(1)
                 if restarts == 0:
-                    if not listening:
+                    if not listening and not stopping.is_set():  # (stopped while starting: no mistake)
                         raise StartupError(f"--workers: worker {i} did not start (exit code {await exited(proc)})")
                     task_status.started()
                 code = await exited(proc)

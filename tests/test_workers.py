@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -130,3 +132,21 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "Z"
+
+
+def test_workers_stopped_while_starting_exit_0(tmp_path: Path, redis_server: RedisServer) -> None:
+    s = Supervisor(tmp_path, "--redis-url", redis_server.url, "--node-id", "w", "--workers", "2")
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # the first worker listens; the second is (most likely) still starting
+            try:
+                socket.create_connection(("127.0.0.1", s.port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and s.proc.poll() is None, s.log.read_text()
+                time.sleep(0.01)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0, s.log.read_text()
+        assert "relay: error" not in s.log.read_text() and " ERROR " not in s.log.read_text()
+    finally:
+        s.stop()
