@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -155,8 +156,6 @@ class QueueScript:
         self, move: str, client_id: str = "", *args: str, node: str = "", now: float | None = None
     ) -> list[tuple[Decision, dict[str, tuple[str, str]]]]:
         answer = await self.call(move, client_id, *args, node=node, now=now)
-        if "epoch" in answer:
-            raise EpochChanged(answer["epoch"])
         self.next_deadline = answer.get("next", self.next_deadline)
         self.entry = (answer["prev"].encode(), answer["id"].encode()) if "id" in answer else None
         if "illegal" in answer:
@@ -166,12 +165,15 @@ class QueueScript:
         return [self.decision(d) for d in answer["d"]]
 
     async def call(self, move: str, client_id: str, *args: str, node: str, now: float | None = None) -> dict[str, Any]:
-        """One call of the script: its answer, as JSON."""
+        """One call of the script: its answer, as JSON. ``EpochChanged`` if Redis lost its data."""
         argv = [
             "" if now is None else str(round(now * 1000)), *self.settings, secrets.token_hex(8), node,
             str(DECISIONS_KEEP), self.epoch, move, client_id,
         ]  # fmt: skip
-        return orjson.loads(await self.script(keys=KEYS, args=[*argv, *args]))
+        answer = orjson.loads(await self.script(keys=KEYS, args=[*argv, *args]))
+        if "epoch" in answer:
+            raise EpochChanged(answer["epoch"])
+        return answer
 
     def session(self, s: dict[str, Any]) -> Session:
         ints = s["ints"]
@@ -558,18 +560,17 @@ class ClusterBackend:
                 "blocks": list(self._alone_blocks) if head else [], "c": clients[at : at + RESTORE_BATCH],
             }  # fmt: skip
             answer = await self.script.call("restore", "", orjson.dumps(batch).decode(), node=self.node)
-            if "epoch" in answer:
-                raise EpochChanged(answer["epoch"])
             first = first or answer["prev"]
-            for sid, reason, by in answer["gone"]:
-                self._gone(sid, reason, by)
+            if answer["gone"]:  # (this node's clients by session, once per call, not once per session)
+                sides = collections.defaultdict(list)
+                for c in self.clients.values():
+                    if c.session is not None:
+                        sides[c.session.id].append(c)
+                for sid, reason, by in answer["gone"]:
+                    self._gone(sides.get(sid, ()), sid, reason, by)
         seen = ""
-        while True:
-            answer = await self.script.call("restored", "", round_, seen, node=self.node)
-            if "epoch" in answer:
-                raise EpochChanged(answer["epoch"])
-            if not (seen := answer["seen"]):
-                break
+        while seen := (await self.script.call("restored", "", round_, seen, node=self.node))["seen"]:
+            pass
         assert first is not None
         self._decisions_read, self._reading = first.encode(), self._reading + 1
         self._applied_early.clear()
@@ -579,11 +580,11 @@ class ClusterBackend:
         self.statistics["cluster_restores"] += 1
         log.warning("cluster: node %s restored its %d clients into Redis", self.node, len(clients))
 
-    def _gone(self, session_id: str, reason: str, by: str) -> None:
-        """A session of this node's that Redis no longer has: it ended elsewhere while this node was
-        alone (told and recorded there). Its side here learns it now."""
+    def _gone(self, sides: Iterable[Any], session_id: str, reason: str, by: str) -> None:
+        """A session of this node's (``sides``: its clients here) that Redis no longer has: it ended
+        elsewhere while this node was alone (told and recorded there). Its side here learns it now."""
         relay = self.relay
-        for c in list(relay.clients.values()):
+        for c in sides:
             if c.session is not None and c.session.id == session_id:
                 peer_id = c.session.peer_of(c.id)
                 relay.apply([Ended(c.session, reason, by if by != c.id else peer_id)], decided_here=False)
@@ -694,8 +695,9 @@ class ClusterBackend:
                 self._redis_failed("renewing the lease", exc)
 
     async def _forget_clients_of(self, node: str) -> None:
-        while (await self.script.call("reap", "", node, node=self.node)).get("left"):
-            pass
+        with contextlib.suppress(EpochChanged):  # (Redis lost its data: nothing of that node is left)
+            while (await self.script.call("reap", "", node, node=self.node))["left"]:
+                pass
 
     async def _lease_lost(self) -> None:
         """This node's lease ran out. Redis lost its data (no epoch, or another): restore this node's
