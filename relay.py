@@ -3791,6 +3791,9 @@ async def _supervise(argv: list[str], workers: int) -> None:
 
     async def worker(i: int, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         restarts = 0
+        if stopping.is_set():  # stopped before this worker's turn to start came
+            task_status.started()
+            return
         while not stopping.is_set():
             r, w = os.pipe()
             env = {**os.environ, WORKER_ENV: f"{i}-{restarts}", READY_ENV: str(w)}
