@@ -158,6 +158,7 @@ __all__ = [
     "parse_interests",
     "parse_message",
     "relayed_signal",
+    "secret_digest",
     "serve_http",
     "setting",
 ]
@@ -1176,6 +1177,12 @@ def relayed_signal(text: bytes, msg: dict[str, Any], mailbox: Mailbox) -> bytes:
     return _msg_signal(msg["data"], n)
 
 
+def secret_digest(secret: str) -> str:
+    """What a cluster writes down of a resume token's secret (SHA-256, hex): enough to check a
+    token with, not to make one."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 def _msg_peer_left(session_id: str, reason: str) -> bytes:
     return _dumps({"type": "peer_left", "session_id": session_id, "reason": reason})
 
@@ -1926,17 +1933,27 @@ class _Client:
     )  # fmt: skip
 
     def __init__(
-        self, transport: _Transport, remote: str, address: _Address, user_id: str | None, now: float, settings: Settings
+        self,
+        transport: _Transport,
+        remote: str,
+        address: _Address,
+        user_id: str | None,
+        now: float,
+        settings: Settings,
+        new_mailbox: Callable[[str], Mailbox],
+        client_id: str = "",
     ) -> None:
-        self.id = secrets.token_urlsafe(9)
-        self.secret = secrets.token_urlsafe(16)  # 128 bits: the private half of the resume token
+        self.id = client_id or secrets.token_urlsafe(9)
+        #: 128 bits: the private half of the resume token; for a client rebuilt from a dead node's
+        #: journal, ``"#"`` and its ``secret_digest`` (only the digest was written down).
+        self.secret = secrets.token_urlsafe(16)
         self.user_id = user_id
         self.peer: _Client | RemotePeer | None = None  # the current session's other side
         self.session: Session | None = None  # the current session
         self.position = 0  # last position sent in "queued"
         self.connected_at = now
         self.joins: _Bucket | None = None  # joins and nexts, per minute (from the first one on)
-        self.mailbox = Mailbox(settings.resume_buffer_messages, settings.resume_buffer_bytes)
+        self.mailbox = new_mailbox(self.id)
         self.phase = NEW
         self.transport = transport
         self.remote = remote
@@ -2504,7 +2521,7 @@ class _Port:
             transport = _Transport(fd, s.send_buffer_bytes, s.max_message_bytes, self.nursery, self.cork)
         else:
             transport = _StreamTransport(fd, s.send_buffer_bytes, 0, self.nursery, self.cork, stream.framing)
-        c = _Client(transport, upgrade.remote, address, upgrade.user_id, trio.current_time(), s)
+        c = _Client(transport, upgrade.remote, address, upgrade.user_id, trio.current_time(), s, self.relay.new_mailbox)
         self.websockets += 1
         self.cork.on = True
         try:
@@ -2805,6 +2822,10 @@ class Relay:
         self._clients: dict[str, _Client] = {}
         #: Peers of this node's clients that are clients of other nodes (a cluster backend keeps it).
         self.remote_peers: dict[str, RemotePeer] = {}
+        #: A client's mailbox, made for its id (a cluster backend journals what its mailboxes keep).
+        self.new_mailbox: Callable[[str], Mailbox] = lambda _client_id: Mailbox(
+            settings.resume_buffer_messages, settings.resume_buffer_bytes
+        )
         self._away: dict[str, _Client] = {}  # vanished clients that may resume, oldest first
         self._user_joins: dict[str, _Bucket] = {}  # per user id (under auth): joins and nexts per minute
         self._started = 0.0
@@ -3147,10 +3168,17 @@ class Relay:
         resume_elsewhere = getattr(self.backend, "resume_elsewhere", None)
         if cid not in self._clients and resume_elsewhere is not None and resume_elsewhere(c, cid, secret, msg["last"]):
             return  # held by another node: its backend asks for it, then calls take_back
-        x = self.release_client(cid, secret, c.user_id) if cid != c.id else None
-        if x is None:
+        if not self.resume_here(c, cid, secret, msg["last"]):
             raise ProtocolError("resume_failed", "cannot resume (too late, or not yours): join again")
-        self.take_back(c, x, msg["last"])
+
+    def resume_here(self, c: _Client, client_id: str, secret: str, last: int) -> bool:
+        """``c`` (a new connection) resumes client ``client_id``, which this node holds: True, or
+        False if the token is not its."""
+        x = self.release_client(client_id, secret, c.user_id) if client_id != c.id else None
+        if x is None:
+            return False
+        self.take_back(c, x, last)
+        return True
 
     def release_client(self, client_id: str, secret: str, user_id: str | None) -> _Client | None:
         """Client ``client_id`` if ``secret`` is its resume token's and ``user_id`` its user, no longer
@@ -3160,7 +3188,9 @@ class Relay:
         if (
             x is None
             or x.phase is CLOSING
-            or not hmac.compare_digest(x.secret.encode(), secret.encode())
+            or not hmac.compare_digest(
+                x.secret.encode(), ("#" + secret_digest(secret) if x.secret[0] == "#" else secret).encode()
+            )
             or x.user_id != user_id
         ):
             return None
@@ -3181,9 +3211,24 @@ class Relay:
     def rebuilt_client(self, c: _Client, client_id: str, user_id: str | None, connected_at: float) -> _Client:
         """Client ``client_id`` that another node held, rebuilt (away, with an empty mailbox: the
         backend fills it in) for ``c``, the new connection that resumes it, to ``take_back``."""
-        x = _Client(c.transport, c.remote, c.address, user_id, connected_at, self.settings)
-        x.id = client_id
+        x = _Client(c.transport, c.remote, c.address, user_id, connected_at, self.settings, self.new_mailbox, client_id)
         x.move(AWAY)
+        return x
+
+    def adopted_client(self, client_id: str, user_id: str | None, connected_at: float, digest: str) -> _Client:
+        """Client ``client_id`` of a node that died, served by this one from now on (a cluster
+        backend rebuilt it from that node's journal and fills its mailbox, session and peer in):
+        away, for a resume within ``--resume-grace`` from now, by the token whose secret has
+        ``secret_digest`` ``digest``."""
+        now, port = trio.current_time(), self._port
+        transport = _Transport(-1, 0, 0, port.nursery, port.cork)  # (no socket: nothing is written)
+        s = self.settings
+        x = _Client(transport, "", _Address(s, now), user_id, connected_at, s, self.new_mailbox, client_id)
+        x.secret = "#" + digest
+        x.move(AWAY)
+        x.away_since = now
+        x.mailbox.go_away()
+        self._clients[x.id] = self._away[x.id] = x
         return x
 
     def take_back(self, c: _Client, x: _Client, last: int, secret: str = "") -> None:

@@ -68,7 +68,8 @@ def test_what_the_plugin_docs_tell_authors_to_use_is_public():
     instance = {  # a Relay's attributes, relay.py
         "pm", "options", "counters", "statistics", "settings", "py", "backend", "apply", "remote_peers",
         "deliver_signal", "deliver_text", "release_client", "rebuilt_client", "take_back", "corked", "clients",
-        "away", "hand_off", "send_error", "end_session", "close_client",
+        "away", "hand_off", "send_error", "end_session", "close_client", "resume_here", "new_mailbox",
+        "adopted_client",
     }  # fmt: skip
     named = set(re.findall(r"\brelay\.([A-Za-z_]\w*)", text)) - instance
     assert named, "no names found"
