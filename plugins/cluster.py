@@ -62,6 +62,7 @@ from relay import (
     Decision,
     Ended,
     IllegalMove,
+    Mailbox,
     Matchmaker,
     Paired,
     PluginError,
@@ -98,6 +99,9 @@ REQUEST: Final = 2  # inbox item: another node's new connection resumes this nod
 HANDOVER: Final = 3  # inbox item: the client asked for, as its node had it (JSON)
 REFUSED: Final = 4  # inbox item: no such client there, or not that token
 MOVED: Final = 5  # inbox item: your client's peer resumed on another node (payload: that node)
+FENCE: Final = 6  # inbox item: nothing more for this client comes the old way (sent there, forwarded on)
+FORWARDED: Final = 0x80  # added to an item's kind by a node that forwards it to where its client moved
+FENCE_TIMEOUT: Final = 5.0  # seconds a node holds what comes the new way for a client that moved, at most
 LINGER: Final = 1.0  # seconds a stopping node goes on forwarding after its last handover
 HANDOVER_TIMEOUT: Final = 5.0  # seconds a resume waits for the client's node, then resume_failed
 REPLAY_LOOKUP_TIMEOUT: Final = 0.5  # seconds a reconnection waits to learn its client's machine (fly-replay)
@@ -107,6 +111,11 @@ FAILURE_LOG_INTERVAL: Final = 10.0  # seconds between log lines about Redis fail
 DEGRADED_AFTER: Final = 2.0  # seconds of failing Redis calls before a node says it is degraded
 RETRY_INTERVAL: Final = 0.5  # seconds between attempts while Redis does not answer
 RESTORE_BATCH: Final = 100  # clients per script call when a node restores its clients into Redis
+JOURNAL_KEY: Final = "{mm}:journal:"  # + node id: the signals its clients were sent, and how far it read its inbox
+JOURNALED_KEY: Final = "{mm}:journaled:"  # + node id: hash, client id -> "count digest" (signals numbered, token)
+JOURNAL_SECONDS: Final = 10.0  # seconds of signals a node's journal keeps for a resume after the node's death
+MAX_JOURNAL: Final = 65_536  # signals a node keeps for its journal while Redis does not take them (older ones go)
+ADOPT_LINGER: Final = 10.0  # seconds a node reads a dead node's inbox after taking its clients (senders learn late)
 MIN_REDIS: Final = (7, 0)
 _LENGTH: Final = struct.Struct("!I")
 _REASONS: Final = {"next": "next", "report": "reported"}  # a move's reason for ending a session
@@ -193,6 +202,60 @@ class QueueScript:
 
 
 ########################################################################################################
+# The journal: what another node needs to take this node's clients over if it dies
+########################################################################################################
+
+
+class Journal:
+    """What this node's clients were sent since the last flush, and which clients changed: each
+    flush writes the signals to the node's journal stream (kept JOURNAL_SECONDS) and, for each
+    client, its signal count and token digest to its journaled hash (at once for a new token or a
+    client gone; else at most once every JOURNAL_SECONDS / 2, so the hash is never further behind
+    than the stream reaches back)."""
+
+    __slots__ = ("dirty", "now", "signals", "urgent")
+
+    def __init__(self) -> None:
+        self.signals: list[tuple[str, int, bytes]] = []  # (client id, n, the signal as sent), in order
+        self.dirty: dict[str, float] = {}  # client id -> when its count first changed unwritten (oldest first)
+        self.urgent: set[str] = set()  # clients to write (or, gone, to delete) at the next flush
+        self.now = 0.0  # the flush loop's clock (mailboxes read it: no clock call per signal)
+
+
+class JournaledMailbox(Mailbox):
+    """A mailbox whose signals go to its node's journal too. Rebuilt from a dead node's journal, it
+    knows the count the journal had (``adopted``): the client may have got a few more signals from
+    the dead node (sent in its last flush interval); those numbers are taken, and the resume
+    numbers what came since after the client's last."""
+
+    __slots__ = ("adopted", "client_id", "journal")
+
+    def __init__(self, client_id: str, journal: Journal, max_messages: int, max_bytes: int) -> None:
+        super().__init__(max_messages, max_bytes)
+        self.client_id = client_id
+        self.journal = journal
+        self.adopted = -1  # the count a dead node's journal had for it (-1: not rebuilt from one)
+
+    def resume(self, last: int) -> tuple[list[bytes], bool]:
+        adopted, self.adopted = self.adopted, -1
+        if 0 <= adopted < last:  # it got signals the journal never had: what came here since goes after them
+            shift = last - adopted
+            self.ring = [
+                (n + shift, orjson.dumps({**orjson.loads(text), "n": n + shift})) if n > adopted else (n, text)
+                for n, text in self.ring
+            ]
+            self.count += shift
+        return Mailbox.resume(self, last)
+
+    def keep(self, n: int, signal: bytes) -> bool:
+        j, cid = self.journal, self.client_id
+        j.signals.append((cid, n, signal))
+        if cid not in j.dirty:
+            j.dirty[cid] = j.now
+        return Mailbox.keep(self, n, signal)
+
+
+########################################################################################################
 # The backend: one node of the cluster
 ########################################################################################################
 
@@ -259,6 +322,21 @@ class ClusterBackend:
         self._healthy_since = 0.0  # since when Redis answers (a node reaps others only after node_timeout)
         self.machine = os.environ.get("FLY_MACHINE_ID", "")  # (Fly.io) this node's machine: its lease says it
         self._lease_value = self.machine.encode() or b"1"
+        # The journal: another node takes this node's clients over from it if this one dies.
+        self._journal = Journal()
+        self._digests: dict[str, tuple[str, str]] = {}  # client id -> (secret, its digest), as last written
+        self._inbox_read = b"0-0"  # the last entry of this node's inbox delivered here
+        self._journaled_read = b"0-0"  # ... as the journal last said
+        self._adopted: dict[str, tuple[bytes, float]] = {}  # a dead node's inbox read here -> (last read, until)
+        self._adopting: list[tuple[str, dict[str, Any]]] | None = None  # resume requests, while taking clients
+        # Clients that moved here, until what their peers sent the old way is through: client id ->
+        # (until when, what came the new way meanwhile: _deliver's arguments).
+        self._fences: dict[str, tuple[float, list[tuple[int, str, str, bytes]]]] = {}
+        self._read_scope = trio.CancelScope()  # the inbox's XREAD in flight
+        self._reads = 0  # XREADs made
+        self._held = 0
+        journal, m, b = self._journal, s.resume_buffer_messages, s.resume_buffer_bytes
+        relay.new_mailbox = lambda client_id: JournaledMailbox(client_id, journal, m, b)
 
     # -- Backend: queries (this node's clients) ----------------------------------------------------
 
@@ -338,6 +416,7 @@ class ClusterBackend:
     # -- Backend: moves (decided by the script, in order, by _move_loop) ---------------------------
 
     def connect(self, client_id: str, identity: str | None = None) -> None:
+        self._journal.urgent.add(client_id)
         if self._island is not None:
             self._island.connect(client_id, identity)  # (Redis hears of it at the restore)
             return
@@ -365,6 +444,7 @@ class ClusterBackend:
 
     def disconnect(self, client_id: str, reason: str = "disconnected") -> list[Decision]:
         self._interests.pop(client_id, None)
+        self._journal.urgent.add(client_id)
         if self._island is not None:
             return self._alone("disconnect", client_id, reason)
         self._unqueue(client_id)
@@ -378,12 +458,14 @@ class ClusterBackend:
         return []
 
     def hold(self, client_id: str) -> None:
+        self._journal.urgent.add(client_id)  # (a resume away: a new token)
         if self._island is not None:
             self._alone("hold", client_id)
             return
         self._enqueue("hold", client_id)
 
     def release(self, client_id: str) -> list[Decision]:
+        self._journal.urgent.add(client_id)  # (a resume: a new token)
         if self._island is not None:
             return self._alone("release", client_id)
         self._enqueue("release", client_id)
@@ -577,6 +659,7 @@ class ClusterBackend:
         self._alone_ended, self._fresh, self._foreign = [], set(), {}
         self._alone_blocks.clear()
         self._lost = self._restore_needed = False
+        self._journal.urgent.update(self.clients)  # (Redis may have lost the journal too)
         self.statistics["cluster_restores"] += 1
         log.warning("cluster: node %s restored its %d clients into Redis", self.node, len(clients))
 
@@ -657,6 +740,7 @@ class ClusterBackend:
         await r.set(KEYS[12], secrets.token_hex(8).encode(), condition=self.token.NX)  # the first node makes it
         self.script.epoch = (await r.get(KEYS[12]) or b"").decode()
         await self._forget_clients_of(self.node)  # what a crashed process with this id left behind
+        await r.delete([JOURNAL_KEY + self.node, JOURNALED_KEY + self.node])
         await self._sync_clock()
 
     async def _sync_clock(self) -> None:
@@ -683,6 +767,13 @@ class ClusterBackend:
                     await self.redis.set(NODE_KEY + self.node, self._lease_value, px=lease)
                     await self.redis.sadd(NODES_KEY, [self.node])
                 self._redis_ok()
+                for cid, (until, _) in list(self._fences.items()):
+                    if trio.current_time() > until:  # (the old way is lost: a node died, or Redis lost data)
+                        self._lift(cid)
+                for inbox, (_, until) in list(self._adopted.items()):
+                    if trio.current_time() > until:  # every sender has heard where its clients are now
+                        del self._adopted[inbox]
+                        await self.redis.delete([inbox])
                 if trio.current_time() - self._healthy_since < self.node_timeout:
                     continue  # Redis was away: the other nodes may not have renewed their leases yet
                 nodes = [n.decode() for n in await self.redis.smembers(NODES_KEY)]
@@ -724,21 +815,145 @@ class ClusterBackend:
         log.error("cluster: node %s: the lease had run out (taken for dead): closing its clients", self.node)
         self.statistics["cluster_lease_lost"] += 1
         relay = self.relay
+        self._moves.clear()  # (moves for clients another node serves now)
+        self._joins, self._tick_pending = 0, False
+        j = self._journal
+        j.signals.clear()
+        j.dirty.clear()
         for c in list(relay.clients.values()):
             relay.close_client(c, CLOSE_RESTART, "server restarting")
 
     async def _reap(self, node: str) -> None:
-        """A node is dead (no lease): if no other node does, forget its clients (their peers are told
-        peer_left "disconnected", the hooks fire here), then the node itself."""
+        """A node is dead (no lease): if no other node does, take its clients over from its journal
+        (``_adopt``), forget those it cannot (their peers are told peer_left "disconnected", the
+        hooks fire here), then the node itself."""
         if not await self.redis.set(REAP_KEY + node, self.node.encode(), px=REAP_LOCK, condition=self.token.NX):
             return
-        log.warning("cluster: node %s is dead (no lease for %g s): reaping its clients", node, self.node_timeout)
+        if not await self.redis.sismember(NODES_KEY, node):  # another node reaped it just now
+            await self.redis.delete([REAP_KEY + node])
+            return
+        log.warning("cluster: node %s is dead (no lease for %g s): taking its clients over", node, self.node_timeout)
+        adopted = await self._adopt(node)
         await self._forget_clients_of(node)
         await self.redis.srem(NODES_KEY, [node])
-        await self.redis.delete([INBOX_KEY + node, REAP_KEY + node])
+        await self.redis.delete([JOURNAL_KEY + node, JOURNALED_KEY + node, REAP_KEY + node])
         await self.redis.hdel(KEYS[9], ["restored:" + node])
         self.statistics["cluster_nodes_reaped"] += 1
-        log.warning("cluster: node %s reaped", node)
+        self.statistics["cluster_clients_adopted"] += adopted
+        log.warning("cluster: node %s reaped: %d of its clients are away here, for a resume", node, adopted)
+
+    async def _adopt(self, node: str) -> int:
+        """Dead ``node``'s clients are this node's from now on, away for ``--resume-grace``, in
+        their sessions and places, with the signals its journal has (numbered as it numbered them)
+        and then the ones its inbox still had for them; their peers are told ``peer_reconnecting``
+        and where they are now. Those it never journaled (no token known) end. Answers how many."""
+        self._adopting = []
+        try:
+            return await self._adopt_clients(node)
+        finally:
+            requests, self._adopting = self._adopting, None
+            for client_id, request in requests:
+                if request["node"] != self.node:  # (one of this node's: its _ask resumes it here)
+                    self._hand_over(client_id, request)
+
+    async def _adopt_clients(self, node: str) -> int:
+        r, relay = self.redis, self.relay
+        state = await r.hgetall(JOURNALED_KEY + node)
+        rings: dict[str, list[tuple[int, bytes]]] = collections.defaultdict(list)
+        read = b"0-0"
+        for entry in await r.xrange(JOURNAL_KEY + node):  # (at most JOURNAL_SECONDS of signals)
+            read = entry.field_values.get(b"r", read)
+            packed = entry.field_values.get(b"m", b"")
+            at = 0
+            while at < len(packed):
+                (size,) = _LENGTH.unpack_from(packed, at)
+                cid, n, text = packed[at + 4 : at + 4 + size].split(b"\x1f", 2)
+                at += 4 + size
+                rings[cid.decode()].append((int(n), text))
+        taken: list[dict[str, Any]] = []
+        while True:
+            answer = await self.script.call("adopt", "", node, node=self.node)
+            taken += answer["taken"]
+            if not answer["left"]:
+                break
+        links, adopted = [], set()
+        for t in taken:
+            cid, known = t["id"], state.get(t["id"].encode())
+            if known is None or cid in relay.clients:  # (never journaled: its token is unknown)
+                self._enqueue("disconnect", cid, "disconnected")
+                continue
+            adopted.add(cid)
+            count, digest = known.decode().split(" ")
+            x = relay.adopted_client(cid, t["ident"] if t["ident"] != cid else None, trio.current_time(), digest)
+            mb = x.mailbox
+            for n, text in rings.get(cid, ()):
+                mb.keep(n, text)  # (kept within the bounds, and in this node's journal)
+            mb.count = max(int(count), mb.ring[-1][0] if mb.ring else 0)
+            self._journal.urgent.add(cid)
+            if t["queued"]:
+                self._waiting[cid] = t["queued"]
+                self._since[cid] = trio.current_time()
+            if "s" in t:
+                x.session = self.script.session(t["s"])
+                links.append((x, t.get("p")))
+        # This node's own clients whose peers it took reach them through its own inbox from now on,
+        # after what they sent to the dead node: what is on its way there is read first (_inbox_loop).
+        for peer in relay.remote_peers.values():
+            if peer.node == node:
+                peer.node = self.node
+        notes = [note for x, p in links for note in self._link(x, p, adopted, node)]
+        # What was sent to the dead node for them and not read there (what still goes there is read
+        # with this node's inbox, for ADOPT_LINGER).
+        inbox = INBOX_KEY + node
+        while entries := await r.xrange(inbox, b"(" + read, count=INBOX_BATCH):
+            for entry in entries:
+                read = entry.identifier
+                try:
+                    self._receive(entry.field_values[b"m"])
+                except Exception:
+                    self.statistics["cluster_bad_entries"] += 1
+                    log.exception("cluster: skipping malformed entry %s of %s", read, inbox)
+        self._adopted[inbox] = (read, trio.current_time() + ADOPT_LINGER)
+        reads = self._reads  # the XREAD in flight does not read that inbox: a new one does, before
+        self._read_scope.cancel()  # anything sent here (after the notes) can be read
+        while self._reads == reads:
+            await trio.sleep(0)
+        await trio.sleep(self.flush_s)
+        for cid in adopted:  # what the inbox had, it numbered as the dead node did: numbers it may have used
+            x = relay.clients.get(cid)
+            if x is not None and isinstance(x.mailbox, JournaledMailbox):
+                x.mailbox.adopted = x.mailbox.count
+        for note in notes:  # (after that: what their nodes send here from now on comes after it)
+            self._put(*note)
+        return len(adopted)
+
+    def _link(
+        self, x: Any, p: list[str] | None, adopted: set[str], dead: str
+    ) -> list[tuple[str, int, str, str, bytes]]:
+        """Adopted client ``x`` and its peer ``p`` ([id, identity, node]) find each other. Answers
+        what to tell the peer's node once the dead node's inbox is read: that ``x`` is here now,
+        and, for the peer, that ``x`` is reconnecting."""
+        relay, session = self.relay, x.session
+        if p is None:  # its peer is gone (it left meanwhile): the session ends, nobody to tell
+            x.session = None
+            self._enqueue("leave", x.id, "disconnected")
+            return []
+        pid, ident, node = p
+        if pid in adopted:  # both were the dead node's: they go on here as one node's pair
+            x.peer = relay.clients[pid]
+            return []
+        if pid not in relay.clients and (node == dead or node == self.node):
+            return []  # its peer is gone too (the dead node's, never journaled): its disconnect ends the session
+        # A client of this node (reached through this node's own inbox, after what it sent to the
+        # dead node, in order), or of another (whose node sends here from now on).
+        via = self.node if pid in relay.clients else node
+        peer = relay.remote_peers[pid] = RemotePeer(pid, ident if ident != pid else None, via, self._forward)
+        peer.session, peer.peer, x.peer = session, x, peer
+        reconnecting = orjson.dumps({"type": "peer_reconnecting", "session_id": session.id})
+        notes = [(via, TEXT, pid, session.id, reconnecting)]
+        if via != self.node:
+            notes.insert(0, (via, MOVED, x.id, session.id, self.node.encode()))
+        return notes
 
     async def _move_loop(self) -> None:
         """Run the moves in order, one script call each; hand their decisions out."""
@@ -821,9 +1036,14 @@ class ClusterBackend:
         else:
             self._remember_ended(s.id)
             relay.apply([d], decided_here=decided_here)
+        ended = type(d) is Ended
         for cid in where:
             peer = relay.remote_peers.get(cid)
-            if peer is not None and (peer.peer is None or relay.clients.get(peer.peer.id) is not peer.peer):
+            if peer is not None and (
+                peer.peer is None
+                or relay.clients.get(peer.peer.id) is not peer.peer
+                or (ended and peer.session is not None and peer.session.id == s.id)
+            ):
                 del relay.remote_peers[cid]
 
     def _remember_ended(self, session_id: str) -> None:
@@ -873,19 +1093,73 @@ class ClusterBackend:
         log.error("cluster: more than %d bytes wait for node %s: %d sessions ended", self.buffer_bytes, node, ended)
 
     async def _flush_loop(self) -> None:
-        """Every --cluster-flush-ms: one XADD per destination node with what is for it, in order."""
+        """Every --cluster-flush-ms: one XADD per destination node with what is for it, in order,
+        and what the journal has."""
+        j = self._journal
         while True:
             await trio.sleep(self.flush_s)
-            if self._outbox:
+            j.now = now = trio.current_time()
+            dirty = j.dirty
+            if (
+                self._outbox or j.signals or j.urgent or self._inbox_read != self._journaled_read
+                or (dirty and next(iter(dirty.values())) <= now - JOURNAL_SECONDS / 2)
+            ):  # fmt: skip
                 await self.flush()
 
+    def _journal_write(self, pipe: Any) -> tuple[list[tuple[str, int, bytes]], list[str]]:
+        """Into ``pipe``: one XADD of the signals journaled since the last flush and how far the
+        inbox was read, one HSET (and HDEL) of the clients whose count or token changed. Answers
+        the signals and clients written (put back if the flush fails)."""
+        j, node = self._journal, self.node
+        signals, j.signals = j.signals, []
+        if signals or self._inbox_read != self._journaled_read:
+            packed = []
+            for cid, n, text in signals:
+                item = b"%b\x1f%d\x1f%b" % (cid.encode(), n, text)
+                packed += (_LENGTH.pack(len(item)), item)
+            oldest = round((j.now - self.script.offset - JOURNAL_SECONDS) * 1000)
+            pipe.xadd(
+                JOURNAL_KEY + node, {b"m": b"".join(packed), b"r": self._inbox_read}, trim_strategy=self.token.MINID,
+                threshold=max(oldest, 0), trim_operator=self.token.APPROXIMATELY,
+            )  # fmt: skip
+        written = list(j.urgent)
+        j.urgent.clear()
+        dirty, due = j.dirty, j.now - JOURNAL_SECONDS / 2
+        while dirty:
+            cid, since = next(iter(dirty.items()))
+            if since > due:
+                break
+            del dirty[cid]
+            written.append(cid)
+        fields, gone = {}, []
+        for cid in written:
+            c = self.clients.get(cid)
+            if c is None:
+                gone.append(cid)
+                self._digests.pop(cid, None)
+                continue
+            known = self._digests.get(cid)
+            if known is None or known[0] != c.secret:
+                digest = c.secret[1:] if c.secret[0] == "#" else relay.secret_digest(c.secret)
+                known = self._digests[cid] = (c.secret, digest)
+            fields[cid] = b"%d %b" % (c.mailbox.count, known[1].encode())
+        if fields:
+            pipe.hset(JOURNALED_KEY + node, fields)
+        if gone:
+            pipe.hdel(JOURNALED_KEY + node, gone)
+        return signals, written
+
     async def flush(self) -> None:
-        """One XADD per destination with what is for it. ``_outbox_bytes`` counts what is sent
-        meanwhile too, so the bound holds while Redis keeps failing."""
+        """One XADD per destination with what is for it, and the journal's writes. ``_outbox_bytes``
+        counts what is sent meanwhile too, so the bound holds while Redis keeps failing."""
         boxes, self._outbox = self._outbox, {}
         self._dropped.clear()
+        j, read = self._journal, self._inbox_read
+        signals: list[tuple[str, int, bytes]] = []
+        written: list[str] = []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
+                signals, written = self._journal_write(pipe)
                 for node, items in boxes.items():
                     pipe.xadd(
                         INBOX_KEY + node, {b"m": b"".join(items)}, trim_strategy=self.token.MAXLEN,
@@ -896,30 +1170,40 @@ class ClusterBackend:
             for node, items in boxes.items():
                 if node not in self._dropped:  # (its sessions ended meanwhile, overflowing)
                     self._outbox[node] = items + self._outbox.get(node, [])
+            j.signals = (signals + j.signals)[-MAX_JOURNAL:]  # (older ones are history: a resume says so)
+            j.urgent.update(written)
             await trio.sleep(RETRY_INTERVAL)
         else:
+            self._journaled_read = read
             self._redis_ok()
             for node, items in boxes.items():
                 if node not in self._dropped:
                     self._outbox_bytes[node] -= sum(map(len, items))
 
     async def _inbox_loop(self, inbox_last: bytes, decisions_last: bytes) -> None:
-        """Read this node's inbox and the decisions (one XREAD BLOCK: both keys are in {mm}'s slot)."""
+        """Read this node's inbox and the decisions (one XREAD BLOCK: every key is in {mm}'s slot),
+        and the inboxes of dead nodes whose clients this one took (first: what was sent there came
+        before what was sent here)."""
         inbox, decisions = INBOX_KEY + self.node, KEYS[10]
-        self._decisions_read = decisions_last
+        self._decisions_read, self._inbox_read = decisions_last, inbox_last
         while True:
             reading = self._reading
+            streams = {key: last for key, (last, _) in self._adopted.items()}
+            streams[inbox] = self._inbox_read
+            streams[decisions] = self._decisions_read
+            answer = None
             try:
-                answer = await self.reader.xread(
-                    {inbox: inbox_last, decisions: self._decisions_read}, count=INBOX_BATCH, block=1000
-                )
+                with trio.CancelScope() as self._read_scope:  # (cancelled to read a dead node's inbox too)
+                    self._reads += 1
+                    answer = await self.reader.xread(streams, count=INBOX_BATCH, block=1000)
             except Exception as exc:
                 self._redis_failed("reading the inbox", exc)
                 await trio.sleep(RETRY_INTERVAL)
                 continue
             self._redis_ok()
-            for key, entries in (answer or {}).items():
-                is_decisions = key == decisions.encode()
+            for raw_key, entries in (answer or {}).items():
+                key = raw_key.decode()
+                is_decisions = key == decisions
                 if is_decisions and reading != self._reading:
                     continue  # read before a restore: stale (it reads on from where the restore began)
                 for entry in entries:
@@ -931,8 +1215,12 @@ class ClusterBackend:
                             self._applied_early.discard(entry.identifier)
                             continue
                         self._decisions_read = entry.identifier
+                    elif key == inbox:
+                        self._inbox_read = entry.identifier
+                    elif key in self._adopted:
+                        self._adopted[key] = (entry.identifier, self._adopted[key][1])
                     else:
-                        inbox_last = entry.identifier
+                        break  # (its time to be read is over)
                     try:
                         if is_decisions:
                             self._decided(entry.field_values[b"d"])
@@ -940,7 +1228,7 @@ class ClusterBackend:
                             self._receive(entry.field_values[b"m"])
                     except Exception:  # a malformed entry: say so, go on with the next
                         self.statistics["cluster_bad_entries"] += 1
-                        log.exception("cluster: skipping malformed entry %s of %s", entry.identifier, key.decode())
+                        log.exception("cluster: skipping malformed entry %s of %s", entry.identifier, key)
 
     def _decided(self, payload: bytes) -> None:
         """One move's decisions, as every node reads them, in the order Redis made them."""
@@ -966,24 +1254,40 @@ class ClusterBackend:
             at += 4 + size
             client_id, session_id, payload = item[1:].split(b"\x1f", 2)
             kind = item[0]
-            if kind <= TEXT:
+            if kind & ~FORWARDED <= TEXT or kind & ~FORWARDED == FENCE:
                 self._deliver(kind, client_id.decode(), session_id.decode(), payload)
+            elif kind == REQUEST and self._adopting is not None:  # (once the clients it takes have their peers)
+                self._adopting.append((client_id.decode(), orjson.loads(payload)))
             elif kind == REQUEST:
                 self._hand_over(client_id.decode(), orjson.loads(payload))
             elif kind == MOVED:
                 peer = self.relay.remote_peers.get(client_id.decode())
-                if peer is not None:
-                    peer.node = payload.decode()  # what was sent to the old node, it forwards
+                if peer is not None:  # what was sent to the old node, it forwards, then this fence
+                    old, peer.node = peer.node, payload.decode()
+                    self._put(old, FENCE, peer.id, session_id.decode(), b"")
             else:
                 self._handed(client_id.decode(), kind, payload)
 
     def _deliver(self, kind: int, client_id: str, session_id: str, text: bytes) -> None:
-        """A signal (SIGNAL) or message (TEXT) from another node for ``client_id``, in ``session_id``."""
+        """A signal (SIGNAL) or message (TEXT) from another node for ``client_id``, in ``session_id``
+        (or a FENCE); ``kind`` has FORWARDED if it came by the client's old node."""
         c = self.clients.get(client_id)
         if c is None:
             moved = self._moved.get(client_id)
             if moved is not None:  # it resumed on another node: on to there, in order
-                self._put(moved, kind, client_id, session_id, text)
+                self._put(moved, kind | FORWARDED, client_id, session_id, text)
+            return
+        fence = self._fences.get(client_id) if self._fences else None
+        if fence is not None and not kind & FORWARDED and kind != FENCE:
+            fence[1].append((kind, client_id, session_id, text))  # (after what still comes the old way)
+            self._held += 1
+            if self._held > MAX_EARLY:
+                self._lift(client_id)
+            return
+        kind &= ~FORWARDED
+        if kind == FENCE:
+            if fence is not None:
+                self._lift(client_id)
             return
         if c.session is None or c.session.id != session_id:
             if session_id in self._ended or self._early_count >= MAX_EARLY:
@@ -995,6 +1299,14 @@ class ClusterBackend:
             self.relay.deliver_signal(c, text, orjson.loads(text))
         elif kind == TEXT:
             self.relay.deliver_text(c, text)
+
+    def _lift(self, client_id: str) -> None:
+        """The fence of a client that moved here came (or its time is up): what came the new way
+        meanwhile is delivered now, in order."""
+        _, held = self._fences.pop(client_id)
+        self._held -= len(held)
+        for kind, cid, sid, text in held:
+            self._deliver(kind | FORWARDED, cid, sid, text)
 
     # -- resume on another node -------------------------------------------------------------------
 
@@ -1008,17 +1320,35 @@ class ClusterBackend:
         return True
 
     async def _ask(self, c: Any, client_id: str, secret: str, done: trio.Event) -> None:
-        node = None
-        try:
-            record = await self.redis.hget(KEYS[0], client_id)
-            node = orjson.loads(record)["node"] if record else None
-        except Exception as exc:
-            log.warning("cluster: looking up %s for a resume failed: %s", client_id, exc)
-        if node is not None and node != self.node:
-            request = {"secret": secret, "user": c.user_id, "node": self.node, "for": c.id}
-            self._put(node, REQUEST, client_id, "", orjson.dumps(request))
-            with trio.move_on_after(HANDOVER_TIMEOUT):
-                await done.wait()
+        """Ask the client's node for it. A node that does not answer within HANDOVER_TIMEOUT and has
+        no lease is dead: wait for the node that takes its clients over (and answers the request it
+        finds in the dead node's inbox), within the node timeout; it may be this one."""
+        r, asked, asked_at = self.redis, None, 0.0
+        give_up = trio.current_time() + HANDOVER_TIMEOUT + self.node_timeout + 2 * LEASE_INTERVAL
+        while not done.is_set() and trio.current_time() < give_up:
+            try:
+                record = await r.hget(KEYS[0], client_id)
+                node = orjson.loads(record)["node"] if record else None
+                if node == self.node:  # taken over here meanwhile (or unknown here: refused)
+                    entry = self._asked.pop(c.id, None)
+                    relay = self.relay
+                    if entry is not None and relay.clients.get(c.id) is c:
+                        if not relay.resume_here(c, client_id, secret, entry[1]):
+                            self._refuse(c)
+                    return
+                if node is None:
+                    break
+                if node != asked:
+                    asked, asked_at = node, trio.current_time()
+                    request = {"secret": secret, "user": c.user_id, "node": self.node, "for": c.id}
+                    self._put(node, REQUEST, client_id, "", orjson.dumps(request))
+                with trio.move_on_after(RETRY_INTERVAL):
+                    await done.wait()
+                if trio.current_time() - asked_at >= HANDOVER_TIMEOUT and await r.exists([NODE_KEY + node]):
+                    break  # a live node that does not answer
+            except Exception as exc:
+                log.warning("cluster: looking up %s for a resume failed: %s", client_id, exc)
+                break
         if self._asked.pop(c.id, None) is not None:  # no answer (or nobody to ask)
             self._refuse(c)
 
@@ -1054,6 +1384,7 @@ class ClusterBackend:
             self._put(node, REFUSED, request["for"], "", b"")
             return
         relay.hand_off(x)
+        self._journal.urgent.add(x.id)  # (its journal entry goes: it is the new node's now)
         peer = x.peer
         if peer is not None and peer.__class__ is not RemotePeer:  # its peer stays here: x is remote now
             stand_in = relay.remote_peers[x.id] = RemotePeer(x.id, x.user_id, node, self._forward)
@@ -1072,7 +1403,8 @@ class ClusterBackend:
         mb = x.mailbox
         state = {
             "id": x.id, "user": x.user_id, "age": trio.current_time() - x.connected_at, "away": x.was_away,
-            "count": mb.count, "ring": [[n, text.decode()] for n, text in mb.ring],
+            "count": mb.count, "adopted": getattr(mb, "adopted", -1),
+            "ring": [[n, text.decode()] for n, text in mb.ring],
             "held": None if mb.held is None else [text.decode() for text in mb.held],
             "session": None if x.session is None else self._session_json(x.session),
             "peer": None if peer is None else [peer.id, peer.user_id, peer_node],
@@ -1094,33 +1426,44 @@ class ClusterBackend:
             return
         state = orjson.loads(payload)
         if relay.clients.get(c.id) is not c:  # the new connection closed meanwhile: the client ends here
+            self._enqueue("move", state["id"], self.node)
             self._enqueue("disconnect", state["id"], "disconnected")
             return
         x = relay.rebuilt_client(c, state["id"], state["user"], trio.current_time() - state["age"])
         mb = x.mailbox
         mb.count = state["count"]
+        if isinstance(mb, JournaledMailbox):
+            mb.adopted = state.get("adopted", -1)
         mb.ring = [(n, text.encode()) for n, text in state["ring"]]
         mb.ring_bytes = sum(len(text) for _, text in mb.ring)
         if state["held"] is not None:
             mb.held = [text.encode() for text in state["held"]]
             mb.held_bytes = sum(map(len, mb.held))
         x.was_away = state["away"]
-        if state["session"] is not None:
-            x.session = self.script.session(state["session"])
+        stand_in = None
+        if state["session"] is not None and state["peer"] is not None:
+            x.session = session = self.script.session(state["session"])
             pid, user, node = state["peer"]
+            # What the peer sent to the old node comes forwarded; what it sends here from now on
+            # waits behind the fence, which comes the old way after the rest (_deliver).
+            self._fences[x.id] = (trio.current_time() + FENCE_TIMEOUT, [])
             local = relay.clients.get(pid)
-            if local is not None:
+            if local is not None:  # the peer is here: through this node's inbox, behind the fence
                 x.peer = local
-                relay.remote_peers.pop(x.id, None)
+                stand_in = relay.remote_peers.get(x.id)
+                if stand_in is not None:
+                    old, stand_in.node = stand_in.node, self.node
+                    self._put(old, FENCE, x.id, session.id, b"")
             else:
                 x.peer = relay.remote_peers[pid] = RemotePeer(pid, user, node, self._forward)
-                x.peer.session = x.session
-                if node != self.node:  # the peer's node sends here from now on
-                    self._put(node, MOVED, x.id, x.session.id, self.node.encode())
+                x.peer.session = session
+                self._put(node, MOVED, x.id, session.id, self.node.encode())  # its node sends here now
         if state["position"] is not None:
             self._waiting[x.id] = state["position"]
         self._enqueue("move", x.id, self.node)  # this node serves it now (before the release take_back asks)
         relay.take_back(c, x, last, secret)
+        if stand_in is not None and c.peer is not None:  # (take_back linked them: the peer goes on the fenced way)
+            c.peer.peer, stand_in.peer = stand_in, c
 
     def _session_json(self, s: Session) -> dict[str, Any]:
         """A Session as the script writes it (times in Redis's clock)."""
@@ -1168,6 +1511,7 @@ class ClusterBackend:
             else:
                 await self.redis.srem(NODES_KEY, [self.node])
                 await self.redis.hdel(KEYS[9], ["restored:" + self.node])
+                await self.redis.delete([JOURNAL_KEY + self.node, JOURNALED_KEY + self.node])
         except Exception as exc:
             log.warning("cluster: releasing the lease failed: %s", exc)
 

@@ -428,6 +428,37 @@ if move == 'reap' then
   return cjson.encode({d = {}, left = redis.call('ZLEXCOUNT', O, first, last)})
 end
 
+if move == 'adopt' then
+  -- node ARGV[12] is dead: the calling node serves up to 100 of its clients from now on (away:
+  -- a waiting one is held, keeping its place). Answers them, taken = {{id, ident, queued (its
+  -- position, or false), s = session, p = {peer id, identity, node}}}, and how many are left.
+  local dead = ARGV[12]
+  local first, last = '[' .. dead .. SEP, '[' .. dead .. SEP .. '\255'
+  local taken = {}
+  for _, e in ipairs(redis.call('ZRANGEBYLEX', O, first, last, 'LIMIT', 0, 100)) do
+    redis.call('ZREM', O, e)
+    local m = get(string.sub(e, #dead + 2))
+    if m then
+      m.node = NODE
+      redis.call('ZADD', O, 0, NODE .. SEP .. m.id)
+      if m.seq >= 0 and not m.held then
+        unindex(m)
+        m.held = true
+      end
+      put(m)
+      local t = {id = m.id, ident = m.ident, queued = m.seq >= 0 and redis.call('ZRANK', Q, m.id) + 1}
+      local v = m.sid ~= '' and redis.call('HGET', S, m.sid)
+      if v then
+        t.s = cjson.decode(v)
+        local other = get(t.s.a == m.id and t.s.b or t.s.a)
+        if other then t.p = {other.id, other.ident, other.node} end
+      end
+      taken[#taken + 1] = t
+    end
+  end
+  return cjson.encode({d = {}, taken = taken, left = redis.call('ZLEXCOUNT', O, first, last)})
+end
+
 if move == 'tick' then
   local due = redis.call('ZRANGEBYSCORE', DL, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
   for k = 1, #due, 2 do
@@ -496,6 +527,7 @@ elseif move == 'next' then
 elseif move == 'leave' then
   leave(m, ARGV[12])
 elseif move == 'disconnect' then
+  if m.node ~= NODE then return cjson.encode({d = {}}) end -- served elsewhere now (a reaped node woke up)
   forget(m, ARGV[12])
 elseif move == 'report' then
   if m.sid == '' then return illegal('not_matched', 'no session to report') end

@@ -7,6 +7,7 @@ intact, and the start-up checks refuse what would break the cluster (exit code 2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+import trio_websocket
 from conftest import LOOPBACK_FLAGS, STEP, Client, Harness, RedisServer, RelayProcess, free_port, http_get
 
 import relay as relay_mod
@@ -246,15 +248,17 @@ async def until_redis(redis: RedisServer, *command: str, equals: bytes) -> None:
 async def test_a_dead_node_is_reaped_and_nothing_of_its_clients_stays(
     make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2", "--resume-grace", "1")
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(6 * STEP):
         a, _, _ = await paired(n0, n1)
         waiting = await n1.connect()
         await waiting.send(type="join")
         await waiting.expect("queued", position=1)
+        await trio.sleep(0.1)  # (journaled)
         c.nodes[1].kill()  # SIGKILL: nothing of it says goodbye
-        await skip_positions(a, "peer_left", reason="disconnected")  # once n0 reaped n1
+        await skip_positions(a, "peer_reconnecting")  # once n0 took n1's clients over, away
+        await skip_positions(a, "peer_left", reason="disconnected")  # nobody resumed them in time
         x = await n0.connect()
         await x.send(type="join")  # the dead node's waiting client is gone: nobody to meet
         await skip_positions(x, "queued", position=1, queue_size=1)
@@ -471,11 +475,24 @@ async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
     c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(8 * STEP):
-        a, b, _ = await paired(n0, n1)
+        a, b, ma = await paired(n0, n1)
+        await a.send(type="signal", data={"i": 1})
+        await b.expect("signal", n=1)
+        await trio.sleep(0.1)  # (journaled)
         c.nodes[1].proc.send_signal(signal.SIGSTOP)  # paused (a VM migrating, a GC pause, a debugger)
-        await skip_positions(a, "peer_left", reason="disconnected")  # n0 reaped it
+        await skip_positions(a, "peer_reconnecting")  # n0 took b over: away, in its session
+        await a.send(type="signal", data={"i": 2})  # kept on n0 for b
         c.nodes[1].proc.send_signal(signal.SIGCONT)
         assert (await b.closed()).code == 1012  # it woke up taken for dead: nobody is served twice
+        back = await n1.connect()  # b's phone, through the node that woke up: n0 hands b over
+        await back.send(type="resume", token=b.welcome["resume_token"], last=1)
+        await back.expect("resumed", client_id=b.id, state="matched", session_id=ma["session_id"])
+        assert (await back.expect("signal", n=2))["data"] == {"i": 2}
+        await a.expect("peer_resumed", session_id=ma["session_id"])
+        await a.send(type="signal", data={"i": 3})
+        assert (await back.expect("signal", n=3))["data"] == {"i": 3}
+        await back.send(type="signal", data={"back": 1})
+        assert (await a.expect("signal", n=1))["data"] == {"back": 1}
         x = await n1.connect()  # and it serves again
         await x.send(type="join")
         await x.expect("queued", position=1)
@@ -640,3 +657,151 @@ async def test_a_resume_whose_connection_vanishes_during_the_handover_can_be_mad
         assert (await again.expect("signal", n=3))["data"] == {"i": 3}
         await trio.sleep(2.5)  # past the grace of the connections that vanished: n2 still serves
         assert (await health(c.nodes[2]))["status"] == "ok"
+
+
+class Phone:
+    """One person's app through a dead node: its signals out (``i`` 1, 2, ...) and in, across its
+    connections (it resumes with the last number it read)."""
+
+    def __init__(self, c: Client) -> None:
+        self.c, self.token = c, c.welcome["resume_token"]
+        self.sent = 0  # the last i sent
+        self.first_after_resume = 0  # the first i sent on the resumed connection
+        self.last_n = 0  # the last signal number read
+        self.got: list[int] = []  # every i read, in order
+        self.reading = trio.CancelScope()
+
+    async def read(self) -> None:
+        """Read until the other side's end (or until this connection dies, or the phone resumes)."""
+        with trio.CancelScope() as self.reading, contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                msg = json.loads(await self.c.ws.get_message())
+                if msg["type"] == "signal":
+                    assert msg["n"] > self.last_n, (msg, self.last_n)  # never a repeat, never out of order
+                    self.last_n = msg["n"]
+                    if msg["data"] == {"end": True}:
+                        return
+                    self.got.append(msg["data"]["i"])
+
+    async def stream(self, until: trio.Event) -> None:
+        """A signal every 10 ms until ``until``, then the end (or until this connection dies)."""
+        c = self.c  # (this connection's: a resumed one gets a stream of its own)
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while not until.is_set():
+                await c.send(type="signal", data={"i": self.sent + 1})
+                self.sent += 1
+                await trio.sleep(0.01)
+            await c.send(type="signal", data={"end": True})
+
+    async def resume(self, h: Harness, **expected: object) -> dict:
+        self.reading.cancel()  # (a connection we dropped ourselves never says it ended)
+        self.c = await h.connect()
+        await self.c.send(type="resume", token=self.token, last=self.last_n)
+        msg = await self.c.expect("resumed", **expected)
+        self.token, self.first_after_resume = msg["resume_token"], self.sent + 1
+        return msg
+
+
+def gaps(got: list[int]) -> list[tuple[int, int]]:
+    """Where a stream read as 1, 2, 3, ... is not: (index, what was read there)."""
+    return [(k, i) for k, i in enumerate(got) if i != k + 1][:10]
+
+
+def lost_only_a_tail(got: list[int], sender: Phone) -> bool:
+    """What one side read of the other's stream: 1, 2, ... (what the dead node never passed on
+    may be missing at its end), then everything sent after the sender resumed."""
+    head = [i for i in got if i < sender.first_after_resume]
+    tail = [i for i in got if i >= sender.first_after_resume]
+    return head == list(range(1, len(head) + 1)) and tail == list(range(sender.first_after_resume, sender.sent + 1))
+
+
+async def test_a_killed_nodes_clients_resume_elsewhere_in_their_sessions_and_places(
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = make_cluster(
+        redis_server,
+        3,
+        "--cluster-node-timeout",
+        "2",
+        "--interest-timeout",
+        "60",
+        "--resume-buffer-messages",
+        "2000",
+        "--resume-buffer-bytes",
+        "200000",
+    )  # fmt: skip (a signal every 10 ms for seconds: more than a real call's buffer holds)
+    n0, n1, n2 = c.harnesses(nursery)
+    with trio.fail_after(10 * STEP):
+        x0, x1, mx = await paired(n0, n1)  # a pair across nodes, and one on the node that dies
+        y1, y2, my = await paired(n1, n1)
+        w = await n1.connect()  # waiting, first in the queue; v, on another node, after it
+        await w.send(type="join", interests=["cats"])
+        await w.expect("queued", position=1)
+        v = await n0.connect()
+        await v.send(type="join", interests=["dogs"])
+        await skip_positions(v, "queued", position=2)
+        phones = {name: Phone(client) for name, client in {"x0": x0, "x1": x1, "y1": y1, "y2": y2}.items()}
+        stop = trio.Event()
+        async with trio.open_nursery() as streams:
+            for phone in phones.values():
+                streams.start_soon(phone.read)
+                streams.start_soon(phone.stream, stop)
+            await trio.sleep(0.5)
+            c.nodes[1].kill()  # SIGKILL, mid-stream: its journal and its inbox are all that is left
+            with trio.fail_after(STEP):
+                while any(phones[name].c.ws.closed is None for name in ("x1", "y1", "y2")):
+                    await trio.sleep(0.01)
+            # The phones come back at once, through the other machines: their resumes wait for a
+            # node to take n1's clients over (its lease must run out first).
+            for name, h, session in (("x1", n2, mx), ("y1", n0, my), ("y2", n2, my)):
+                await phones[name].resume(h, state="matched", session_id=session["session_id"])
+                streams.start_soon(phones[name].read)
+                streams.start_soon(phones[name].stream, stop)
+            back = await n2.connect()
+            await back.send(type="resume", token=w.welcome["resume_token"], last=0)
+            await back.expect("resumed", client_id=w.id, state="queued", position=1)  # its place kept
+            await trio.sleep(0.5)
+            stop.set()  # each side's end comes after everything it sent: the readers return then
+            streams.cancel_scope.deadline = trio.current_time() + STEP
+        x0p, x1p, y1p, y2p = (phones[n] for n in ("x0", "x1", "y1", "y2"))
+        assert x1p.got == list(range(1, x0p.sent + 1)), gaps(x1p.got)  # from a live node: nothing lost
+        assert lost_only_a_tail(x0p.got, x1p) and lost_only_a_tail(y1p.got, y2p) and lost_only_a_tail(y2p.got, y1p)
+        u = await n0.connect()  # the first in the queue is still the one that waited on n1
+        await u.send(type="join", interests=["cats", "dogs"])
+        await u.expect("matched", peer_id=w.id)
+        for client in (*(phone.c for phone in phones.values()), back, v, u):
+            await client.ws.aclose()
+        for key in ("{mm}:members", "{mm}:sessions", "{mm}:journaled:n0", "{mm}:journaled:n2"):
+            await until_redis(redis_server, "HLEN", key, equals=b":0\r\n")
+        for key in ("{mm}:queue", "{mm}:owners", "{mm}:index"):
+            await until_redis(redis_server, "ZCARD", key, equals=b":0\r\n")
+        assert redis_server.command("EXISTS", "{mm}:journal:n1", "{mm}:journaled:n1") == b":0\r\n"
+
+
+async def test_a_client_hops_nodes_and_a_deploy_while_its_peer_streams_and_misses_nothing(
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = make_cluster(redis_server, 3, "--resume-buffer-messages", "2000", "--resume-buffer-bytes", "200000")
+    n0, n1, n2 = c.harnesses(nursery)
+    with trio.fail_after(10 * STEP):
+        a, b, ma = await paired(n0, n1)
+        pa, pb = Phone(a), Phone(b)
+        stop = trio.Event()
+        async with trio.open_nursery() as streams:
+            streams.start_soon(pa.read)
+            streams.start_soon(pb.stream, stop)  # b, on n1, never moves: it sends a signal every 10 ms
+            # a's phone hops: to a third node, to its peer's node, back to its first one...
+            for h in (n2, n1, n0):
+                await trio.sleep(0.3)
+                await vanish(pa.c)
+                await pa.resume(h, state="matched", session_id=ma["session_id"])
+                streams.start_soon(pa.read)
+            await trio.sleep(0.3)
+            c.nodes[0].proc.terminate()  # ... and is drained off it by a deploy
+            assert (await pa.c.closed()).code == 1012
+            await pa.resume(n2, state="matched", session_id=ma["session_id"])
+            streams.start_soon(pa.read)
+            await trio.sleep(0.3)
+            stop.set()
+        assert pa.got == list(range(1, pb.sent + 1)), gaps(pa.got)  # every one, once, in order, across four moves
+        assert c.nodes[0].proc.wait(timeout=STEP) == 0

@@ -71,13 +71,14 @@ class RedisMatchmaker:
         self.ids: dict[str, str] = {}  # Redis session id -> the id the reference gave it
         self.known: dict[str, Session] = {}  # by (renamed) id: one object per session, as Matchmaker has
         self.state_cache: tuple | None = None
+        self.home: dict[str, str] = {}  # client id -> the node it connected through (its moves come from there)
 
     def _move(self, move: str, cid: str = "", *args: str) -> list:
         script = self.scripts[self.node]
         self.state_cache = None
 
         async def run(redis: Any) -> list:
-            return await script.move(move, cid, *args, now=self.clock.now)
+            return await script.move(move, cid, *args, node=self.home.get(cid, ""), now=self.clock.now)
 
         return [self._rename(d) for d, _ in self.loop.call(run)]
 
@@ -96,6 +97,7 @@ class RedisMatchmaker:
     # -- moves -------------------------------------------------------------------------------------
 
     def connect(self, cid: str, identity: str | None = None) -> None:
+        self.home[cid] = f"node{self.node}"
         self._move("connect", cid, identity or cid, f"node{self.node}")
 
     def join(self, cid: str, interests: Any = ()) -> list:
