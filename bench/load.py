@@ -412,11 +412,13 @@ def cluster_report(runs: list[dict], args: argparse.Namespace) -> str:
         )
     workers = statistics.median(r["workers"]["per_core"] / r["same"]["per_core"] for r in runs)
     lines.append(f"\n--workers 2 vs --workers 1, per server CPU-second: **{workers:.2f}**")
-    lines.append("")
-    lines.append("| cross-node match latency (join -> matched) | p50 | p99 |")
-    lines.append("|---|---:|---:|")
-    for key, name in (("cross_idle", "idle"), ("cross_half", "at half the cross-node capacity"), ("cross", "flat out")):
-        lines.append(f"| {name} | {med(key, 'latency_p50_ms'):.2f} ms | {med(key, 'latency_p99_ms'):.2f} ms |")
+    if args.latency_probes:  # (--latency-probes 0: the throughput alone, no joins meanwhile)
+        lines.append("")
+        lines.append("| cross-node match latency (join -> matched) | p50 | p99 |")
+        lines.append("|---|---:|---:|")
+        probed = (("cross_idle", "idle"), ("cross_half", "at half the cross-node capacity"), ("cross", "flat out"))
+        for key, name in probed:
+            lines.append(f"| {name} | {med(key, 'latency_p50_ms'):.2f} ms | {med(key, 'latency_p99_ms'):.2f} ms |")
     lines.append("")
     idle = statistics.median(r["idle_commands_per_node_s"] for r in runs)
     memory = statistics.median(r["redis_bytes_per_1000_paired"] for r in runs)

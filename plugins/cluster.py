@@ -36,6 +36,7 @@ Checked at start, each a one-line error and exit code 2: the URL, Redis >= 7.0, 
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import contextlib
 import logging
@@ -213,13 +214,17 @@ class Journal:
     client gone; else at most once every JOURNAL_SECONDS / 2, so the hash is never further behind
     than the stream reaches back)."""
 
-    __slots__ = ("dirty", "now", "signals", "urgent")
+    __slots__ = ("dirty", "ids", "now", "texts", "urgent")
 
     def __init__(self) -> None:
-        self.signals: list[tuple[str, int, bytes]] = []  # (client id, n, the signal as sent), in order
+        self.ids: list[str] = []  # the recipient of each signal since the last flush, in order
+        self.texts: list[bytes] = []  # ... and the signal as sent (its "n" in it)
         self.dirty: dict[str, float] = {}  # client id -> when its count first changed unwritten (oldest first)
         self.urgent: set[str] = set()  # clients to write (or, gone, to delete) at the next flush
         self.now = 0.0  # the flush loop's clock (mailboxes read it: no clock call per signal)
+
+
+_keep: Final = Mailbox.keep
 
 
 class JournaledMailbox(Mailbox):
@@ -248,11 +253,10 @@ class JournaledMailbox(Mailbox):
         return Mailbox.resume(self, last)
 
     def keep(self, n: int, signal: bytes) -> bool:
-        j, cid = self.journal, self.client_id
-        j.signals.append((cid, n, signal))
-        if cid not in j.dirty:
-            j.dirty[cid] = j.now
-        return Mailbox.keep(self, n, signal)
+        j = self.journal  # (two appends: what the flush packs, in C, is the rest of the cost)
+        j.ids.append(self.client_id)
+        j.texts.append(signal)
+        return _keep(self, n, signal)
 
 
 ########################################################################################################
@@ -818,7 +822,8 @@ class ClusterBackend:
         self._moves.clear()  # (moves for clients another node serves now)
         self._joins, self._tick_pending = 0, False
         j = self._journal
-        j.signals.clear()
+        j.ids.clear()
+        j.texts.clear()
         j.dirty.clear()
         for c in list(relay.clients.values()):
             relay.close_client(c, CLOSE_RESTART, "server restarting")
@@ -862,14 +867,14 @@ class ClusterBackend:
         rings: dict[str, list[tuple[int, bytes]]] = collections.defaultdict(list)
         read = b"0-0"
         for entry in await r.xrange(JOURNAL_KEY + node):  # (at most JOURNAL_SECONDS of signals)
-            read = entry.field_values.get(b"r", read)
-            packed = entry.field_values.get(b"m", b"")
-            at = 0
-            while at < len(packed):
-                (size,) = _LENGTH.unpack_from(packed, at)
-                cid, n, text = packed[at + 4 : at + 4 + size].split(b"\x1f", 2)
-                at += 4 + size
-                rings[cid.decode()].append((int(n), text))
+            fields = entry.field_values
+            read, packed, at = fields.get(b"r", read), fields.get(b"m", b""), 0
+            if not packed:
+                continue
+            for cid, size in zip(fields[b"c"].split(b"\x1f"), array.array("I", fields[b"l"]), strict=True):
+                text = packed[at : at + size]
+                at += size
+                rings[cid.decode()].append((orjson.loads(text)["n"], text))
         taken: list[dict[str, Any]] = []
         while True:
             answer = await self.script.call("adopt", "", node, node=self.node)
@@ -1101,27 +1106,31 @@ class ClusterBackend:
             j.now = now = trio.current_time()
             dirty = j.dirty
             if (
-                self._outbox or j.signals or j.urgent or self._inbox_read != self._journaled_read
+                self._outbox or j.ids or j.urgent or self._inbox_read != self._journaled_read
                 or (dirty and next(iter(dirty.values())) <= now - JOURNAL_SECONDS / 2)
             ):  # fmt: skip
                 await self.flush()
 
-    def _journal_write(self, pipe: Any) -> tuple[list[tuple[str, int, bytes]], list[str]]:
-        """Into ``pipe``: one XADD of the signals journaled since the last flush and how far the
-        inbox was read, one HSET (and HDEL) of the clients whose count or token changed. Answers
-        the signals and clients written (put back if the flush fails)."""
+    def _journal_write(self, pipe: Any) -> tuple[list[str], list[bytes], list[str]]:
+        """Into ``pipe``: one XADD of the signals journaled since the last flush (their recipients,
+        their lengths, the signals end to end) and how far the inbox was read, one HSET (and HDEL) of
+        the clients whose count or token changed. Answers the signals and clients written (put back
+        if the flush fails)."""
         j, node = self._journal, self.node
-        signals, j.signals = j.signals, []
-        if signals or self._inbox_read != self._journaled_read:
-            packed = []
-            for cid, n, text in signals:
-                item = b"%b\x1f%d\x1f%b" % (cid.encode(), n, text)
-                packed += (_LENGTH.pack(len(item)), item)
+        ids, texts, j.ids, j.texts = j.ids, j.texts, [], []
+        if ids or self._inbox_read != self._journaled_read:
+            entry = {
+                b"c": "\x1f".join(ids), b"l": array.array("I", map(len, texts)).tobytes(),
+                b"m": b"".join(texts), b"r": self._inbox_read,
+            }  # fmt: skip
             oldest = round((j.now - self.script.offset - JOURNAL_SECONDS) * 1000)
             pipe.xadd(
-                JOURNAL_KEY + node, {b"m": b"".join(packed), b"r": self._inbox_read}, trim_strategy=self.token.MINID,
-                threshold=max(oldest, 0), trim_operator=self.token.APPROXIMATELY,
+                JOURNAL_KEY + node, entry, trim_strategy=self.token.MINID, threshold=max(oldest, 0),
+                trim_operator=self.token.APPROXIMATELY,
             )  # fmt: skip
+            fresh = set(ids) - j.dirty.keys()
+            if fresh:
+                j.dirty.update(dict.fromkeys(fresh, j.now))
         written = list(j.urgent)
         j.urgent.clear()
         dirty, due = j.dirty, j.now - JOURNAL_SECONDS / 2
@@ -1147,7 +1156,7 @@ class ClusterBackend:
             pipe.hset(JOURNALED_KEY + node, fields)
         if gone:
             pipe.hdel(JOURNALED_KEY + node, gone)
-        return signals, written
+        return ids, texts, written
 
     async def flush(self) -> None:
         """One XADD per destination with what is for it, and the journal's writes. ``_outbox_bytes``
@@ -1155,11 +1164,12 @@ class ClusterBackend:
         boxes, self._outbox = self._outbox, {}
         self._dropped.clear()
         j, read = self._journal, self._inbox_read
-        signals: list[tuple[str, int, bytes]] = []
+        ids: list[str] = []
+        texts: list[bytes] = []
         written: list[str] = []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                signals, written = self._journal_write(pipe)
+                ids, texts, written = self._journal_write(pipe)
                 for node, items in boxes.items():
                     pipe.xadd(
                         INBOX_KEY + node, {b"m": b"".join(items)}, trim_strategy=self.token.MAXLEN,
@@ -1170,7 +1180,7 @@ class ClusterBackend:
             for node, items in boxes.items():
                 if node not in self._dropped:  # (its sessions ended meanwhile, overflowing)
                     self._outbox[node] = items + self._outbox.get(node, [])
-            j.signals = (signals + j.signals)[-MAX_JOURNAL:]  # (older ones are history: a resume says so)
+            j.ids, j.texts = (ids + j.ids)[-MAX_JOURNAL:], (texts + j.texts)[-MAX_JOURNAL:]  # (older: history)
             j.urgent.update(written)
             await trio.sleep(RETRY_INTERVAL)
         else:
