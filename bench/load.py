@@ -50,6 +50,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -378,9 +381,67 @@ def cluster(args: argparse.Namespace) -> dict:
             figures["cross_half"] = run(nodes, redis, rate=figures["cross"]["msgs_per_s"] / 2)
         finally:
             stop(nodes)
+        nodes = fresh("kill")
+        try:
+            figures["takeover"] = trio.run(takeover, nodes)
+        finally:
+            stop(nodes)
     finally:
         redis.stop()
     return figures
+
+
+TAKEOVER_PAIRS = 100  # pairs across the node that dies and another, and as many on it alone
+
+
+async def takeover(nodes: list[Server]) -> dict:
+    """SIGKILL a node (the default --cluster-node-timeout, 5 s) whose 300 clients are in sessions,
+    100 with peers on another node; each reconnects at once to another node and resumes (trio-
+    websocket clients): seconds from the kill to each one's ``resumed``, in its session."""
+    import trio_websocket
+
+    async def connect(nursery: trio.Nursery, port: int) -> tuple[Any, dict]:
+        ws = await trio_websocket.connect_websocket_url(nursery, f"ws://127.0.0.1:{port}/ws")
+        return ws, json.loads(await ws.get_message())
+
+    async def until(ws: Any, kind: str) -> dict:
+        while (msg := json.loads(await ws.get_message()))["type"] != kind:
+            assert msg["type"] != "error", msg
+        return msg
+
+    async def pair(nursery: trio.Nursery, first: int, second: int) -> list[dict]:
+        a, wa = await connect(nursery, nodes[first].port)
+        await a.send_message('{"type":"join"}')
+        await until(a, "queued")
+        b, wb = await connect(nursery, nodes[second].port)
+        await b.send_message('{"type":"join"}')
+        await until(b, "matched")
+        await until(a, "matched")
+        return [w for w, node in ((wa, first), (wb, second)) if node == 1]
+
+    took: list[float] = []
+    async with trio.open_nursery() as nursery:
+        doomed = []
+        for _ in range(TAKEOVER_PAIRS):
+            doomed += await pair(nursery, 0, 1) + await pair(nursery, 1, 1)
+        await trio.sleep(0.5)  # (journaled)
+        nodes[1].proc.kill()
+        killed = trio.current_time()
+
+        async def resume(k: int, welcome: dict) -> None:
+            others = [node for i, node in enumerate(nodes) if i != 1]
+            ws, _ = await connect(nursery, others[k % len(others)].port)
+            await ws.send_message(json.dumps({"type": "resume", "token": welcome["resume_token"], "last": 0}))
+            assert (await until(ws, "resumed"))["state"] == "matched"
+            took.append(trio.current_time() - killed)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as resuming:
+                for k, welcome in enumerate(doomed):
+                    resuming.start_soon(resume, k, welcome)
+        nursery.cancel_scope.cancel()
+    took.sort()
+    return {"clients": len(took), "p50_s": statistics.median(took), "p99_s": took[int(len(took) * 0.99) - 1]}
 
 
 def cluster_report(runs: list[dict], args: argparse.Namespace) -> str:
@@ -420,6 +481,11 @@ def cluster_report(runs: list[dict], args: argparse.Namespace) -> str:
         for key, name in probed:
             lines.append(f"| {name} | {med(key, 'latency_p50_ms'):.2f} ms | {med(key, 'latency_p99_ms'):.2f} ms |")
     lines.append("")
+    lines.append(
+        f"SIGKILL of a node with {runs[0]['takeover']['clients']} clients in sessions, to each one resumed on "
+        f"another node (default --cluster-node-timeout, 5 s): p50 {med('takeover', 'p50_s'):.2f} s, "
+        f"p99 {med('takeover', 'p99_s'):.2f} s."
+    )
     idle = statistics.median(r["idle_commands_per_node_s"] for r in runs)
     memory = statistics.median(r["redis_bytes_per_1000_paired"] for r in runs)
     lines.append(

@@ -1339,6 +1339,9 @@ class ClusterBackend:
             try:
                 record = await r.hget(KEYS[0], client_id)
                 node = orjson.loads(record)["node"] if record else None
+                if node == self.node and self._adopting is not None:  # being taken over here: wait
+                    await trio.sleep(0.01)
+                    continue
                 if node == self.node:  # taken over here meanwhile (or unknown here: refused)
                     entry = self._asked.pop(c.id, None)
                     relay = self.relay

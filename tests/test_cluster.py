@@ -805,3 +805,26 @@ async def test_a_client_hops_nodes_and_a_deploy_while_its_peer_streams_and_misse
             stop.set()
         assert pa.got == list(range(1, pb.sent + 1)), gaps(pa.got)  # every one, once, in order, across four moves
         assert c.nodes[0].proc.wait(timeout=STEP) == 0
+
+
+async def test_more_clients_than_one_takeover_call_all_resume_on_the_node_taking_them(
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(10 * STEP):
+        pairs = [await paired(n1, n1) for _ in range(80)]  # 160 clients: two calls of the takeover
+        await trio.sleep(0.2)  # (journaled)
+        c.nodes[1].kill()
+
+        async def resume(old: Client, session_id: str) -> None:  # at once, on the node taking them over
+            back = await n0.connect()
+            await back.send(type="resume", token=old.welcome["resume_token"], last=0)
+            with trio.fail_after(3 * STEP):
+                msg = json.loads(await back.ws.get_message())
+            assert msg["type"] == "resumed" and msg["session_id"] == session_id, msg
+
+        async with trio.open_nursery() as resuming:
+            for a, b, m in pairs:
+                resuming.start_soon(resume, a, m["session_id"])
+                resuming.start_soon(resume, b, m["session_id"])
