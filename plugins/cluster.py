@@ -21,9 +21,16 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   decision calls the hooks (``relay_matched``, ``relay_session_ended``, ``relay_report``): once for
   the cluster.
 - **Each node holds a lease** (``relay:node:<id>``, renewed every second, ``--cluster-node-timeout``):
-  a second process with a live node's id refuses to start; one survivor reaps a dead node.
+  a second process with a live node's id refuses to start; one survivor reaps a dead node (below).
 - **Resume anywhere.** A ``resume`` for a client another node holds asks that node, which hands it
   over (mailbox, session or place); draining on SIGTERM, a node hands every client over this way.
+  The peer's node, told where the client went, sends a ``FENCE`` the old way; the new node holds
+  what comes the new way until it arrives: nothing is reordered by the move.
+- **A journal, for the node's death.** Each flush also writes the signals the node's clients were
+  sent (``{mm}:journal:<node>``, kept JOURNAL_SECONDS) and each client's signal count and token
+  digest (``{mm}:journaled:<node>``). The node that reaps a dead one takes its clients over
+  (``_adopt``): away for the grace, in their sessions and places, their rings rebuilt from the
+  journal and the dead node's unread inbox; a resume anywhere finds them there.
 - **Alone while Redis is away.** After DEGRADED_AFTER seconds of failing calls (or from the start,
   when Redis is unreachable then), a ``Matchmaker`` pairs the node's own clients. When Redis answers
   again, or turns out to have lost its data (its epoch, ``{mm}:epoch``, is gone), the node restores
