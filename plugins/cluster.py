@@ -221,14 +221,13 @@ class Journal:
     client gone; else at most once every JOURNAL_SECONDS / 2, so the hash is never further behind
     than the stream reaches back)."""
 
-    __slots__ = ("dirty", "ids", "now", "texts", "urgent")
+    __slots__ = ("dirty", "ids", "texts", "urgent")
 
     def __init__(self) -> None:
         self.ids: list[str] = []  # the recipient of each signal since the last flush, in order
         self.texts: list[bytes] = []  # ... and the signal as sent (its "n" in it)
         self.dirty: dict[str, float] = {}  # client id -> when its count first changed unwritten (oldest first)
         self.urgent: set[str] = set()  # clients to write (or, gone, to delete) at the next flush
-        self.now = 0.0  # the flush loop's clock (mailboxes read it: no clock call per signal)
 
 
 _keep: Final = Mailbox.keep
@@ -1110,11 +1109,10 @@ class ClusterBackend:
         j = self._journal
         while True:
             await trio.sleep(self.flush_s)
-            j.now = now = trio.current_time()
             dirty = j.dirty
             if (
                 self._outbox or j.ids or j.urgent or self._inbox_read != self._journaled_read
-                or (dirty and next(iter(dirty.values())) <= now - JOURNAL_SECONDS / 2)
+                or (dirty and next(iter(dirty.values())) <= trio.current_time() - JOURNAL_SECONDS / 2)
             ):  # fmt: skip
                 await self.flush()
 
@@ -1123,24 +1121,24 @@ class ClusterBackend:
         their lengths, the signals end to end) and how far the inbox was read, one HSET (and HDEL) of
         the clients whose count or token changed. Answers the signals and clients written (put back
         if the flush fails)."""
-        j, node = self._journal, self.node
+        j, node, now = self._journal, self.node, trio.current_time()
         ids, texts, j.ids, j.texts = j.ids, j.texts, [], []
         if ids or self._inbox_read != self._journaled_read:
             entry = {
                 b"c": "\x1f".join(ids), b"l": array.array("I", map(len, texts)).tobytes(),
                 b"m": b"".join(texts), b"r": self._inbox_read,
             }  # fmt: skip
-            oldest = round((j.now - self.script.offset - JOURNAL_SECONDS) * 1000)
+            oldest = round((now - self.script.offset - JOURNAL_SECONDS) * 1000)
             pipe.xadd(
                 JOURNAL_KEY + node, entry, trim_strategy=self.token.MINID, threshold=max(oldest, 0),
                 trim_operator=self.token.APPROXIMATELY,
             )  # fmt: skip
             fresh = set(ids) - j.dirty.keys()
             if fresh:
-                j.dirty.update(dict.fromkeys(fresh, j.now))
+                j.dirty.update(dict.fromkeys(fresh, now))
         written = list(j.urgent)
         j.urgent.clear()
-        dirty, due = j.dirty, j.now - JOURNAL_SECONDS / 2
+        dirty, due = j.dirty, now - JOURNAL_SECONDS / 2
         while dirty:
             cid, since = next(iter(dirty.items()))
             if since > due:

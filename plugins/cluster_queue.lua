@@ -331,6 +331,13 @@ local function forget(m, reason)
   end
 end
 
+-- Member m is served by node from now on.
+local function own(m, node)
+  redis.call('ZREM', O, m.node .. SEP .. m.id)
+  m.node = node
+  redis.call('ZADD', O, 0, node .. SEP .. m.id)
+end
+
 -- A new member (idle), among its user's clients and its node's.
 local function register(id, ident, node)
   local m = {id = id, ident = ident, ints = {}, seq = -1, held = false, since = 0, open = false, sid = '', recent = {}, node = node}
@@ -439,8 +446,7 @@ if move == 'adopt' then
     redis.call('ZREM', O, e)
     local m = get(string.sub(e, #dead + 2))
     if m then
-      m.node = NODE
-      redis.call('ZADD', O, 0, NODE .. SEP .. m.id)
+      own(m, NODE)
       if m.seq >= 0 and not m.held then
         unindex(m)
         m.held = true
@@ -565,9 +571,7 @@ elseif move == 'release' then
   end
 elseif move == 'move' then
   -- the client is now served by node ARGV[12] (a resume or a handover)
-  redis.call('ZREM', O, m.node .. SEP .. m.id)
-  m.node = ARGV[12]
-  redis.call('ZADD', O, 0, m.node .. SEP .. m.id)
+  own(m, ARGV[12])
   put(m)
 else
   return illegal('unknown', 'unknown move')
