@@ -1459,8 +1459,10 @@ class ClusterBackend:
             mb.held_bytes = sum(map(len, mb.held))
         x.was_away = state["away"]
         stand_in = None
-        if state["session"] is not None and state["peer"] is not None:
-            x.session = session = self.script.session(state["session"])
+        if state["session"] is not None:
+            x.session = self.script.session(state["session"])
+        if x.session is not None and state["peer"] is not None:  # (no peer: it is gone, its end will come)
+            session = x.session
             pid, user, node = state["peer"]
             # What the peer sent to the old node comes forwarded; what it sends here from now on
             # waits behind the fence, which comes the old way after the rest (_deliver).
