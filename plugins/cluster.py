@@ -36,6 +36,10 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   again, or turns out to have lost its data (its epoch, ``{mm}:epoch``, is gone), the node restores
   its clients into it (``_restore``): sessions, places and waits as the node has them.
 
+- **Sentinel.** With a ``redis+sentinel://`` URL the node asks the Sentinels where the primary is
+  once a second, and moves to a new one at once (the old one may take writes for seconds more);
+  moved, it restores its clients there, as the new primary may lack the old one's last writes.
+
 Checked at start, each a one-line error and exit code 2: the URL, Redis >= 7.0, ``maxmemory-policy``
 ``noeviction`` (an evicted queue key would corrupt the queue), the node id free (once Redis answers).
 """
@@ -125,6 +129,8 @@ JOURNAL_SECONDS: Final = 10.0  # seconds of signals a node's journal keeps for a
 MAX_JOURNAL: Final = 65_536  # signals a node keeps for its journal while Redis does not take them (older ones go)
 ADOPT_LINGER: Final = 10.0  # seconds a node reads a dead node's inbox after taking its clients (senders learn late)
 MIN_REDIS: Final = (7, 0)
+SENTINEL_PORT: Final = 26379  # a Sentinel's port where a redis+sentinel:// URL gives none
+SENTINEL_TIMEOUT: Final = 2.0  # seconds a Sentinel has to answer (connect, or where the primary is)
 _LENGTH: Final = struct.Struct("!I")
 _REASONS: Final = {"next": "next", "report": "reported"}  # a move's reason for ending a session
 
@@ -276,7 +282,6 @@ class ClusterBackend:
     def __init__(
         self, relay: Relay, url: str, node_id: str, flush_s: float, node_timeout: float, buffer_bytes: int
     ) -> None:
-        import coredis
         from coredis.tokens import PureToken
 
         self.token = PureToken  # SET's NX / XX, XADD's MAXLEN ~
@@ -292,8 +297,9 @@ class ClusterBackend:
         self._failing_since: float | None = None  # since when Redis calls fail (None: they succeed)
         self._failure_logged = -FAILURE_LOG_INTERVAL  # when a failure was last logged
         self._degraded = False
-        self.redis = coredis.Redis.from_url(url)
-        self.reader = coredis.Redis.from_url(url)  # XREAD BLOCK gets its own pool
+        self._sentinel, self.redis, self.reader = connect(url)  # (XREAD BLOCK gets a pool of its own)
+        self._primary: Any = None  # where the primary was when last seen (a Sentinel's may move)
+        self._sentinel_answers = True  # the Sentinels said where the primary is, last time they were asked
         s = relay.settings
         self.script = QueueScript(self.redis, interest_timeout=s.interest_timeout, rematch_cooldown=s.rematch_cooldown)
         self._queue_changed = False
@@ -670,6 +676,7 @@ class ClusterBackend:
         self._alone_blocks.clear()
         self._lost = self._restore_needed = False
         self._journal.urgent.update(self.clients)  # (Redis may have lost the journal too)
+        self._primary = self._primary_now()  # (restored into this one)
         self.statistics["cluster_restores"] += 1
         log.warning("cluster: node %s restored its %d clients into Redis", self.node, len(clients))
 
@@ -689,7 +696,10 @@ class ClusterBackend:
         """Connect and check Redis, take the node's lease, then run the node's tasks until cancelled."""
         started = False
         self._healthy_since = trio.current_time()
-        async with self.redis, self.reader:
+        async with contextlib.AsyncExitStack() as clients:
+            for client in (self._sentinel, self.redis, self.reader):
+                if client is not None:
+                    await clients.enter_async_context(client)
             try:
                 await self._check()
             except PluginError:
@@ -752,6 +762,7 @@ class ClusterBackend:
         await self._forget_clients_of(self.node)  # what a crashed process with this id left behind
         await r.delete([JOURNAL_KEY + self.node, JOURNALED_KEY + self.node])
         await self._sync_clock()
+        self._primary = self._primary_now()
 
     async def _sync_clock(self) -> None:
         before = trio.current_time()
@@ -771,12 +782,15 @@ class ClusterBackend:
         lease = round(self.node_timeout * 1000)
         while True:
             await trio.sleep(LEASE_INTERVAL)
+            if self._sentinel is not None:
+                await self._ask_sentinel()
             try:
                 if not await self.redis.set(NODE_KEY + self.node, self._lease_value, px=lease, condition=self.token.XX):
                     await self._lease_lost()
                     await self.redis.set(NODE_KEY + self.node, self._lease_value, px=lease)
                     await self.redis.sadd(NODES_KEY, [self.node])
                 self._redis_ok()
+                self._watch_primary()
                 for cid, (until, _) in list(self._fences.items()):
                     if trio.current_time() > until:  # (the old way is lost: a node died, or Redis lost data)
                         self._lift(cid)
@@ -794,6 +808,40 @@ class ClusterBackend:
                         await self._reap(node)
             except Exception as exc:
                 self._redis_failed("renewing the lease", exc)
+
+    async def _ask_sentinel(self) -> None:
+        """Where the Sentinels say the primary is now: moved, both clients drop their connections to
+        the old one (which may take writes for seconds more, until Sentinel makes it a replica), and
+        connect to the new one. Two commands a second, to a Sentinel; while none answers, the node
+        goes on with the primary it has."""
+        try:
+            for client in (self.redis, self.reader):
+                await client.connection_pool.get_primary_location()
+        except Exception as exc:
+            if self._sentinel_answers:
+                log.warning("cluster: no Sentinel says where the primary is (%s): staying on %s", _why(exc),
+                            self._primary)  # fmt: skip
+            self._sentinel_answers = False
+        else:
+            self._sentinel_answers = True
+
+    def _watch_primary(self) -> None:
+        """Where the primary is (once a second, after each lease renewal). Moved (a Sentinel
+        failover), the new primary may lack what the old one had not passed on yet (replication is
+        asynchronous), its epoch the same: this node restores its clients into it, as after being
+        alone."""
+        where = self._primary_now()
+        if where != self._primary:
+            if self._primary is not None:
+                log.warning("cluster: the Redis primary moved from %s to %s: restoring this node's clients",
+                            self._primary, where)  # fmt: skip
+                self.statistics["cluster_failovers"] += 1
+                self._restore_needed = True
+                self._wake.unpark()
+            self._primary = where
+
+    def _primary_now(self) -> Any:
+        return getattr(self.redis.connection_pool, "location", None)  # (a Sentinel's pool updates it)
 
     async def _forget_clients_of(self, node: str) -> None:
         with contextlib.suppress(EpochChanged):  # (Redis lost its data: nothing of that node is left)
@@ -1551,14 +1599,69 @@ def _redacted(url: str) -> str:
 
 
 def check_url(url: str) -> None:
-    """A Redis URL coredis takes (redis://, rediss://, unix://), or PluginError."""
+    """A Redis URL coredis takes (redis://, rediss://, unix://), or a redis+sentinel:// one; else
+    PluginError."""
+    if url.startswith("redis+sentinel://"):
+        sentinel_url(url)
+        return
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
-        raise PluginError(f"--redis-url {_redacted(url)!r}: expected redis://host[:port][/db] (or rediss://, unix://)")
+        raise PluginError(
+            f"--redis-url {_redacted(url)!r}: expected redis://host[:port][/db] (or rediss://, unix://, "
+            "redis+sentinel://)"
+        )
     try:
         parts.port  # noqa: B018 (validates it)
     except ValueError as exc:
         raise PluginError(f"--redis-url {_redacted(url)!r}: {exc}") from None
+
+
+def sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``: the
+    Sentinels (port SENTINEL_PORT unless given), the service (Sentinel's name for the primary), and
+    what the connections to the primary take (db, user, password: the primary's, not the
+    Sentinels'). PluginError if malformed."""
+    netloc, _, path = url[len("redis+sentinel://") :].partition("/")
+    auth, _, hosts = netloc.rpartition("@")
+    options: dict[str, Any] = {}
+    if auth:
+        user, _, password = auth.partition(":")  # (as in redis://: user@ is a user, :password@ a password)
+        options.update(username=urllib.parse.unquote(user) or None, password=urllib.parse.unquote(password) or None)
+    sentinels = []
+    service, _, db = path.partition("/")
+    try:
+        for host_port in hosts.split(","):
+            if host_port.startswith("["):  # [IPv6]:port
+                host, _, port = host_port[1:].partition("]")
+                port = port.removeprefix(":")
+            else:
+                host, _, port = host_port.partition(":")
+            if not host or not 0 < int(port or SENTINEL_PORT) < 65536:
+                raise ValueError(host_port)
+            sentinels.append((host, int(port or SENTINEL_PORT)))
+        options["db"] = int(db.strip("/") or 0)
+        if not service:
+            raise ValueError("no service")
+    except ValueError:
+        raise PluginError(
+            f"--redis-url {_redacted(url)!r}: expected redis+sentinel://[:password@]host[:port][,host[:port]...]"
+            "/service[/db]"
+        ) from None
+    return sentinels, urllib.parse.unquote(service), options
+
+
+def connect(url: str) -> tuple[Any, Any, Any]:
+    """The Sentinel client (None for a plain URL) and two clients of the primary (commands; the
+    inbox's XREAD BLOCK). Nothing connects until used."""
+    import coredis
+    from coredis.connection import TCPLocation
+
+    if not url.startswith("redis+sentinel://"):
+        return None, coredis.Redis.from_url(url), coredis.Redis.from_url(url)
+    sentinels, service, options = sentinel_url(url)
+    timeouts = {"connect_timeout": SENTINEL_TIMEOUT, "stream_timeout": SENTINEL_TIMEOUT}
+    sentinel = coredis.Sentinel([TCPLocation(h, p) for h, p in sentinels], sentinel_kwargs=timeouts)
+    return sentinel, sentinel.primary_for(service, **options), sentinel.primary_for(service, **options)
 
 
 ########################################################################################################
@@ -1571,7 +1674,8 @@ def relay_addoption(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cluster (relay_plugins.cluster; on with --redis-url)")
     group.add_argument(
         "--redis-url", default=os.environ.get("RELAY_REDIS_URL"),
-        help="Redis (>= 7.0, maxmemory-policy noeviction) shared by the nodes (env RELAY_REDIS_URL)",
+        help="Redis (>= 7.0, maxmemory-policy noeviction) shared by the nodes: redis://host[:port][/db], "
+        "rediss://, unix://, or redis+sentinel://host[:port][,host[:port]...]/service[/db] (env RELAY_REDIS_URL)",
     )  # fmt: skip
     group.add_argument(
         "--node-id", default=os.environ.get("RELAY_NODE_ID") or os.environ.get("FLY_MACHINE_ID"),

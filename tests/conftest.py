@@ -326,17 +326,18 @@ class RedisServer:
     """Debian's redis-server on 127.0.0.1 and a free port; killed (SIGKILL) and started again on the
     same port, empty, or with what its append-only file kept (``aof=True``)."""
 
-    def __init__(self, tmp: Path, *, aof: bool = False) -> None:
+    def __init__(self, tmp: Path, *, aof: bool = False, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.tmp = tmp
         self.aof = aof
+        self.args = args  # redis-server's first arguments: flags (--replicaof 127.0.0.1 P), or a config file
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--daemonize", "no",
-             "--dir", str(self.tmp), *persistence],
+            ["redis-server", *self.args, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--daemonize", "no", "--dir", str(self.tmp), *persistence],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10

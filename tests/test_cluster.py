@@ -27,9 +27,10 @@ import relay as relay_mod
 
 
 class Cluster:
-    def __init__(self, tmp: Path, redis: RedisServer, nodes: int, *args: str) -> None:
+    def __init__(self, tmp: Path, redis: RedisServer, nodes: int, *args: str, url: str = "") -> None:
         self.redis = redis
-        self.nodes = [RelayProcess(tmp, "--redis-url", redis.url, "--node-id", f"n{i}", *args) for i in range(nodes)]
+        url = url or redis.url
+        self.nodes = [RelayProcess(tmp, "--redis-url", url, "--node-id", f"n{i}", *args) for i in range(nodes)]
         for node in self.nodes:
             node.start()
 
@@ -46,8 +47,8 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """``make_cluster(redis, nodes, *flags)``: relay nodes on that Redis, SIGKILLed after the test."""
     made: list[Cluster] = []
 
-    def make(redis: RedisServer, nodes: int, *args: str) -> Cluster:
-        made.append(Cluster(tmp_path, redis, nodes, *args))
+    def make(redis: RedisServer, nodes: int, *args: str, url: str = "") -> Cluster:
+        made.append(Cluster(tmp_path, redis, nodes, *args, url=url))
         return made[-1]
 
     yield make
@@ -223,6 +224,9 @@ def test_a_bad_redis_url_exits_2() -> None:
     done = _relay_exit("--redis-url", "http://127.0.0.1:1/")
     assert done.returncode == 2, done.stderr
     assert "relay: error: --redis-url 'http://127.0.0.1:1/': expected redis://" in done.stderr
+    done = _relay_exit("--redis-url", "redis+sentinel://:secret@127.0.0.1:26379")  # no service name
+    assert done.returncode == 2, done.stderr
+    assert "--redis-url 'redis+sentinel://:***@127.0.0.1:26379': expected redis+sentinel://" in done.stderr
 
 
 def test_a_duplicate_node_id_exits_2(cluster: Cluster) -> None:
@@ -582,6 +586,96 @@ async def test_redis_unreachable_at_start_the_node_starts_degraded(
             await until_redis(redis, "ZCARD", "{mm}:queue", equals=b":1\r\n")
     finally:
         redis.kill()
+
+
+@pytest.fixture
+def sentinel(
+    tmp_path: Path, redis_server: RedisServer, make_cluster: Callable[..., Cluster]
+) -> Iterator[tuple[Cluster, RedisServer, RedisServer]]:
+    """``redis_server``'s replica, a Sentinel (quorum 1, down after 1 s) that watches them as
+    ``mm``, and two nodes that find the primary through it: (the nodes, the replica, the Sentinel)."""
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(tmp_path / "replica", args=("--replicaof", "127.0.0.1", str(redis_server.port))).start()
+    conf = tmp_path / "sentinel.conf"  # (Sentinel rewrites it: a file of its own)
+    conf.write_text(
+        f"sentinel monitor mm 127.0.0.1 {redis_server.port} 1\nsentinel down-after-milliseconds mm 1000\n"
+        "sentinel failover-timeout mm 5000\n"
+    )
+    watcher = RedisServer(tmp_path, args=(str(conf), "--sentinel")).start()
+    try:
+        deadline = time.monotonic() + STEP  # until the replica is in sync and the Sentinel knows it
+        while b"master_link_status:up" not in replica.command("INFO", "replication") or str(
+            replica.port
+        ).encode() not in watcher.command("SENTINEL", "REPLICAS", "mm"):
+            assert time.monotonic() < deadline, "the replica or the Sentinel did not come up"
+            time.sleep(0.1)
+        yield make_cluster(redis_server, 2, url=f"redis+sentinel://127.0.0.1:{watcher.port}/mm"), replica, watcher
+    finally:
+        watcher.kill()
+        replica.kill()
+
+
+async def a_session_and_a_wait(c: Cluster, replica: RedisServer, nursery: trio.Nursery) -> list:
+    """A session across the two nodes, and a client waiting on the first, the replica has them:
+    [the session's sides (on n0, on n1), its matched, the waiting one, n1]."""
+    n0, n1 = c.harnesses(nursery)
+    a, b, ma = await paired(n0, n1)
+    w = await n0.connect()
+    await w.send(type="join")
+    await w.expect("queued", position=1)
+    await until_redis(replica, "ZCARD", "{mm}:queue", equals=b":1\r\n")  # (replication is asynchronous)
+    return [a, b, ma, w, n1]
+
+
+async def still_there(a: Client, b: Client, ma: dict, w: Client, n1: Harness) -> None:
+    """The queue and the session are on the new primary: a newcomer is matched with the waiting
+    client, and the session's end reaches the other node."""
+    x = await n1.connect()
+    await x.send(type="join")
+    await skip_positions(x, "matched", peer_id=w.id)
+    await skip_positions(w, "matched", peer_id=x.id)
+    await a.send(type="next")
+    await skip_positions(b, "peer_left", session_id=ma["session_id"], reason="next")
+
+
+async def test_a_sentinel_failover_sessions_and_places_go_on_on_the_new_primary(
+    redis_server: RedisServer, sentinel: tuple[Cluster, RedisServer, RedisServer], nursery: trio.Nursery
+) -> None:
+    c, replica, _ = sentinel
+    with trio.fail_after(10 * STEP):
+        there = await a_session_and_a_wait(c, replica, nursery)
+        a, b = there[0], there[1]
+        redis_server.kill()  # SIGKILL the primary: the Sentinel makes the replica the primary
+        for i in range(1, 11):  # sent meanwhile: kept in n1's outbox, in order, until a primary takes them
+            await b.send(type="signal", data={"i": i})
+        for i in range(1, 11):
+            assert (await a.expect("signal", n=i))["data"] == {"i": i}
+        assert b"role:master" in replica.command("INFO", "replication")
+        await still_there(*there)
+        for node in c.nodes:
+            await until_health(node, "ok")
+
+
+async def test_a_manual_sentinel_failover_moves_the_nodes_before_the_old_primary_steps_down(
+    sentinel: tuple[Cluster, RedisServer, RedisServer], nursery: trio.Nursery
+) -> None:
+    c, replica, watcher = sentinel
+    with trio.fail_after(8 * STEP):
+        there = await a_session_and_a_wait(c, replica, nursery)
+        a, b = there[0], there[1]
+        assert watcher.command("SENTINEL", "FAILOVER", "mm") == b"+OK\r\n"
+        # The old primary goes on taking writes until Sentinel makes it a replica, seconds later:
+        # the nodes ask Sentinel each second and move (and restore their clients) before that.
+        for node in c.nodes:
+            while "the Redis primary moved" not in node.log.read_text():
+                await trio.sleep(0.1)
+        for i in range(1, 11):
+            await b.send(type="signal", data={"i": i})
+        for i in range(1, 11):
+            assert (await a.expect("signal", n=i))["data"] == {"i": i}
+        await still_there(*there)
+        for node in c.nodes:
+            assert (await health(node))["cluster"] == "ok"
 
 
 async def upgrade_answer(port: int, path: str, extra: str = "") -> tuple[int, str]:
