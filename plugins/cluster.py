@@ -36,9 +36,11 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   again, or turns out to have lost its data (its epoch, ``{mm}:epoch``, is gone), the node restores
   its clients into it (``_restore``): sessions, places and waits as the node has them.
 
-- **Sentinel.** With a ``redis+sentinel://`` URL the node asks the Sentinels where the primary is
-  once a second, and moves to a new one at once (the old one may take writes for seconds more);
-  moved, it restores its clients there, as the new primary may lack the old one's last writes.
+- **Sentinel, Redis Cluster.** With a ``redis+sentinel://`` URL the node asks the Sentinels where
+  the primary is once a second, and moves to a new one at once (the old one may take writes for
+  seconds more). With ``redis+cluster://`` coredis's cluster client follows the cluster (every key
+  but the leases is in one slot, ``{mm}``'s). When the primary moves, the node restores its clients
+  there: the new primary may lack the old one's last writes.
 
 Checked at start, each a one-line error and exit code 2: the URL, Redis >= 7.0, ``maxmemory-policy``
 ``noeviction`` (an evicted queue key would corrupt the queue), the node id free (once Redis answers).
@@ -56,7 +58,7 @@ import random
 import secrets
 import struct
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -130,6 +132,7 @@ MAX_JOURNAL: Final = 65_536  # signals a node keeps for its journal while Redis 
 ADOPT_LINGER: Final = 10.0  # seconds a node reads a dead node's inbox after taking its clients (senders learn late)
 MIN_REDIS: Final = (7, 0)
 SENTINEL_PORT: Final = 26379  # a Sentinel's port where a redis+sentinel:// URL gives none
+MM_SLOT: Final = 125  # the hash slot of {mm} (CLUSTER KEYSLOT {mm}), in a Redis Cluster
 SENTINEL_TIMEOUT: Final = 2.0  # seconds a Sentinel has to answer (connect, or where the primary is)
 _LENGTH: Final = struct.Struct("!I")
 _REASONS: Final = {"next": "next", "report": "reported"}  # a move's reason for ending a session
@@ -737,22 +740,36 @@ class ClusterBackend:
             except Exception as exc:
                 self._redis_failed("connecting", exc)
 
+    @contextlib.asynccontextmanager
+    async def _server(self) -> AsyncIterator[Any]:
+        """Where INFO, CONFIG GET and TIME go: Redis, or in a Redis Cluster the primary of the
+        slot of {mm} (every key but the leases is there)."""
+        layout = getattr(self.redis.connection_pool, "cluster_layout", None)
+        if layout is None:
+            yield self.redis
+            return
+        await self.redis.exists([KEYS[12]])  # (the client learns the cluster's layout)
+        node = layout.node_for_slot(MM_SLOT)
+        async with node.as_client(**self.redis.connection_pool.connection_kwargs) as server:
+            yield server
+
     async def _check(self) -> None:
         r = self.redis
-        info = await r.info("server")
-        version = tuple(int(part) for part in str(info.get("redis_version", "0")).split(".")[:2])
-        if version < MIN_REDIS:
-            raise PluginError(f"--redis-url: Redis {info.get('redis_version')} is too old (7.0 or newer needed)")
-        try:
-            policy = (await r.config_get(["maxmemory-policy"])).get(b"maxmemory-policy", b"noeviction")
-        except Exception as exc:  # managed Redis may refuse CONFIG: say so, go on
-            log.warning("cluster: cannot read maxmemory-policy (%s); it must be noeviction", exc)
-        else:
-            if policy != b"noeviction":
-                raise PluginError(
-                    f"--redis-url: maxmemory-policy is {policy.decode()}; the queue needs noeviction "
-                    "(an evicted key would corrupt it)"
-                )
+        async with self._server() as server:
+            info = await server.info("server")
+            version = tuple(int(part) for part in str(info.get("redis_version", "0")).split(".")[:2])
+            if version < MIN_REDIS:
+                raise PluginError(f"--redis-url: Redis {info.get('redis_version')} is too old (7.0 or newer needed)")
+            try:
+                policy = (await server.config_get(["maxmemory-policy"])).get(b"maxmemory-policy", b"noeviction")
+            except Exception as exc:  # managed Redis may refuse CONFIG: say so, go on
+                log.warning("cluster: cannot read maxmemory-policy (%s); it must be noeviction", exc)
+            else:
+                if policy != b"noeviction":
+                    raise PluginError(
+                        f"--redis-url: maxmemory-policy is {policy.decode()}; the queue needs noeviction "
+                        "(an evicted key would corrupt it)"
+                    )
         lease = round(self.node_timeout * 1000)
         if not await r.set(NODE_KEY + self.node, self._lease_value, px=lease, condition=self.token.NX):
             raise PluginError(f"--node-id {self.node}: a live node has this id (wait {self.node_timeout:g} s)")
@@ -765,8 +782,9 @@ class ClusterBackend:
         self._primary = self._primary_now()
 
     async def _sync_clock(self) -> None:
-        before = trio.current_time()
-        when = await self.redis.time()
+        async with self._server() as server:
+            before = trio.current_time()
+            when = await server.time()
         self.script.offset = (before + trio.current_time()) / 2 - when.timestamp()
 
     async def _inbox_start(self) -> tuple[bytes, bytes]:
@@ -841,7 +859,16 @@ class ClusterBackend:
             self._primary = where
 
     def _primary_now(self) -> Any:
-        return getattr(self.redis.connection_pool, "location", None)  # (a Sentinel's pool updates it)
+        """Where the primary is, as the client last learnt: a Sentinel's pool keeps it; in a Redis
+        Cluster, the primary of {mm}'s slot (the client follows the cluster's failovers)."""
+        pool = self.redis.connection_pool
+        layout = getattr(pool, "cluster_layout", None)
+        if layout is None:
+            return getattr(pool, "location", None)
+        with contextlib.suppress(Exception):  # (no layout yet)
+            node = layout.node_for_slot(MM_SLOT)
+            return f"{node.host}:{node.port}"
+        return self._primary
 
     async def _forget_clients_of(self, node: str) -> None:
         with contextlib.suppress(EpochChanged):  # (Redis lost its data: nothing of that node is left)
@@ -1599,16 +1626,16 @@ def _redacted(url: str) -> str:
 
 
 def check_url(url: str) -> None:
-    """A Redis URL coredis takes (redis://, rediss://, unix://), or a redis+sentinel:// one; else
-    PluginError."""
-    if url.startswith("redis+sentinel://"):
-        sentinel_url(url)
+    """A Redis URL coredis takes (redis://, rediss://, unix://), or a redis+sentinel:// or
+    redis+cluster:// one; else PluginError."""
+    if url.startswith(("redis+sentinel://", "redis+cluster://")):
+        hosts_url(url)
         return
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
         raise PluginError(
             f"--redis-url {_redacted(url)!r}: expected redis://host[:port][/db] (or rediss://, unix://, "
-            "redis+sentinel://)"
+            "redis+sentinel://, redis+cluster://)"
         )
     try:
         parts.port  # noqa: B018 (validates it)
@@ -1616,18 +1643,27 @@ def check_url(url: str) -> None:
         raise PluginError(f"--redis-url {_redacted(url)!r}: {exc}") from None
 
 
-def sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
+_HOSTS_URLS: Final = {  # scheme -> (the port unless given, what comes after the hosts)
+    "redis+sentinel": (SENTINEL_PORT, "/service[/db]"),
+    "redis+cluster": (6379, ""),
+}
+
+
+def hosts_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
     """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``: the
-    Sentinels (port SENTINEL_PORT unless given), the service (Sentinel's name for the primary), and
-    what the connections to the primary take (db, user, password: the primary's, not the
-    Sentinels'). PluginError if malformed."""
-    netloc, _, path = url[len("redis+sentinel://") :].partition("/")
+    Sentinels, the service (Sentinel's name for the primary), and what the connections to the
+    primary take (db, user, password: the primary's, not the Sentinels');
+    ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: nodes of a Redis Cluster to
+    start from ("" for the service, no db). PluginError if malformed."""
+    scheme, _, rest = url.partition("://")
+    default_port, after = _HOSTS_URLS[scheme]
+    netloc, _, path = rest.partition("/")
     auth, _, hosts = netloc.rpartition("@")
     options: dict[str, Any] = {}
     if auth:
         user, _, password = auth.partition(":")  # (as in redis://: user@ is a user, :password@ a password)
         options.update(username=urllib.parse.unquote(user) or None, password=urllib.parse.unquote(password) or None)
-    sentinels = []
+    found = []
     service, _, db = path.partition("/")
     try:
         for host_port in hosts.split(","):
@@ -1636,31 +1672,37 @@ def sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
                 port = port.removeprefix(":")
             else:
                 host, _, port = host_port.partition(":")
-            if not host or not 0 < int(port or SENTINEL_PORT) < 65536:
+            if not host or not 0 < int(port or default_port) < 65536:
                 raise ValueError(host_port)
-            sentinels.append((host, int(port or SENTINEL_PORT)))
-        options["db"] = int(db.strip("/") or 0)
-        if not service:
-            raise ValueError("no service")
+            found.append((host, int(port or default_port)))
+        if after:
+            options["db"] = int(db.strip("/") or 0)
+            if not service:
+                raise ValueError("no service")
+        elif path:
+            raise ValueError("a Redis Cluster has no service or db")
     except ValueError:
         raise PluginError(
-            f"--redis-url {_redacted(url)!r}: expected redis+sentinel://[:password@]host[:port][,host[:port]...]"
-            "/service[/db]"
+            f"--redis-url {_redacted(url)!r}: expected {scheme}://[:password@]host[:port][,host[:port]...]{after}"
         ) from None
-    return sentinels, urllib.parse.unquote(service), options
+    return found, urllib.parse.unquote(service), options
 
 
 def connect(url: str) -> tuple[Any, Any, Any]:
-    """The Sentinel client (None for a plain URL) and two clients of the primary (commands; the
-    inbox's XREAD BLOCK). Nothing connects until used."""
+    """The Sentinel client (None unless redis+sentinel://) and two clients of Redis (commands; the
+    inbox's XREAD BLOCK): of the primary Sentinel names, or of a Redis Cluster, or plain. Nothing
+    connects until used."""
     import coredis
     from coredis.connection import TCPLocation
 
-    if not url.startswith("redis+sentinel://"):
+    if not url.startswith(("redis+sentinel://", "redis+cluster://")):
         return None, coredis.Redis.from_url(url), coredis.Redis.from_url(url)
-    sentinels, service, options = sentinel_url(url)
+    hosts, service, options = hosts_url(url)
+    where = [TCPLocation(h, p) for h, p in hosts]
+    if not service:  # a Redis Cluster
+        return None, *(coredis.RedisCluster(startup_nodes=where, **options) for _ in range(2))
     timeouts = {"connect_timeout": SENTINEL_TIMEOUT, "stream_timeout": SENTINEL_TIMEOUT}
-    sentinel = coredis.Sentinel([TCPLocation(h, p) for h, p in sentinels], sentinel_kwargs=timeouts)
+    sentinel = coredis.Sentinel(where, sentinel_kwargs=timeouts)
     return sentinel, sentinel.primary_for(service, **options), sentinel.primary_for(service, **options)
 
 
@@ -1675,7 +1717,8 @@ def relay_addoption(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--redis-url", default=os.environ.get("RELAY_REDIS_URL"),
         help="Redis (>= 7.0, maxmemory-policy noeviction) shared by the nodes: redis://host[:port][/db], "
-        "rediss://, unix://, or redis+sentinel://host[:port][,host[:port]...]/service[/db] (env RELAY_REDIS_URL)",
+        "rediss://, unix://, redis+sentinel://host[:port][,host[:port]...]/service[/db], "
+        "or redis+cluster://host[:port][,host[:port]...] (env RELAY_REDIS_URL)",
     )  # fmt: skip
     group.add_argument(
         "--node-id", default=os.environ.get("RELAY_NODE_ID") or os.environ.get("FLY_MACHINE_ID"),

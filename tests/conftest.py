@@ -337,7 +337,7 @@ class RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
             ["redis-server", *self.args, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--daemonize", "no", "--dir", str(self.tmp), *persistence],
+             "--daemonize", "no", "--dir", str(self.tmp), "--repl-diskless-sync-delay", "0", *persistence],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10

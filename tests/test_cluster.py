@@ -224,6 +224,9 @@ def test_a_bad_redis_url_exits_2() -> None:
     done = _relay_exit("--redis-url", "http://127.0.0.1:1/")
     assert done.returncode == 2, done.stderr
     assert "relay: error: --redis-url 'http://127.0.0.1:1/': expected redis://" in done.stderr
+    done = _relay_exit("--redis-url", "redis+cluster://127.0.0.1:7000,127.0.0.1:7001/0")  # a cluster has no db
+    assert done.returncode == 2, done.stderr
+    assert "--redis-url 'redis+cluster://127.0.0.1:7000,127.0.0.1:7001/0': expected redis+cluster://" in done.stderr
     done = _relay_exit("--redis-url", "redis+sentinel://:secret@127.0.0.1:26379")  # no service name
     assert done.returncode == 2, done.stderr
     assert "--redis-url 'redis+sentinel://:***@127.0.0.1:26379': expected redis+sentinel://" in done.stderr
@@ -615,7 +618,7 @@ def sentinel(
         replica.kill()
 
 
-async def a_session_and_a_wait(c: Cluster, replica: RedisServer, nursery: trio.Nursery) -> list:
+async def a_session_and_a_wait(c: Cluster, nursery: trio.Nursery) -> list:
     """A session across the two nodes, and a client waiting on the first, the replica has them:
     [the session's sides (on n0, on n1), its matched, the waiting one, n1]."""
     n0, n1 = c.harnesses(nursery)
@@ -623,7 +626,7 @@ async def a_session_and_a_wait(c: Cluster, replica: RedisServer, nursery: trio.N
     w = await n0.connect()
     await w.send(type="join")
     await w.expect("queued", position=1)
-    await until_redis(replica, "ZCARD", "{mm}:queue", equals=b":1\r\n")  # (replication is asynchronous)
+    assert c.redis.command("WAIT", "1", "5000") == b":1\r\n"  # (replication is asynchronous)
     return [a, b, ma, w, n1]
 
 
@@ -638,30 +641,39 @@ async def still_there(a: Client, b: Client, ma: dict, w: Client, n1: Harness) ->
     await skip_positions(b, "peer_left", session_id=ma["session_id"], reason="next")
 
 
-async def test_a_sentinel_failover_sessions_and_places_go_on_on_the_new_primary(
-    redis_server: RedisServer, sentinel: tuple[Cluster, RedisServer, RedisServer], nursery: trio.Nursery
-) -> None:
-    c, replica, _ = sentinel
+async def the_primary_dies(c: Cluster, replica: RedisServer, nursery: trio.Nursery) -> None:
+    """SIGKILL the primary (``c.redis``) while a session crosses the nodes and a client waits: once
+    ``replica`` is the primary, every node has restored its clients into it, what was sent
+    meanwhile arrives in order, and the queue and the session are there."""
     with trio.fail_after(10 * STEP):
-        there = await a_session_and_a_wait(c, replica, nursery)
+        there = await a_session_and_a_wait(c, nursery)
         a, b = there[0], there[1]
-        redis_server.kill()  # SIGKILL the primary: the Sentinel makes the replica the primary
+        c.redis.kill()
         for i in range(1, 11):  # sent meanwhile: kept in n1's outbox, in order, until a primary takes them
             await b.send(type="signal", data={"i": i})
         for i in range(1, 11):
             assert (await a.expect("signal", n=i))["data"] == {"i": i}
         assert b"role:master" in replica.command("INFO", "replication")
         await still_there(*there)
-        for node in c.nodes:
+        for node in c.nodes:  # each restored its clients into the new primary (it may lack the last writes):
+            while "restored its" not in node.log.read_text():  # after being alone, or seeing the primary move
+                await trio.sleep(0.1)
             await until_health(node, "ok")
+
+
+async def test_a_sentinel_failover_sessions_and_places_go_on_on_the_new_primary(
+    sentinel: tuple[Cluster, RedisServer, RedisServer], nursery: trio.Nursery
+) -> None:
+    c, replica, _ = sentinel
+    await the_primary_dies(c, replica, nursery)  # (the Sentinel makes the replica the primary)
 
 
 async def test_a_manual_sentinel_failover_moves_the_nodes_before_the_old_primary_steps_down(
     sentinel: tuple[Cluster, RedisServer, RedisServer], nursery: trio.Nursery
 ) -> None:
-    c, replica, watcher = sentinel
+    c, _, watcher = sentinel
     with trio.fail_after(8 * STEP):
-        there = await a_session_and_a_wait(c, replica, nursery)
+        there = await a_session_and_a_wait(c, nursery)
         a, b = there[0], there[1]
         assert watcher.command("SENTINEL", "FAILOVER", "mm") == b"+OK\r\n"
         # The old primary goes on taking writes until Sentinel makes it a replica, seconds later:
@@ -676,6 +688,56 @@ async def test_a_manual_sentinel_failover_moves_the_nodes_before_the_old_primary
         await still_there(*there)
         for node in c.nodes:
             assert (await health(node))["cluster"] == "ok"
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path, make_cluster: Callable[..., Cluster]) -> Iterator[tuple[Cluster, RedisServer]]:
+    """A Redis Cluster of three primaries and a replica of the one that holds {mm}'s slot, and two
+    nodes on it: (the nodes, whose .redis is that primary; the replica), stopped after the test."""
+    servers = []
+    try:
+        for name in ("a", "b", "c", "replica"):
+            (tmp_path / name).mkdir()
+            servers.append(RedisServer(tmp_path / name, args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
+                "--cluster-port", str(free_port()),  # (else the port + 10000, which may be taken, or past 65535)
+            )).start())  # fmt: skip
+        *primaries, replica = servers
+        addresses = [f"127.0.0.1:{s.port}" for s in primaries]
+        subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"], check=True,
+                       capture_output=True, timeout=30)  # fmt: skip
+        owner = next(s for s in primaries if _serves(s, 125))  # (125: CLUSTER KEYSLOT {mm})
+        owner_id = owner.command("CLUSTER", "MYID").split(b"\r\n")[1].decode()
+        subprocess.run(["redis-cli", "--cluster", "add-node", f"127.0.0.1:{replica.port}", f"127.0.0.1:{owner.port}",
+                        "--cluster-slave", "--cluster-master-id", owner_id], check=True, capture_output=True,
+                       timeout=30)  # fmt: skip
+        deadline = time.monotonic() + STEP
+        while b"master_link_status:up" not in replica.command("INFO", "replication") or any(
+            b"cluster_state:ok" not in s.command("CLUSTER", "INFO") for s in servers
+        ):
+            assert time.monotonic() < deadline, "the Redis Cluster did not come up"
+            time.sleep(0.1)
+        yield make_cluster(owner, 2, url="redis+cluster://" + ",".join(addresses)), replica
+    finally:
+        for server in servers:
+            server.kill()
+
+
+def _serves(server: RedisServer, slot: int) -> bool:
+    """Whether ``server`` is the primary of ``slot`` (its line of CLUSTER NODES says so)."""
+    line = next(x for x in server.command("CLUSTER", "NODES").decode().splitlines() if "myself" in x)
+    for part in line.split()[8:]:
+        first, _, last = part.partition("-")
+        if int(first) <= slot <= int(last or first):
+            return True
+    return False
+
+
+async def test_a_redis_cluster_failover_sessions_and_places_go_on(
+    redis_cluster: tuple[Cluster, RedisServer], nursery: trio.Nursery
+) -> None:
+    c, replica = redis_cluster
+    await the_primary_dies(c, replica, nursery)  # (of {mm}'s slot: the cluster makes its replica the primary)
 
 
 async def upgrade_answer(port: int, path: str, extra: str = "") -> tuple[int, str]:
