@@ -401,7 +401,8 @@ TEXT: Final = 1  # RemotePeer.forward: a message to send as it is
 class RemotePeer:
     """The peer of one of this node's clients that is a client of another node (a cluster backend
     makes it and keeps it in ``Relay.remote_peers``). What the relay sends it goes to ``forward``
-    (``forward(client_id, SIGNAL | TEXT, text)``): its node delivers it, in order."""
+    (``forward(client_id, SIGNAL | TEXT, text)``): its node delivers it, in order. A signal's text
+    is a JSON object of ``type`` and ``data`` only (``Relay.deliver_signal`` numbers it unparsed)."""
 
     __slots__ = ("forward", "id", "mailbox", "node", "peer", "phase", "session", "transport", "user_id")
 
@@ -3036,7 +3037,9 @@ class Relay:
                 if peer is None:
                     raise ProtocolError("not_matched", "no peer to signal: wait for matched")
                 mailbox = peer.mailbox
-                if mailbox is None:  # a RemotePeer: its own node numbers and delivers it
+                if mailbox is None:  # a RemotePeer: its own node numbers and delivers it (as it is: no JSON there)
+                    if len(msg) != 2 or text[0] != 0x7B:
+                        text = _dumps({"type": "signal", "data": msg["data"]})
                     peer.forward(peer.id, SIGNAL, text)
                 else:  # as deliver_signal does (inline: this is the hot path)
                     out = relayed_signal(text, msg, mailbox)
@@ -3051,10 +3054,15 @@ class Relay:
         except ProtocolError as exc:
             self.send_error(c, exc.code, exc.message)
 
-    def deliver_signal(self, peer: _Client, text: bytes, msg: dict[str, Any]) -> None:
+    def deliver_signal(self, peer: _Client, text: bytes, msg: dict[str, Any] | None = None) -> None:
         """Relay a signal (``text``, parsed: ``msg``) to ``peer``: numbered, kept in its mailbox and
-        written, or (away) kept for its resume. From this node's clients, or from another node's."""
-        out = relayed_signal(text, msg, peer.mailbox)
+        written, or (away) kept for its resume. From this node's clients, or from another node's:
+        without ``msg``, ``text`` is a JSON object of ``type`` and ``data`` only, as ``RemotePeer``
+        gets it (the number goes in front, unparsed)."""
+        if msg is None:
+            out = b'{"n":%d,%b' % (peer.mailbox.number(), text[1:])
+        else:
+            out = relayed_signal(text, msg, peer.mailbox)
         if not peer.mailbox.keep(peer.mailbox.count, out):
             self._overflow(peer)
         elif peer.phase is ACTIVE or peer.phase is NEW:  # away, the mailbox has it for the resume

@@ -103,6 +103,8 @@ async def test_clients_of_two_nodes_pair_and_signal(cluster: Cluster, nursery: t
         for i in range(1, 21):
             assert await b.expect("signal", n=i) == {"type": "signal", "n": i, "data": {"i": i, "sdp": "x" * i}}
             assert (await a.expect("signal", n=i))["data"] == {"j": i}
+        await a.send_raw(' {"data": {"k": 1}, "extra": [1], "type": "signal"}')  # another node gets type and data
+        assert await b.expect("signal", n=21) == {"type": "signal", "n": 21, "data": {"k": 1}}
         await b.send(type="next")  # ended on n1, told on n0
         await a.expect("peer_left", session_id=ma["session_id"], reason="next")
         await b.expect("queued", position=1)
@@ -250,6 +252,21 @@ async def until_redis(redis: RedisServer, *command: str, equals: bytes) -> None:
     with trio.fail_after(STEP):
         while redis.command(*command) != equals:
             await trio.sleep(0.05)
+
+
+async def test_a_malformed_inbox_entry_is_logged_and_skipped(
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = make_cluster(redis_server, 2)
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(4 * STEP):
+        a, b, ma = await paired(n0, n1)
+        item = f"\x00{a.id}\x1f{ma['session_id']}\x1fnot json"  # a signal item (kind 0) whose text is no object
+        for field, value in (("m", "\x00\x00"), ("m", f"\x00\x00\x00{chr(len(item))}{item}"), ("x", "no m")):
+            assert redis_server.command("XADD", "{mm}:inbox:n0", "*", field, value).startswith(b"$")
+        await b.send(type="signal", data={"i": 1})  # what comes after them is delivered, numbered as ever
+        assert (await a.expect("signal", n=1))["data"] == {"i": 1}
+        assert c.nodes[0].log.read_text().count("cluster: skipping malformed entry") == 3
 
 
 async def test_a_dead_node_is_reaped_and_nothing_of_its_clients_stays(
