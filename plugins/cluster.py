@@ -27,8 +27,9 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   The peer's node, told where the client went, sends a ``FENCE`` the old way; the new node holds
   what comes the new way until it arrives: nothing is reordered by the move.
 - **A journal, for the node's death.** Each flush also writes the signals the node's clients were
-  sent (``{mm}:journal:<node>``, kept JOURNAL_SECONDS) and each client's signal count and token
-  digest (``{mm}:journaled:<node>``). The node that reaps a dead one takes its clients over
+  sent (``{mm}:journal:<node>``, kept JOURNAL_SECONDS, at most --cluster-journal-bytes) and each
+  client's signal count and token digest (``{mm}:journaled:<node>``). The node that reaps a dead
+  one takes its clients over
   (``_adopt``): away for the grace, in their sessions and places, their rings rebuilt from the
   journal and the dead node's unread inbox; a resume anywhere finds them there.
 - **Alone while Redis is away.** After DEGRADED_AFTER seconds of failing calls (or from the start,
@@ -128,6 +129,7 @@ RESTORE_BATCH: Final = 100  # clients per script call when a node restores its c
 JOURNAL_KEY: Final = "{mm}:journal:"  # + node id: the signals its clients were sent, and how far it read its inbox
 JOURNALED_KEY: Final = "{mm}:journaled:"  # + node id: hash, client id -> "count digest" (signals numbered, token)
 JOURNAL_SECONDS: Final = 10.0  # seconds of signals a node's journal keeps for a resume after the node's death
+JOURNAL_BATCH: Final = 64  # journal entries read per XRANGE when a node takes a dead one's clients over
 MAX_JOURNAL: Final = 65_536  # signals a node keeps for its journal while Redis does not take them (older ones go)
 ADOPT_LINGER: Final = 10.0  # seconds a node reads a dead node's inbox after taking its clients (senders learn late)
 MIN_REDIS: Final = (7, 0)
@@ -230,13 +232,32 @@ class Journal:
     client gone; else at most once every JOURNAL_SECONDS / 2, so the hash is never further behind
     than the stream reaches back)."""
 
-    __slots__ = ("dirty", "ids", "texts", "urgent")
+    __slots__ = ("dirty", "ids", "size", "sizes", "texts", "urgent")
 
     def __init__(self) -> None:
         self.ids: list[str] = []  # the recipient of each signal since the last flush, in order
         self.texts: list[bytes] = []  # ... and the signal as sent (its "n" in it)
         self.dirty: dict[str, float] = {}  # client id -> when its count first changed unwritten (oldest first)
         self.urgent: set[str] = set()  # clients to write (or, gone, to delete) at the next flush
+        self.sizes: collections.deque[tuple[int, int, int]] = collections.deque()  # the stream's: (ms, seq, bytes)
+        self.size = 0  # their bytes
+
+    def trim(self, size: int, max_bytes: int, oldest: int) -> bytes:
+        """An entry of ``size`` bytes is about to go into the stream: the MINID (an entry id) below
+        which entries go with it, so that the stream keeps none older than ``oldest`` (Redis's
+        milliseconds, as this node reckons them) and at most ``max_bytes``, the new entry's too."""
+        sizes, below = self.sizes, (max(oldest, 0), 0)
+        while sizes and (sizes[0][0] < oldest or self.size + size > max_bytes):
+            ms, seq, gone = sizes.popleft()
+            self.size -= gone
+            below = max(below, (ms, seq + 1))
+        return b"%d-%d" % below
+
+    def wrote(self, entry_id: bytes, size: int) -> None:
+        """Redis took an entry of ``size`` bytes, as ``entry_id``."""
+        ms, _, seq = entry_id.partition(b"-")
+        self.sizes.append((int(ms), int(seq), size))
+        self.size += size
 
 
 _keep: Final = Mailbox.keep
@@ -283,8 +304,9 @@ class ClusterBackend:
     """``relay.Backend`` over Redis, for one node. See the module docstring."""
 
     def __init__(
-        self, relay: Relay, url: str, node_id: str, flush_s: float, node_timeout: float, buffer_bytes: int
-    ) -> None:
+        self, relay: Relay, url: str, node_id: str, flush_s: float, node_timeout: float, buffer_bytes: int,
+        journal_bytes: int = 64 << 20,
+    ) -> None:  # fmt: skip
         from coredis.tokens import PureToken
 
         self.token = PureToken  # SET's NX / XX, XADD's MAXLEN ~
@@ -295,6 +317,7 @@ class ClusterBackend:
         self.flush_s = flush_s
         self.node_timeout = node_timeout
         self.buffer_bytes = buffer_bytes
+        self.journal_bytes = journal_bytes  # --cluster-journal-bytes: the journal stream's bound
         self._outbox_bytes: dict[str, int] = {}  # node -> bytes waiting for it (in its outbox or being sent)
         self._dropped: set[str] = set()  # nodes whose waiting messages overflowed during the current flush
         self._failing_since: float | None = None  # since when Redis calls fail (None: they succeed)
@@ -344,6 +367,7 @@ class ClusterBackend:
         # The journal: another node takes this node's clients over from it if this one dies.
         self._journal = Journal()
         self._digests: dict[str, tuple[str, str]] = {}  # client id -> (secret, its digest), as last written
+        self._journal_added: tuple[Any, int] | None = None  # the flush's XADD to the journal, and its bytes
         self._inbox_read = b"0-0"  # the last entry of this node's inbox delivered here
         self._journaled_read = b"0-0"  # ... as the journal last said
         self._adopted: dict[str, tuple[bytes, float]] = {}  # a dead node's inbox read here -> (last read, until)
@@ -906,6 +930,8 @@ class ClusterBackend:
         j.ids.clear()
         j.texts.clear()
         j.dirty.clear()
+        j.sizes.clear()  # (the reaper deleted the journal)
+        j.size = 0
         for c in list(relay.clients.values()):
             relay.close_client(c, CLOSE_RESTART, "server restarting")
 
@@ -947,15 +973,18 @@ class ClusterBackend:
         state = await r.hgetall(JOURNALED_KEY + node)
         rings: dict[str, list[tuple[int, bytes]]] = collections.defaultdict(list)
         read = b"0-0"
-        for entry in await r.xrange(JOURNAL_KEY + node):  # (at most JOURNAL_SECONDS of signals)
-            fields = entry.field_values
-            read, packed, at = fields.get(b"r", read), fields.get(b"m", b""), 0
-            if not packed:
-                continue
-            for cid, size in zip(fields[b"c"].split(b"\x1f"), array.array("I", fields[b"l"]), strict=True):
-                text = packed[at : at + size]
-                at += size
-                rings[cid.decode()].append((orjson.loads(text)["n"], text))
+        last = b"-"
+        while batch := await r.xrange(JOURNAL_KEY + node, last, count=JOURNAL_BATCH):  # (in bounded answers)
+            last = b"(" + batch[-1].identifier
+            for entry in batch:  # (at most JOURNAL_SECONDS of signals, at most --cluster-journal-bytes)
+                fields = entry.field_values
+                read, packed, at = fields.get(b"r", read), fields.get(b"m", b""), 0
+                if not packed:
+                    continue
+                for cid, size in zip(fields[b"c"].split(b"\x1f"), array.array("I", fields[b"l"]), strict=True):
+                    text = packed[at : at + size]
+                    at += size
+                    rings[cid.decode()].append((orjson.loads(text)["n"], text))
         taken: list[dict[str, Any]] = []
         while True:
             answer = await self.script.call("adopt", "", node, node=self.node)
@@ -1203,11 +1232,13 @@ class ClusterBackend:
                 b"c": "\x1f".join(ids), b"l": array.array("I", map(len, texts)).tobytes(),
                 b"m": b"".join(texts), b"r": self._inbox_read,
             }  # fmt: skip
-            oldest = round((now - self.script.offset - JOURNAL_SECONDS) * 1000)
-            pipe.xadd(
-                JOURNAL_KEY + node, entry, trim_strategy=self.token.MINID, threshold=max(oldest, 0),
+            size = len(entry[b"c"]) + len(entry[b"l"]) + len(entry[b"m"])
+            oldest = j.trim(size, self.journal_bytes, round((now - self.script.offset - JOURNAL_SECONDS) * 1000))
+            added = pipe.xadd(
+                JOURNAL_KEY + node, entry, trim_strategy=self.token.MINID, threshold=oldest,
                 trim_operator=self.token.APPROXIMATELY,
             )  # fmt: skip
+            self._journal_added = (added, size)
             fresh = set(ids) - j.dirty.keys()
             if fresh:
                 j.dirty.update(dict.fromkeys(fresh, now))
@@ -1249,6 +1280,7 @@ class ClusterBackend:
         written: list[str] = []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
+                self._journal_added = None
                 ids, texts, written = self._journal_write(pipe)
                 for node, items in boxes.items():
                     pipe.xadd(
@@ -1265,6 +1297,8 @@ class ClusterBackend:
             await trio.sleep(RETRY_INTERVAL)
         else:
             self._journaled_read = read
+            if self._journal_added is not None:
+                j.wrote(await self._journal_added[0], self._journal_added[1])
             self._redis_ok()
             for node, items in boxes.items():
                 if node not in self._dropped:
@@ -1736,6 +1770,11 @@ def relay_addoption(parser: argparse.ArgumentParser) -> None:
         " (default %(default)s)",
     )  # fmt: skip
     group.add_argument(
+        "--cluster-journal-bytes", type=int, default=64 << 20,
+        help="bytes of signals a node's journal keeps in Redis at most (older ones go; a takeover after "
+        "its death rebuilds from it) (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
         "--cluster-node-timeout", type=float, default=5.0,
         help="seconds without a lease renewal after which a node is taken for dead (default %(default)s)",
     )  # fmt: skip
@@ -1765,11 +1804,14 @@ def relay_configure(relay: Relay) -> None:
         raise PluginError("--cluster-flush-ms must be between 0.5 and 1000")
     if not 2 * LEASE_INTERVAL <= o.cluster_node_timeout <= 600:
         raise PluginError("--cluster-node-timeout must be between 2 and 600 seconds")
+    if not 1 << 20 <= o.cluster_journal_bytes <= 1 << 32:
+        raise PluginError("--cluster-journal-bytes must be between 1048576 and 4294967296")
     if not 64 * 1024 <= o.cluster_buffer_bytes <= 1 << 32:
         raise PluginError("--cluster-buffer-bytes must be between 65536 and 4294967296")
     _backends[id(relay)] = ClusterBackend(
-        relay, url, node, o.cluster_flush_ms / 1000, o.cluster_node_timeout, o.cluster_buffer_bytes
-    )
+        relay, url, node, o.cluster_flush_ms / 1000, o.cluster_node_timeout, o.cluster_buffer_bytes,
+        o.cluster_journal_bytes,
+    )  # fmt: skip
 
 
 @relay.hookimpl

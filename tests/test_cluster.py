@@ -22,6 +22,9 @@ import pytest
 import trio
 import trio_websocket
 from conftest import LOOPBACK_FLAGS, STEP, Client, Harness, RedisServer, RelayProcess, free_port, http_get
+from hypothesis import given
+from hypothesis import strategies as st
+from relay_plugins.cluster import Journal
 
 import relay as relay_mod
 
@@ -267,6 +270,39 @@ async def test_a_malformed_inbox_entry_is_logged_and_skipped(
         await b.send(type="signal", data={"i": 1})  # what comes after them is delivered, numbered as ever
         assert (await a.expect("signal", n=1))["data"] == {"i": 1}
         assert c.nodes[0].log.read_text().count("cluster: skipping malformed entry") == 3
+
+
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 5000)), max_size=60), st.integers(1, 20_000))
+def test_the_journal_keeps_its_time_and_its_bytes(entries: list[tuple[int, int]], max_bytes: int) -> None:
+    journal, at, last, kept = Journal(), 0, (0, 0), []  # kept: the stream's entries, as Redis trims it (MINID)
+    for step, size in entries:
+        at += step
+        minid = journal.trim(size, max_bytes, at - 10_000)
+        last = (at, last[1] + 1 if last[0] == at else 0)  # the id Redis gives it (a sequence within its ms)
+        low = tuple(map(int, minid.split(b"-")))
+        kept = [(i, n) for i, n in [*kept, (last, size)] if i >= low]
+        journal.wrote(b"%d-%d" % last, size)
+        assert kept[-1] == (last, size)  # the new entry stays
+        assert all(i[0] >= at - 10_000 for i, _ in kept)  # nothing older than its time
+        assert sum(n for _, n in kept) <= max_bytes or len(kept) == 1  # within its bytes
+        assert [(*i, n) for i, n in kept] == list(journal.sizes)  # (what it counts is what is there)
+
+
+async def test_the_journal_in_redis_stays_within_its_bytes(
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = make_cluster(redis_server, 1, "--cluster-journal-bytes", str(1 << 20), "--message-burst", "100000")
+    (n0,) = c.harnesses(nursery)
+    with trio.fail_after(6 * STEP):
+        a, b, _ = await paired(n0, n0)
+        for i in range(0, 2000, 100):  # 4 MB of signals to b, journaled
+            for j in range(i + 1, i + 101):
+                await a.send(type="signal", data={"i": j, "sdp": "x" * 2000})
+            for j in range(i + 1, i + 101):
+                await b.expect("signal", n=j)
+        await trio.sleep(0.1)  # (the last flush)
+        used = int(redis_server.command("MEMORY", "USAGE", "{mm}:journal:n0", "SAMPLES", "0").strip()[1:])
+        assert 0 < used < (1 << 20) + (256 << 10), used
 
 
 async def test_a_dead_node_is_reaped_and_nothing_of_its_clients_stays(
