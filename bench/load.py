@@ -32,7 +32,7 @@ but its concurrent-connection limit (5,000), lifted for the memory figure. Figur
   cluster (its pairs on it), ``--workers 2`` on one port (the kernel spreads the connections, so
   about half the pairs are split), and N nodes with each pair's sides on two nodes; Redis commands per
   relayed message, cross-node match latency idle, at half load and flat out, Redis commands per idle
-  node per second, Redis memory per 1,000 clients paired.
+  node per second, Redis memory per 1,000 clients waiting and paired.
 
 Ratios are taken within a repetition (servers alternate, their order flipping), then the median.
 """
@@ -358,19 +358,24 @@ def cluster(args: argparse.Namespace) -> dict:
                 (redis.info("total_commands_processed") - c0 - 1) / (time.monotonic() - t0) / args.nodes
             )
             figures["cross_idle"] = run(nodes, redis, pairs=0)
-            before = redis.info("used_memory")
-            cmd = ["taskset", "-c", str(args.generator_core), "node", str(BENCH / "loadgen.mjs"), "idle", "relay",
-                   str(nodes[0].port), "1000", "join"]  # fmt: skip
-            gen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            try:
-                assert json.loads(gen.stdout.readline())["connections"] == 1000
-                time.sleep(1)
-                figures["redis_bytes_per_1000_paired"] = redis.info("used_memory") - before
-            finally:
-                gen.stdin.close()
-                gen.wait(timeout=120)
         finally:
             stop(nodes)
+        for state, how in (("waiting", "wait"), ("paired", "join")):  # 1,000 clients of one node, on a fresh Redis
+            nodes = fresh(state)
+            try:
+                before = redis.info("used_memory")
+                cmd = ["taskset", "-c", str(args.generator_core), "node", str(BENCH / "loadgen.mjs"), "idle",
+                       "relay", str(nodes[0].port), "1000", how]  # fmt: skip
+                gen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                try:
+                    assert json.loads(gen.stdout.readline())["connections"] == 1000
+                    time.sleep(1)
+                    figures[f"redis_bytes_per_1000_{state}"] = redis.info("used_memory") - before
+                finally:
+                    gen.stdin.close()
+                    gen.wait(timeout=120)
+            finally:
+                stop(nodes)
         nodes = fresh("flat")
         try:
             figures["cross"] = run(nodes, redis)
@@ -487,10 +492,11 @@ def cluster_report(runs: list[dict], args: argparse.Namespace) -> str:
         f"p99 {med('takeover', 'p99_s'):.2f} s."
     )
     idle = statistics.median(r["idle_commands_per_node_s"] for r in runs)
-    memory = statistics.median(r["redis_bytes_per_1000_paired"] for r in runs)
+    memory = {s: statistics.median(r[f"redis_bytes_per_1000_{s}"] for r in runs) for s in ("waiting", "paired")}
     lines.append(
         f"Redis commands per idle node (a script's own calls included): {idle:.1f}/s. "
-        f"Redis memory per 1,000 clients paired: {memory / 1024:,.0f} KiB."
+        f"Redis memory per 1,000 clients waiting (each with an interest of its own): "
+        f"{memory['waiting'] / 1024:,.0f} KiB; paired: {memory['paired'] / 1024:,.0f} KiB."
     )
     return "\n".join(lines)
 

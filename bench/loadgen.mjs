@@ -5,7 +5,9 @@
 //   (PORT may be two ports, "8080,8081": each pair's first side on the first, its second on the other:
 //   two relay nodes of a cluster)
 //   node bench/loadgen.mjs handshakes relay|peerjs PORT SECONDS CONCURRENCY
-//   node bench/loadgen.mjs idle relay|peerjs PORT COUNT [join]       (prints "ready", waits for stdin to close)
+//   node bench/loadgen.mjs idle relay|peerjs PORT COUNT [join|wait]  (prints "ready", waits for stdin to close;
+//                                                                     join: in pairs, matched; wait: queued, each
+//                                                                     with an interest of its own)
 //
 // It speaks WebSocket over plain sockets: every frame it sends is built once (masked with the key 0,
 // which RFC 6455 allows), and of what it receives it parses frame headers only, so it costs far less
@@ -418,7 +420,13 @@ async function idle(count, join) {
   for (let i = 0; i < count; i += batch) {
     conns.push(...(await Promise.all(Array.from({ length: Math.min(batch, count - i) }, () => connect()))));
   }
-  if (join && RELAY) {
+  if (join === "wait" && RELAY) {
+    for (let i = 0; i < conns.length; i++) {
+      const queued = conns[i].expect("queued");
+      conns[i].send(JSON.stringify({ type: "join", interests: [`w${i}`] }));
+      await queued;
+    }
+  } else if (join && RELAY) {
     for (let i = 0; i < conns.length; i += 2) {
       const [a, b] = [conns[i], conns[i + 1]];
       const queued = a.expect("queued");
@@ -444,7 +452,7 @@ if (mode === "throughput") {
   result = await handshakes(Number(seconds), Number(concurrency));
 } else if (mode === "idle") {
   const [count, join] = rest;
-  await idle(Number(count), join === "join");
+  await idle(Number(count), join);
   process.exit(0);
 } else {
   throw new Error(`unknown mode ${mode}`);
