@@ -29,14 +29,12 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
 - **A journal, for the node's death.** Each flush also writes the signals the node's clients were
   sent (``{mm}:journal:<node>``, kept JOURNAL_SECONDS, at most --cluster-journal-bytes) and each
   client's signal count and token digest (``{mm}:journaled:<node>``). The node that reaps a dead
-  one takes its clients over
-  (``_adopt``): away for the grace, in their sessions and places, their rings rebuilt from the
-  journal and the dead node's unread inbox; a resume anywhere finds them there.
+  one takes its clients over (``_adopt``): away for the grace, in their sessions and places, their
+  rings rebuilt from the journal and the dead node's unread inbox; a resume anywhere finds them.
 - **Alone while Redis is away.** After DEGRADED_AFTER seconds of failing calls (or from the start,
   when Redis is unreachable then), a ``Matchmaker`` pairs the node's own clients. When Redis answers
   again, or turns out to have lost its data (its epoch, ``{mm}:epoch``, is gone), the node restores
   its clients into it (``_restore``): sessions, places and waits as the node has them.
-
 - **Sentinel, Redis Cluster.** With a ``redis+sentinel://`` URL the node asks the Sentinels where
   the primary is once a second, and moves to a new one at once (the old one may take writes for
   seconds more). With ``redis+cluster://`` coredis's cluster client follows the cluster (every key
@@ -868,10 +866,10 @@ class ClusterBackend:
             self._sentinel_answers = True
 
     def _watch_primary(self) -> None:
-        """Where the primary is (once a second, after each lease renewal). Moved (a Sentinel
-        failover), the new primary may lack what the old one had not passed on yet (replication is
-        asynchronous), its epoch the same: this node restores its clients into it, as after being
-        alone."""
+        """Where the primary is (once a second, after each lease renewal). Moved (a Sentinel's or a
+        Redis Cluster's failover), the new primary may lack what the old one had not passed on yet
+        (replication is asynchronous), its epoch the same: this node restores its clients into it,
+        as after being alone."""
         where = self._primary_now()
         if where != self._primary:
             if self._primary is not None:
