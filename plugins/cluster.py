@@ -370,6 +370,7 @@ class ClusterBackend:
         self._journaled_read = b"0-0"  # ... as the journal last said
         self._adopted: dict[str, tuple[bytes, float]] = {}  # a dead node's inbox read here -> (last read, until)
         self._adopting: list[tuple[str, dict[str, Any]]] | None = None  # resume requests, while taking clients
+        self._after_restore: list[tuple[str, dict[str, Any]]] = []  # resume requests, until the restore is done
         # Clients that moved here, until what their peers sent the old way is through: client id ->
         # (until when, what came the new way meanwhile: _deliver's arguments).
         self._fences: dict[str, tuple[float, list[tuple[int, str, str, bytes]]]] = {}
@@ -704,6 +705,9 @@ class ClusterBackend:
         self._primary = self._primary_now()  # (restored into this one)
         self.statistics["cluster_restores"] += 1
         log.warning("cluster: node %s restored its %d clients into Redis", self.node, len(clients))
+        requests, self._after_restore = self._after_restore, []
+        for client_id, request in requests:
+            self._hand_over(client_id, request)
 
     def _gone(self, sides: Iterable[Any], session_id: str, reason: str, by: str) -> None:
         """A session of this node's (``sides``: its clients here) that Redis no longer has: it ended
@@ -1380,6 +1384,11 @@ class ClusterBackend:
                 self._deliver(kind, client_id.decode(), session_id.decode(), payload)
             elif kind == REQUEST and self._adopting is not None:  # (once the clients it takes have their peers)
                 self._adopting.append((client_id.decode(), orjson.loads(payload)))
+            elif kind == REQUEST and (self._restore_needed or self._island is not None):
+                # Once the restore has told Redis this node's clients: one handed over before it
+                # would be missing from it, and the restore would forget it (ending its session).
+                if len(self._after_restore) < MAX_EARLY:  # (else its asker times out: resume_failed)
+                    self._after_restore.append((client_id.decode(), orjson.loads(payload)))
             elif kind == REQUEST:
                 self._hand_over(client_id.decode(), orjson.loads(payload))
             elif kind == MOVED:
@@ -1446,7 +1455,8 @@ class ClusterBackend:
     async def _ask(self, c: Any, client_id: str, secret: str, done: trio.Event) -> None:
         """Ask the client's node for it. A node that does not answer within HANDOVER_TIMEOUT and has
         no lease is dead: wait for the node that takes its clients over (and answers the request it
-        finds in the dead node's inbox), within the node timeout; it may be this one."""
+        finds in the dead node's inbox), within the node timeout; it may be this one. While Redis
+        does not answer, ask again, within the same time."""
         r, asked, asked_at = self.redis, None, 0.0
         give_up = trio.current_time() + HANDOVER_TIMEOUT + self.node_timeout + 2 * LEASE_INTERVAL
         while not done.is_set() and trio.current_time() < give_up:
@@ -1473,9 +1483,9 @@ class ClusterBackend:
                     await done.wait()
                 if trio.current_time() - asked_at >= HANDOVER_TIMEOUT and await r.exists([NODE_KEY + node]):
                     break  # a live node that does not answer
-            except Exception as exc:
-                log.warning("cluster: looking up %s for a resume failed: %s", client_id, exc)
-                break
+            except Exception as exc:  # Redis is away: ask again when it is back (the client's node holds it)
+                self._redis_failed("looking up a client for a resume", exc)
+                await trio.sleep(RETRY_INTERVAL)
         if self._asked.pop(c.id, None) is not None:  # no answer (or nobody to ask)
             self._refuse(c)
 

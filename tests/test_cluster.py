@@ -479,6 +479,27 @@ async def test_redis_restarted_with_its_data_sessions_go_on_and_lose_nothing(
         await skip_positions(x, "matched", peer_id=a.id)
 
 
+async def test_a_resume_on_another_node_while_redis_is_down_is_answered_once_it_is_back(
+    aof_cluster: Cluster, aof_redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    n0, n1 = aof_cluster.harnesses(nursery)
+    with trio.fail_after(8 * STEP):
+        a, b, ma = await paired(n0, n1)
+        await b.send(type="signal", data={"i": 1})
+        await a.expect("signal", n=1)
+        await vanish(a)
+        await b.expect("peer_reconnecting", session_id=ma["session_id"])
+        aof_redis.kill()
+        back = await n1.connect()  # a's phone comes back through the other node, which cannot ask n0 now
+        await back.send(type="resume", token=a.welcome["resume_token"], last=1)
+        await trio.sleep(3)  # (past DEGRADED_AFTER: both nodes are alone)
+        aof_redis.start()
+        await back.expect("resumed", client_id=a.id, state="matched", session_id=ma["session_id"])
+        await b.expect("peer_resumed", session_id=ma["session_id"])
+        await b.send(type="signal", data={"i": 2})
+        assert (await back.expect("signal", n=2))["data"] == {"i": 2}
+
+
 async def test_redis_restarted_empty_the_nodes_restore_their_clients(
     make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
