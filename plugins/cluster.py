@@ -20,7 +20,7 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   which every node reads with its inbox and applies for its own clients. The node whose move made a
   decision calls the hooks (``relay_matched``, ``relay_session_ended``, ``relay_report``): once for
   the cluster.
-- **Each node holds a lease** (``relay:node:<id>``, renewed every second, ``--cluster-node-timeout``):
+- **Each node holds a lease** (``{mm}:node:<id>``, renewed every second, ``--cluster-node-timeout``):
   a second process with a live node's id refuses to start; one survivor reaps a dead node (below).
 - **Resume anywhere.** A ``resume`` for a client another node holds asks that node, which hands it
   over (mailbox, session or place); draining on SIGTERM, a node hands every client over this way.
@@ -38,7 +38,7 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
 - **Sentinel, Redis Cluster.** With a ``redis+sentinel://`` URL the node asks the Sentinels where
   the primary is once a second, and moves to a new one at once (the old one may take writes for
   seconds more). With ``redis+cluster://`` coredis's cluster client follows the cluster (every key
-  but the leases is in one slot, ``{mm}``'s). When the primary moves, the node restores its clients
+  is in one slot, ``{mm}``'s). When the primary moves, the node restores its clients
   there: the new primary may lack the old one's last writes.
 
 Checked at start, each a one-line error and exit code 2: the URL, Redis >= 7.0, ``maxmemory-policy``
@@ -96,9 +96,9 @@ KEYS: Final = tuple(
         "decisions", "owners", "epoch",
     )
 )  # fmt: skip
-NODE_KEY: Final = "relay:node:"  # + node id: the node's lease
-NODES_KEY: Final = "relay:nodes"  # the set of node ids that have not left (the living, and the dead not yet reaped)
-REAP_KEY: Final = "relay:reaping:"  # + node id: who reaps that dead node (a lock with a TTL)
+NODE_KEY: Final = "{mm}:node:"  # + node id: the node's lease
+NODES_KEY: Final = "{mm}:nodes"  # the set of node ids that have not left (the living, and the dead not yet reaped)
+REAP_KEY: Final = "{mm}:reaping:"  # + node id: who reaps that dead node (a lock with a TTL)
 REAP_LOCK: Final = 30_000  # milliseconds a reaper holds its lock
 INBOX_KEY: Final = "{mm}:inbox:"  # + node id: the stream other nodes send this node's messages to
 DECISIONS_KEEP: Final = 100_000  # entries the decisions stream keeps (approximately)
@@ -769,7 +769,7 @@ class ClusterBackend:
     @contextlib.asynccontextmanager
     async def _server(self) -> AsyncIterator[Any]:
         """Where INFO, CONFIG GET and TIME go: Redis, or in a Redis Cluster the primary of the
-        slot of {mm} (every key but the leases is there)."""
+        slot of {mm} (every key is there)."""
         layout = getattr(self.redis.connection_pool, "cluster_layout", None)
         if layout is None:
             yield self.redis

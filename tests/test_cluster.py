@@ -330,7 +330,7 @@ async def test_a_dead_node_is_reaped_and_nothing_of_its_clients_stays(
             await until_redis(redis_server, "HLEN", key, equals=b":0\r\n")
         for key in ("{mm}:queue", "{mm}:owners", "{mm}:index"):
             await until_redis(redis_server, "ZCARD", key, equals=b":0\r\n")
-        await until_redis(redis_server, "SMEMBERS", "relay:nodes", equals=b"*1\r\n$2\r\nn0\r\n")
+        await until_redis(redis_server, "SMEMBERS", "{mm}:nodes", equals=b"*1\r\n$2\r\nn0\r\n")
 
 
 def test_a_node_restarted_with_its_id_forgets_what_it_left(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -453,7 +453,7 @@ async def test_a_deploy_keeps_sessions_sigterm_hands_clients_over(cluster: Clust
         await b.send(type="signal", data={"i": 7})
         assert (await back.expect("signal", n=7))["data"] == {"i": 7}
         assert cluster.nodes[0].proc.wait(timeout=STEP) == 0  # it exits once its client went on elsewhere
-        await until_redis(cluster.redis, "SISMEMBER", "relay:nodes", "n0", equals=b":0\r\n")
+        await until_redis(cluster.redis, "SISMEMBER", "{mm}:nodes", "n0", equals=b":0\r\n")
 
 
 async def test_redis_restarted_with_its_data_sessions_go_on_and_lose_nothing(

@@ -50,7 +50,7 @@ def supervisor(tmp_path: Path, redis_server: RedisServer) -> Iterator[Supervisor
 
 
 def nodes(redis: RedisServer) -> set[str]:
-    answer = redis.command("SMEMBERS", "relay:nodes").decode()
+    answer = redis.command("SMEMBERS", "{mm}:nodes").decode()
     return {line for line in answer.split("\r\n") if line and line[0] not in "*$"}
 
 
@@ -85,7 +85,7 @@ async def test_workers_share_the_port_and_the_queue(
     assert await trio.to_thread.run_sync(lambda: supervisor.proc.wait(timeout=4 * STEP)) == 0
     # Nobody resumed the clients they closed (1012) and kept away: no node is left to take them, so
     # each worker gave its lease up, for the next node to start to reap them.
-    assert redis_server.command("KEYS", "relay:node:*") == b"*0\r\n"
+    assert redis_server.command("KEYS", "{mm}:node:*") == b"*0\r\n"
 
 
 async def test_a_worker_that_dies_is_started_again_as_another_node(
