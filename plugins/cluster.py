@@ -57,7 +57,7 @@ import random
 import secrets
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -365,7 +365,6 @@ class ClusterBackend:
         # The journal: another node takes this node's clients over from it if this one dies.
         self._journal = Journal()
         self._digests: dict[str, tuple[str, str]] = {}  # client id -> (secret, its digest), as last written
-        self._journal_added: tuple[Any, int] | None = None  # the flush's XADD to the journal, and its bytes
         self._inbox_read = b"0-0"  # the last entry of this node's inbox delivered here
         self._journaled_read = b"0-0"  # ... as the journal last said
         self._adopted: dict[str, tuple[bytes, float]] = {}  # a dead node's inbox read here -> (last read, until)
@@ -1025,11 +1024,7 @@ class ClusterBackend:
         while entries := await r.xrange(inbox, b"(" + read, count=INBOX_BATCH):
             for entry in entries:
                 read = entry.identifier
-                try:
-                    self._receive(entry.field_values[b"m"])
-                except Exception:
-                    self.statistics["cluster_bad_entries"] += 1
-                    log.exception("cluster: skipping malformed entry %s of %s", read, inbox)
+                self._read_entry(entry, inbox, self._receive, b"m")
         self._adopted[inbox] = (read, trio.current_time() + ADOPT_LINGER)
         reads = self._reads  # the XREAD in flight does not read that inbox: a new one does, before
         self._read_scope.cancel()  # anything sent here (after the notes) can be read
@@ -1222,13 +1217,14 @@ class ClusterBackend:
             ):  # fmt: skip
                 await self.flush()
 
-    def _journal_write(self, pipe: Any) -> tuple[list[str], list[bytes], list[str]]:
+    def _journal_write(self, pipe: Any) -> tuple[list[str], list[bytes], list[str], tuple[Any, int] | None]:
         """Into ``pipe``: one XADD of the signals journaled since the last flush (their recipients,
         their lengths, the signals end to end) and how far the inbox was read, one HSET (and HDEL) of
         the clients whose count or token changed. Answers the signals and clients written (put back
-        if the flush fails)."""
+        if the flush fails), and the XADD with its bytes (None: no XADD)."""
         j, node, now = self._journal, self.node, trio.current_time()
         ids, texts, j.ids, j.texts = j.ids, j.texts, [], []
+        added = None
         if ids or self._inbox_read != self._journaled_read:
             entry = {
                 b"c": "\x1f".join(ids), b"l": array.array("I", map(len, texts)).tobytes(),
@@ -1236,11 +1232,11 @@ class ClusterBackend:
             }  # fmt: skip
             size = len(entry[b"c"]) + len(entry[b"l"]) + len(entry[b"m"])
             oldest = j.trim(size, self.journal_bytes, round((now - self.script.offset - JOURNAL_SECONDS) * 1000))
-            added = pipe.xadd(
+            request = pipe.xadd(
                 JOURNAL_KEY + node, entry, trim_strategy=self.token.MINID, threshold=oldest,
                 trim_operator=self.token.APPROXIMATELY,
             )  # fmt: skip
-            self._journal_added = (added, size)
+            added = (request, size)
             fresh = set(ids) - j.dirty.keys()
             if fresh:
                 j.dirty.update(dict.fromkeys(fresh, now))
@@ -1269,7 +1265,7 @@ class ClusterBackend:
             pipe.hset(JOURNALED_KEY + node, fields)
         if gone:
             pipe.hdel(JOURNALED_KEY + node, gone)
-        return ids, texts, written
+        return ids, texts, written, added
 
     async def flush(self) -> None:
         """One XADD per destination with what is for it, and the journal's writes. ``_outbox_bytes``
@@ -1280,10 +1276,10 @@ class ClusterBackend:
         ids: list[str] = []
         texts: list[bytes] = []
         written: list[str] = []
+        added: tuple[Any, int] | None = None  # the XADD to the journal, and its bytes
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                self._journal_added = None
-                ids, texts, written = self._journal_write(pipe)
+                ids, texts, written, added = self._journal_write(pipe)
                 for node, items in boxes.items():
                     pipe.xadd(
                         INBOX_KEY + node, {b"m": b"".join(items)}, trim_strategy=self.token.MAXLEN,
@@ -1299,8 +1295,8 @@ class ClusterBackend:
             await trio.sleep(RETRY_INTERVAL)
         else:
             self._journaled_read = read
-            if self._journal_added is not None:
-                j.wrote(await self._journal_added[0], self._journal_added[1])
+            if added is not None:
+                j.wrote(await added[0], added[1])
             self._redis_ok()
             for node, items in boxes.items():
                 if node not in self._dropped:
@@ -1347,14 +1343,18 @@ class ClusterBackend:
                         self._adopted[key] = (entry.identifier, self._adopted[key][1])
                     else:
                         break  # (its time to be read is over)
-                    try:
-                        if is_decisions:
-                            self._decided(entry.field_values[b"d"])
-                        else:
-                            self._receive(entry.field_values[b"m"])
-                    except Exception:  # a malformed entry: say so, go on with the next
-                        self.statistics["cluster_bad_entries"] += 1
-                        log.exception("cluster: skipping malformed entry %s of %s", entry.identifier, key)
+                    if is_decisions:
+                        self._read_entry(entry, key, self._decided, b"d")
+                    else:
+                        self._read_entry(entry, key, self._receive, b"m")
+
+    def _read_entry(self, entry: Any, key: str, apply: Callable[[bytes], None], field: bytes) -> None:
+        """``apply`` an entry's ``field`` (of stream ``key``); a malformed entry: say so, go on."""
+        try:
+            apply(entry.field_values[field])
+        except Exception:
+            self.statistics["cluster_bad_entries"] += 1
+            log.exception("cluster: skipping malformed entry %s of %s", entry.identifier, key)
 
     def _decided(self, payload: bytes) -> None:
         """One move's decisions, as every node reads them, in the order Redis made them."""
