@@ -343,6 +343,7 @@ class ClusterBackend:
         self._early: dict[str, list[tuple[int, str, str, bytes]]] = {}  # session id -> _deliver's arguments
         self._early_count = 0
         self._ended: dict[str, None] = {}  # recently ended session ids, oldest first
+        self._last: dict[str, str] = {}  # client id -> the last session Redis paired it in, as applied here
         self._moved: dict[str, str] = {}  # client id -> the node it resumed on (late messages go there)
         self._asked: dict[str, tuple[Any, int, str, trio.Event]] = {}  # resumes waiting: new client id -> ...
         self._nursery: trio.Nursery | None = None
@@ -485,6 +486,7 @@ class ClusterBackend:
 
     def disconnect(self, client_id: str, reason: str = "disconnected") -> list[Decision]:
         self._interests.pop(client_id, None)
+        self._last.pop(client_id, None)
         self._journal.urgent.add(client_id)
         if self._island is not None:
             return self._alone("disconnect", client_id, reason)
@@ -655,14 +657,17 @@ class ClusterBackend:
             elif c.id in waits:
                 since, held = waits[c.id]
                 item["q"] = {"waited": round((now - since) * 1000), "held": held}
+                item["last"] = self._last.get(c.id, "")
             out.append(item)
         out.sort(key=lambda item: -item["q"]["waited"] if "q" in item else 0)  # the longest wait queues first
         return out
 
     async def _restore(self) -> None:
-        """Redis is back after this node was alone, or lost its data (a new epoch): tell it this
-        node's clients as they are here (Redis's view of them gives way), then read the decisions on
-        from there: those made before concern a state that no longer is."""
+        """Redis is back after this node was alone, or lost its data (a new epoch), or the primary
+        moved: tell it this node's clients as they are here (Redis's view of them gives way, but for
+        a session Redis made for a client waiting here, which this node never heard of: it stays,
+        and its side here learns it now), then read the decisions on from there: those made before
+        concern a state that no longer is."""
         r = self.redis
         if self._lost:
             await r.set(KEYS[12], secrets.token_hex(8).encode(), condition=self.token.NX)
@@ -675,15 +680,18 @@ class ClusterBackend:
         if island is not None:  # from now on, moves wait for Redis again (they run after the restore)
             self._waiting, self._island = dict(island.positions()), None
             self._since = {cid: since for cid, _, since, _, _ in island.waiting()}
-        first = None
+        first, began, kept = None, 0, 0
         for at in range(0, len(clients) or 1, RESTORE_BATCH):
             head = at == 0
             batch = {
                 "first": head, "lost": self._lost, "ended": self._alone_ended if head else [],
                 "blocks": list(self._alone_blocks) if head else [], "c": clients[at : at + RESTORE_BATCH],
             }  # fmt: skip
+            if not head:  # (a session made since the first call: this node reads it from there)
+                batch["before"] = began
             answer = await self.script.call("restore", "", orjson.dumps(batch).decode(), node=self.node)
-            first = first or answer["prev"]
+            if head:
+                first, began = answer["prev"], answer["t"]
             if answer["gone"]:  # (this node's clients by session, once per call, not once per session)
                 sides = collections.defaultdict(list)
                 for c in self.clients.values():
@@ -691,6 +699,9 @@ class ClusterBackend:
                         sides[c.session.id].append(c)
                 for sid, reason, by in answer["gone"]:
                     self._gone(sides.get(sid, ()), sid, reason, by)
+            for raw in answer["kept"] or ():  # sessions Redis made while this node did not hear
+                self._apply(*self.script.decision(raw), decided_here=False)
+                kept += 1
         seen = ""
         while seen := (await self.script.call("restored", "", round_, seen, node=self.node))["seen"]:
             pass
@@ -703,7 +714,8 @@ class ClusterBackend:
         self._journal.urgent.update(self.clients)  # (Redis may have lost the journal too)
         self._primary = self._primary_now()  # (restored into this one)
         self.statistics["cluster_restores"] += 1
-        log.warning("cluster: node %s restored its %d clients into Redis", self.node, len(clients))
+        log.warning("cluster: node %s restored its %d clients into Redis%s", self.node, len(clients),
+                    f" ({kept} made matched meanwhile)" if kept else "")  # fmt: skip
         requests, self._after_restore = self._after_restore, []
         for client_id, request in requests:
             self._hand_over(client_id, request)
@@ -1141,6 +1153,7 @@ class ClusterBackend:
         if type(d) is Paired:
             for cid in local:
                 self._unqueue(cid)
+                self._last[cid] = s.id
             relay.apply([d], decided_here=decided_here)
             for early in self._early.pop(s.id, ()):  # what came before this node heard of the session
                 self._early_count -= 1

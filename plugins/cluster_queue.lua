@@ -355,17 +355,35 @@ local function register(id, ident, node)
 end
 
 -- Restore one of the calling node's clients as that node has it: c = {id, ident, ints, r (the
--- restore's round), q = {waited (ms), held} if it waits, s = session and p = {peer id, identity,
--- node}, fresh (made while Redis was away) if it is in one}. lost: Redis lost its data (a new
--- epoch). Whatever Redis had for the client gives way; a session Redis no longer has is made
--- again if Redis lost it or the node made it alone, else it ended meanwhile: {its id, reason, by}
--- goes to gone.
-local function restore(c, lost, gone)
+-- restore's round), q = {waited (ms), held} and last (the id of the last session the node saw it
+-- in, or "") if it waits, s = session and p = {peer id, identity, node}, fresh (made while Redis
+-- was away) if it is in one}. lost: Redis lost its data (a new epoch). Whatever Redis had for the
+-- client gives way, but for a session the node never heard of, of a client it has waiting (not
+-- held), with another node's client still in it: Redis made it while the node was away, or before
+-- the node saw the primary move; it stays, and its decision goes to kept (the node tells its
+-- side), if it is older than the restore (made before its first call, ms before). A session
+-- Redis no longer has is made again if Redis lost it or the node made it alone,
+-- else it ended meanwhile: {its id, reason, by} goes to gone.
+local function restore(c, lost, before, gone, kept)
   local m = get(c.id) or register(c.id, c.ident, NODE)
   if m.node ~= NODE then
     redis.call('ZREM', O, m.node .. SEP .. m.id)
     m.node = NODE
     redis.call('ZADD', O, 0, NODE .. SEP .. m.id)
+  end
+  if c.q and not c.q.held and m.sid ~= '' and m.sid ~= c.last then
+    local v = redis.call('HGET', S, m.sid)
+    local s = v and cjson.decode(v)
+    local p = s and get(s.a == m.id and s.b or s.a)
+    if p and p.sid == m.sid and p.node ~= NODE and s.t < before then
+      m.ints = parse_ints(cjson.encode(c.ints))
+      m.r = c.r
+      put(m)
+      local a, b = m, p
+      if s.a ~= m.id then a, b = p, m end
+      kept[#kept + 1] = {'p', s, a.node, b.node, a.ident, b.ident}
+      return
+    end
   end
   if m.seq >= 0 then dequeue(m) end
   local want = c.s and c.s.id or ''
@@ -484,7 +502,8 @@ end
 
 if move == 'restore' then
   -- ARGV[12]: {first (the first call of this restore), lost, ended = {{session id, reason, by}} (ended by the node alone: quiet), blocks =
-  -- {{identity, identity}} (reports made meanwhile), c = {clients}}. Answers also gone.
+  -- {{identity, identity}} (reports made meanwhile), c = {clients}, before (the calls after the
+  -- first: its time, ms)}. Answers also gone, kept and t (this call's time, ms).
   local r = cjson.decode(ARGV[12])
   if r.first then redis.call('HDEL', C, 'restored:' .. NODE) end -- (its peers wait for all its clients)
   for _, e in ipairs(r.ended) do finish(e[1], e[2], e[3], true) end
@@ -493,11 +512,11 @@ if move == 'restore' then
     block(pr[1], pr[2], forgotten)
     block(pr[2], pr[1], forgotten)
   end
-  local gone = {}
-  for _, c in ipairs(r.c) do restore(c, r.lost, gone) end
+  local gone, kept = {}, {}
+  for _, c in ipairs(r.c) do restore(c, r.lost, r.before or now + 1, gone, kept) end
   if #out == 0 then out[1] = {'r'} end -- an entry always: the node reads on from it
   local answer = cjson.decode(decided())
-  answer.gone = gone
+  answer.gone, answer.kept, answer.t = gone, kept, now
   return cjson.encode(answer)
 end
 

@@ -270,6 +270,11 @@ def facade(request: pytest.FixtureRequest, redis_loop: TrioThread) -> Any:
         )  # fmt: skip
         mm.clock, mm.node = clock, 0  # type: ignore[attr-defined]
         return mm
+    return _fresh_facade(redis_loop)
+
+
+def _fresh_facade(redis_loop: TrioThread) -> RedisMatchmaker:
+    """The script through two node facades, on an empty Redis."""
 
     async def flush(redis: Any) -> None:
         await redis.flushall()
@@ -366,7 +371,7 @@ def test_a_session_redis_lost_is_made_again_or_ended_by_what_its_other_side_says
     # n1 still has p in s1, but q went on alone meanwhile (it is waiting): s2 ends, its peer is told
     answer = _restore(redis_loop, "n1", [
         {"id": "p", "ident": "p", "ints": [], "r": "y", "s": s1, "p": ["c", "c", "n0"]},
-        {"id": "q", "ident": "q", "ints": [], "r": "y", "q": {"waited": 3000, "held": False}},
+        {"id": "q", "ident": "q", "ints": [], "r": "y", "q": {"waited": 3000, "held": False}, "last": "s2"},
     ], lost=True)  # fmt: skip
     ends = [d for d in answer["d"] if d[0] == "e"]
     assert [(d[1]["id"], d[2], d[3], d[4]) for d in ends] == [("s2", "disconnected", "q", "n0")]  # by q: d is told
@@ -374,12 +379,29 @@ def test_a_session_redis_lost_is_made_again_or_ended_by_what_its_other_side_says
     assert _member(redis_loop, "q")["seq"] >= 0 and _member(redis_loop, "q")["since"] == 1_000_000 - 3000
 
 
-def test_a_session_that_ended_while_its_node_was_alone_is_gone_with_its_reason(redis_loop: TrioThread) -> None:
-    async def flush(redis: Any) -> None:
-        await redis.flushall()
+def test_a_session_redis_made_that_the_waiting_sides_node_never_heard_of_stays(redis_loop: TrioThread) -> None:
+    mm = _fresh_facade(redis_loop)
+    mm.connect("a")
+    mm.join("a")
+    mm.node = 1
+    mm.connect("b")
+    [paired] = mm.join("b")  # on node1, while node0 (a's node) was cut off, or had not seen the primary move
+    sid = next(k for k, v in mm.ids.items() if v == paired.session.id)
+    waiting = {"id": "a", "ident": "a", "ints": [], "r": "x", "q": {"waited": 3000, "held": False}, "last": ""}
+    answer = _restore(redis_loop, "node0", [waiting], lost=False)
+    [kept] = answer["kept"]  # node0 tells a: matched (a waited first: the initiator)
+    assert (kept[0], kept[1]["id"], kept[2:]) == ("p", sid, ["node0", "node1", "a", "b"])
+    assert answer["d"] == [["r"]]  # nothing for node1: b has been told
+    assert _member(redis_loop, "a")["sid"] == sid and _member(redis_loop, "a")["seq"] == -1
+    # The same, had node0 seen that session (its end never reached this primary): it ends, a waits
+    answer = _restore(redis_loop, "node0", [dict(waiting, last=sid)], lost=False)
+    assert not answer["kept"]
+    assert [(d[0], d[1]["id"], d[2], d[3]) for d in answer["d"] if d[0] == "e"] == [("e", sid, "disconnected", "a")]
+    assert _member(redis_loop, "a")["sid"] == "" and _member(redis_loop, "a")["seq"] >= 0
 
-    redis_loop.call(flush)
-    mm = RedisMatchmaker(redis_loop, Clock(), nodes=2)
+
+def test_a_session_that_ended_while_its_node_was_alone_is_gone_with_its_reason(redis_loop: TrioThread) -> None:
+    mm = _fresh_facade(redis_loop)
     mm.connect("a")
     mm.node = 1
     mm.connect("b")
