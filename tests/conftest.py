@@ -323,10 +323,13 @@ def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
 
 
 class RedisServer:
-    """Debian's redis-server on 127.0.0.1 and a free port; killed (SIGKILL) and started again on the
-    same port, empty, or with what its append-only file kept (``aof=True``)."""
+    """Debian's redis-server (or ``binary``) on 127.0.0.1 and a free port; killed (SIGKILL) and
+    started again on the same port, empty, or with what its append-only file kept (``aof=True``)."""
 
-    def __init__(self, tmp: Path, *, aof: bool = False, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tmp: Path, *, aof: bool = False, args: tuple[str, ...] = (), binary: str = "redis-server"
+    ) -> None:
+        self.binary = binary
         self.port = free_port()
         self.tmp = tmp
         self.aof = aof
@@ -336,7 +339,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", *self.args, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+            [self.binary, *self.args, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
              "--daemonize", "no", "--dir", str(self.tmp), "--repl-diskless-sync-delay", "0", *persistence],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip

