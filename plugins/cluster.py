@@ -42,7 +42,9 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   there: the new primary may lack the old one's last writes.
 
 Checked at start, each a one-line error and exit code 2: the URL, Redis >= 7.0, ``maxmemory-policy``
-``noeviction`` (an evicted queue key would corrupt the queue), the node id free (once Redis answers).
+``noeviction`` (an evicted queue key would corrupt the queue), the node id not held by a live node
+(once Redis answers: a lease renewed while watched). A process restarted under the id of one that
+died and is not reaped yet runs under that id and a suffix, and the dead one is reaped as any other.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ DECISIONS_KEEP: Final = 100_000  # entries the decisions stream keeps (approxima
 INBOX_MAXLEN: Final = 100_000  # entries an inbox keeps (approximately): read ones are history
 INBOX_BATCH: Final = 256  # entries read per XREAD
 LEASE_INTERVAL: Final = 1.0  # seconds between lease renewals
+LEASE_WATCH: Final = 2.5  # seconds a starting node watches a lease on its id for a renewal (live) or none (dead)
 MAX_PENDING_MOVES: Final = 65_536  # joins and nexts waiting for the script; more are refused (rate_limited)
 MAX_EARLY: Final = 4096  # messages kept for sessions this node has not heard of yet (decided elsewhere)
 MAX_ENDED: Final = 65_536  # ids of sessions that ended, remembered to drop their late messages
@@ -311,6 +314,7 @@ class ClusterBackend:
         self.relay = relay
         self.clients = relay.clients  # (the relay's own mapping: read once per message from another node)
         self.url = url
+        self._given_id = node_id  # --node-id: this node's id, but after a crash not reaped yet (_take_id)
         self.node = node_id
         self.flush_s = flush_s
         self.node_timeout = node_timeout
@@ -807,16 +811,46 @@ class ClusterBackend:
                         f"--redis-url: maxmemory-policy is {policy.decode()}; the queue needs noeviction "
                         "(an evicted key would corrupt it)"
                     )
-        lease = round(self.node_timeout * 1000)
-        if not await r.set(NODE_KEY + self.node, self._lease_value, px=lease, condition=self.token.NX):
-            raise PluginError(f"--node-id {self.node}: a live node has this id (wait {self.node_timeout:g} s)")
+        await self._take_id()
         await r.sadd(NODES_KEY, [self.node])
         await r.set(KEYS[12], secrets.token_hex(8).encode(), condition=self.token.NX)  # the first node makes it
         self.script.epoch = (await r.get(KEYS[12]) or b"").decode()
-        await self._forget_clients_of(self.node)  # what a crashed process with this id left behind
+        await self._forget_clients_of(self.node)  # (what a process with this id left that no reaper took)
         await r.delete([JOURNAL_KEY + self.node, JOURNALED_KEY + self.node])
         await self._sync_clock()
         self._primary = self._primary_now()
+
+    async def _take_id(self) -> None:
+        """Take the node's lease. Its id held by a live node (the lease is renewed while watched):
+        a one-line error. Held by a process that died (a crash that Fly.io or a supervisor restarts
+        at once: the lease runs on, unrenewed), or left by one that no node has reaped yet: this
+        process runs under an id of its own (the given one and a suffix), so that the dead one is
+        reaped like any dead node. Its clients are then taken over, here or on another node, and
+        resume in their sessions and places instead of being forgotten."""
+        r, base, lease = self.redis, self._given_id, round(self.node_timeout * 1000)
+        held = await r.pttl(NODE_KEY + base)  # (-2: no lease)
+        if held != -2 and await self._renewed(base):
+            raise PluginError(f"--node-id {base}: a live node has this id (its lease is being renewed)")
+        self.node = base
+        if held != -2 or await r.sismember(NODES_KEY, base):
+            self.node = f"{base}_{secrets.token_hex(3)}"
+            log.warning("cluster: node %s died and is not reaped yet: this process runs as node %s, and its "
+                        "clients are taken over", base, self.node)  # fmt: skip
+        if not await r.set(NODE_KEY + self.node, self._lease_value, px=lease, condition=self.token.NX):
+            raise PluginError(f"--node-id {self.node}: a live node has this id (it just started)")
+
+    async def _renewed(self, node: str) -> bool:
+        """Whether ``node``'s lease is renewed while watched (LEASE_WATCH): a live node renews it
+        every LEASE_INTERVAL."""
+        key, deadline = NODE_KEY + node, trio.current_time() + LEASE_WATCH
+        last = await self.redis.pttl(key)
+        while last != -2 and trio.current_time() < deadline:
+            await trio.sleep(LEASE_WATCH / 25)
+            ttl = await self.redis.pttl(key)
+            if ttl > last:
+                return True
+            last = ttl
+        return False
 
     async def _sync_clock(self) -> None:
         async with self._server() as server:

@@ -16,7 +16,8 @@ unwritten (a database that is locked, frozen or unwritable) is logged and counte
 Each row records the node that wrote it (``FLY_MACHINE_ID``, else the host name; a cluster node's id
 under ``relay_plugins.cluster``). At start-up, rows
 of this node still "ongoing" were left by a crash: they are ended with the reason ``crashed`` (at
-the time of the restart, an upper bound).
+the time of the restart, an upper bound). Not by a cluster node: a dead node's sessions are taken
+over by the node that reaps it, or ended there (and recorded), so they may still go on.
 
 ``relay sessions`` (or ``python relay.py sessions``) prints recent sessions and simple statistics.
 """
@@ -121,6 +122,7 @@ class SessionRecorder:
         self.gather = gather
         self._tx, self._rx = trio.open_memory_channel[SessionEvent](queue)
         self._relay: Relay | None = None
+        self._cluster = False  # a node of a cluster (relay_plugins.cluster)
         self._done = trio.Event()
         self.dropped = 0
         self.written = 0
@@ -133,6 +135,7 @@ class SessionRecorder:
         cluster_node = getattr(relay.backend, "node", None)
         if cluster_node and not self.node_given:  # one of several nodes, maybe on one host: its own id
             self.node = cluster_node
+        self._cluster = bool(cluster_node)
         relay.counters["sessions_dropped"] += self.dropped  # present from the start, at 0
         nursery.start_soon(self._writer)
 
@@ -184,7 +187,9 @@ class SessionRecorder:
         batch: list[SessionEvent] = []
         try:
             await self._retry(self.store.migrate)
-            crashed = await self._retry(self.store.end_crashed, self.node, time.time())
+            # (A cluster node's sessions outlive it: the node that reaps a dead one takes them over,
+            # or ends them, recorded. A node with a dead one's id has none of its sessions to end.)
+            crashed = 0 if self._cluster else await self._retry(self.store.end_crashed, self.node, time.time())
             if crashed:
                 log.warning("%d session(s) left ongoing by a crash of node %s: ended as 'crashed'", crashed, self.node)
             while True:

@@ -347,24 +347,48 @@ async def test_a_dead_node_is_reaped_and_nothing_of_its_clients_stays(
         await until_redis(redis_server, "SMEMBERS", "{mm}:nodes", equals=b"*1\r\n$2\r\nn0\r\n")
 
 
-def test_a_node_restarted_with_its_id_forgets_what_it_left(tmp_path: Path, redis_server: RedisServer) -> None:
-    node = RelayProcess(tmp_path, "--redis-url", redis_server.url, "--node-id", "same").start()
-
-    async def leave_a_waiting_client() -> None:
-        async with trio.open_nursery() as nursery:
-            h = Harness(nursery, SimpleNamespace(port=node.port))  # type: ignore[arg-type]
-            w = await h.connect()
-            await w.send(type="join")
-            await w.expect("queued")
-            node.kill()
-            nursery.cancel_scope.cancel()
-
-    trio.run(leave_a_waiting_client)
-    assert redis_server.command("ZCARD", "{mm}:queue") == b":1\r\n"
-    time.sleep(5.5)  # its lease (5 s) runs out; no other node is there to reap it
+@pytest.mark.parametrize("after", [0.0, 2.5], ids=["lease-running", "lease-run-out"])
+async def test_a_node_restarted_under_its_id_takes_its_clients_back(
+    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery, after: float
+) -> None:
+    """The one node of a deployment crashes and its supervisor (Fly.io, systemd) starts it again
+    under the same --node-id, at once (the dead process's lease runs on) or later (nobody reaped
+    it): it starts (not "a live node has this id"), takes the dead one's clients over, and they
+    resume in their sessions and places."""
+    node = RelayProcess(tmp_path, "--redis-url", redis_server.url, "--node-id", "same", "--cluster-node-timeout", "2")
     node.start()
-    assert redis_server.command("ZCARD", "{mm}:queue") == b":0\r\n"
-    assert redis_server.command("HLEN", "{mm}:members") == b":0\r\n"
+    h = Harness(nursery, SimpleNamespace(port=node.port))  # type: ignore[arg-type]
+    with trio.fail_after(6 * STEP):
+        a, b, ma = await paired(h, h)
+        w = await h.connect()
+        await w.send(type="join")
+        await w.expect("queued", position=1)
+        for i in range(1, 4):
+            await b.send(type="signal", data={"i": i})
+        for i in range(1, 4):
+            await a.expect("signal", n=i)
+        await trio.sleep(0.1)  # (journaled)
+        node.kill()
+        await trio.sleep(after)
+        node.start()  # (at once, the lease of the dead process has 2 s to run)
+        for c in (a, b, w):
+            assert (await c.closed()).code == 1006
+        back_a, back_b, back_w = await h.connect(), await h.connect(), await h.connect()
+        await back_b.send(type="resume", token=b.welcome["resume_token"], last=0)
+        await back_b.expect("resumed", client_id=b.id, state="matched", session_id=ma["session_id"])
+        await back_a.send(type="resume", token=a.welcome["resume_token"], last=2)  # one it never read
+        await back_a.expect("resumed", client_id=a.id, state="matched", session_id=ma["session_id"])
+        assert (await back_a.expect("signal", n=3))["data"] == {"i": 3}
+        await back_b.expect("peer_resumed", session_id=ma["session_id"])
+        await back_w.send(type="resume", token=w.welcome["resume_token"], last=0)
+        await back_w.expect("resumed", client_id=w.id, state="queued", position=1)  # its place kept
+        await back_a.send(type="signal", data={"after": 1})  # the session goes on
+        assert (await back_b.expect("signal", n=1))["data"] == {"after": 1}
+        x = await h.connect()
+        await x.send(type="join")
+        await x.expect("matched", peer_id=w.id)
+        await until_redis(redis_server, "SISMEMBER", "{mm}:nodes", "same", equals=b":0\r\n")  # reaped
+    assert "this process runs as node same_" in node.log.read_text()
     node.kill()
 
 
@@ -551,17 +575,53 @@ async def test_each_session_is_recorded_once(cluster: Cluster, nursery: trio.Nur
         await a.send(type="next")
         await b.expect("peer_left", reason="next")
         await a.expect("queued")
-        db = tmp_path / "relay-sessions.db"
-        while True:  # the writers batch: wait for the end to be written
-            with sqlite3.connect(db) as conn:
-                rows = conn.execute(
-                    "SELECT initiator, answerer, end_reason, ended_by, node FROM sessions WHERE session_id = ?",
-                    (ma["session_id"],),
-                ).fetchall()
-            if rows and rows[0][2] is not None:
-                break
-            await trio.sleep(0.1)
+    rows = rows_of(tmp_path, ma["session_id"], until_ended=True)
     assert rows == [(a.id, b.id, "next", a.id, "n1")]  # recorded by n1, which made it; n0 ended it
+
+
+async def test_a_node_restarted_after_it_was_reaped_leaves_its_sessions_that_went_on_alone(
+    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A session made on n1 goes on on n0 after n1's death (taken over). n1 started again under its
+    id does not end it as 'crashed' in the sessions database (one SQLite file the nodes share): its
+    end is the one n0 records."""
+    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(8 * STEP):
+        a, b, ma = await paired(n1, n1)
+        assert rows_of(tmp_path, ma["session_id"])[0][2] is None  # its start written (and journaled)
+        c.nodes[1].kill()
+        back_a, back_b = Phone(a), Phone(b)
+        for phone in (back_a, back_b):
+            await phone.resume(n0, state="matched", session_id=ma["session_id"])
+        await until_redis(redis_server, "SMEMBERS", "{mm}:nodes", equals=b"*1\r\n$2\r\nn0\r\n")  # n1 reaped
+        c.nodes[1].start()  # under its id: it is free again
+        x, y, mx = await paired(n1, n1)  # a session of its own, written after what it does at start
+        await x.send(type="leave")
+        await y.expect("peer_left")
+        assert rows_of(tmp_path, mx["session_id"], until_ended=True)[0][2] == "left"
+        assert rows_of(tmp_path, ma["session_id"])[0][2] is None  # still going on n0: not 'crashed'
+        await back_b.c.expect("peer_resumed")  # (a resumed first: b, away still, was told on its return)
+        await back_a.c.send(type="next")
+        await back_b.c.expect("peer_left", reason="next")
+        assert rows_of(tmp_path, ma["session_id"], until_ended=True) == [(a.id, b.id, "next", a.id, "n1")]
+    assert "crashed" not in c.nodes[1].log.read_text()
+
+
+def rows_of(tmp: Path, session_id: str, *, until_ended: bool = False) -> list[tuple]:
+    """The session's rows in the nodes' SQLite file (initiator, answerer, end_reason, ended_by,
+    node): with ``until_ended``, once its end is written (the writers batch)."""
+    deadline = time.monotonic() + STEP
+    while True:
+        with contextlib.closing(sqlite3.connect(tmp / "relay-sessions.db")) as conn:
+            rows = conn.execute(
+                "SELECT initiator, answerer, end_reason, ended_by, node FROM sessions WHERE session_id = ?",
+                (session_id,),
+            ).fetchall()
+        if rows and (rows[0][2] is not None or not until_ended):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
 
 
 async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
