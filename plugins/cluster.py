@@ -110,6 +110,7 @@ LEASE_INTERVAL: Final = 1.0  # seconds between lease renewals
 LEASE_WATCH: Final = 2.5  # seconds a starting node watches a lease on its id for a renewal (live) or none (dead)
 MAX_PENDING_MOVES: Final = 65_536  # joins and nexts waiting for the script; more are refused (rate_limited)
 MAX_EARLY: Final = 4096  # messages kept for sessions this node has not heard of yet (decided elsewhere)
+MAX_SENDERS: Final = 4096  # sending processes whose last batch number a node remembers, per inbox read
 MAX_ENDED: Final = 65_536  # ids of sessions that ended, remembered to drop their late messages
 REQUEST: Final = 2  # inbox item: another node's new connection resumes this node's client (JSON)
 HANDOVER: Final = 3  # inbox item: the client asked for, as its node had it (JSON)
@@ -344,6 +345,13 @@ class ClusterBackend:
         self._ticked = 0.0  # when the last tick was asked for
         self._wake = trio.lowlevel.ParkingLot()
         self._outbox: dict[str, list[bytes]] = {}  # node -> packed items, in order
+        # Each flush sends what is for a node as a batch numbered for this process (_stamp, _batches):
+        # a batch whose XADD's answer was lost (Redis died after writing it) goes again with its
+        # number, and the node that reads it twice delivers it once (_seen: its last number read).
+        self._stamp = secrets.token_hex(6).encode()
+        self._batches = 0
+        self._unsent: dict[str, list[tuple[bytes, bytes]]] = {}  # node -> (number, batch) to send again, in order
+        self._seen: dict[tuple[str, bytes], int] = {}  # (inbox, sender's stamp) -> the last number read
         self._early: dict[str, list[tuple[int, str, str, bytes]]] = {}  # session id -> _deliver's arguments
         self._early_count = 0
         self._ended: dict[str, None] = {}  # recently ended session ids, oldest first
@@ -1031,7 +1039,9 @@ class ClusterBackend:
                 for cid, size in zip(fields[b"c"].split(b"\x1f"), array.array("I", fields[b"l"]), strict=True):
                     text = packed[at : at + size]
                     at += size
-                    rings[cid.decode()].append((orjson.loads(text)["n"], text))
+                    ring, n = rings[cid.decode()], orjson.loads(text)["n"]
+                    if not ring or n > ring[-1][0]:  # (a flush whose answer was lost wrote its signals twice)
+                        ring.append((n, text))
         taken: list[dict[str, Any]] = []
         while True:
             answer = await self.script.call("adopt", "", node, node=self.node)
@@ -1067,10 +1077,12 @@ class ClusterBackend:
         # What was sent to the dead node for them and not read there (what still goes there is read
         # with this node's inbox, for ADOPT_LINGER).
         inbox = INBOX_KEY + node
+        for entry in await r.xrevrange(inbox, read, b"-", count=INBOX_BATCH):  # (the numbers it read last:
+            self._seen_number(inbox, entry)  # a batch sent again after its answer was lost comes soon after)
         while entries := await r.xrange(inbox, b"(" + read, count=INBOX_BATCH):
             for entry in entries:
                 read = entry.identifier
-                self._read_entry(entry, inbox, self._receive, b"m")
+                self._receive_entry(entry, inbox)
         self._adopted[inbox] = (read, trio.current_time() + ADOPT_LINGER)
         reads = self._reads  # the XREAD in flight does not read that inbox: a new one does, before
         self._read_scope.cancel()  # anything sent here (after the notes) can be read
@@ -1236,6 +1248,7 @@ class ClusterBackend:
         """More waits for ``node`` than --cluster-buffer-bytes (Redis is down, or that node does not
         read): rather than lose messages silently, the sessions with its clients end ("overflow")."""
         self._outbox.pop(node, None)
+        self._unsent.pop(node, None)
         del self._outbox_bytes[node]
         self._dropped.add(node)  # and what a flush in flight has for it, if that flush fails
         self.statistics["cluster_overflows"] += 1
@@ -1259,7 +1272,7 @@ class ClusterBackend:
             await trio.sleep(self.flush_s)
             dirty = j.dirty
             if (
-                self._outbox or j.ids or j.urgent or self._inbox_read != self._journaled_read
+                self._outbox or self._unsent or j.ids or j.urgent or self._inbox_read != self._journaled_read
                 or (dirty and next(iter(dirty.values())) <= trio.current_time() - JOURNAL_SECONDS / 2)
             ):  # fmt: skip
                 await self.flush()
@@ -1315,9 +1328,14 @@ class ClusterBackend:
         return ids, texts, written, added
 
     async def flush(self) -> None:
-        """One XADD per destination with what is for it, and the journal's writes. ``_outbox_bytes``
-        counts what is sent meanwhile too, so the bound holds while Redis keeps failing."""
-        boxes, self._outbox = self._outbox, {}
+        """One XADD per destination with what is for it (after the batches a failed flush left),
+        and the journal's writes. ``_outbox_bytes`` counts what is sent meanwhile too, so the bound
+        holds while Redis keeps failing."""
+        batches, self._unsent = self._unsent, {}
+        for node, items in self._outbox.items():
+            self._batches += 1
+            batches.setdefault(node, []).append((b"%b %d" % (self._stamp, self._batches), b"".join(items)))
+        self._outbox = {}
         self._dropped.clear()
         j, read = self._journal, self._inbox_read
         ids: list[str] = []
@@ -1327,16 +1345,17 @@ class ClusterBackend:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 ids, texts, written, added = self._journal_write(pipe)
-                for node, items in boxes.items():
-                    pipe.xadd(
-                        INBOX_KEY + node, {b"m": b"".join(items)}, trim_strategy=self.token.MAXLEN,
-                        threshold=INBOX_MAXLEN, trim_operator=self.token.APPROXIMATELY,
-                    )  # fmt: skip
-        except Exception as exc:  # put back in front of what came meanwhile: order kept, nothing lost
+                for node, sent in batches.items():
+                    for number, batch in sent:
+                        pipe.xadd(
+                            INBOX_KEY + node, {b"m": batch, b"q": number}, trim_strategy=self.token.MAXLEN,
+                            threshold=INBOX_MAXLEN, trim_operator=self.token.APPROXIMATELY,
+                        )  # fmt: skip
+        except Exception as exc:  # sent again before what came meanwhile: order kept, nothing lost
             self._redis_failed("sending to other nodes", exc)
-            for node, items in boxes.items():
+            for node, sent in batches.items():
                 if node not in self._dropped:  # (its sessions ended meanwhile, overflowing)
-                    self._outbox[node] = items + self._outbox.get(node, [])
+                    self._unsent[node] = sent + self._unsent.get(node, [])
             j.ids, j.texts = (ids + j.ids)[-MAX_JOURNAL:], (texts + j.texts)[-MAX_JOURNAL:]  # (older: history)
             j.urgent.update(written)
             await trio.sleep(RETRY_INTERVAL)
@@ -1345,9 +1364,9 @@ class ClusterBackend:
             if added is not None:
                 j.wrote(await added[0], added[1])
             self._redis_ok()
-            for node, items in boxes.items():
+            for node, sent in batches.items():
                 if node not in self._dropped:
-                    self._outbox_bytes[node] -= sum(map(len, items))
+                    self._outbox_bytes[node] -= sum(len(batch) for _, batch in sent)
 
     async def _inbox_loop(self, inbox_last: bytes, decisions_last: bytes) -> None:
         """Read this node's inbox and the decisions (one XREAD BLOCK: every key is in {mm}'s slot),
@@ -1393,7 +1412,7 @@ class ClusterBackend:
                     if is_decisions:
                         self._read_entry(entry, key, self._decided, b"d")
                     else:
-                        self._read_entry(entry, key, self._receive, b"m")
+                        self._receive_entry(entry, key)
 
     def _read_entry(self, entry: Any, key: str, apply: Callable[[bytes], None], field: bytes) -> None:
         """``apply`` an entry's ``field`` (of stream ``key``); a malformed entry: say so, go on."""
@@ -1402,6 +1421,26 @@ class ClusterBackend:
         except Exception:
             self.statistics["cluster_bad_entries"] += 1
             log.exception("cluster: skipping malformed entry %s of %s", entry.identifier, key)
+
+    def _receive_entry(self, entry: Any, inbox: str) -> None:
+        """An entry of an inbox, once: a batch sent again (its first XADD's answer was lost) has the
+        number of one read already. (An entry without a number, as a node of before sends: read.)"""
+        if self._seen_number(inbox, entry):
+            self._read_entry(entry, inbox, self._receive, b"m")
+        else:
+            self.statistics["cluster_batches_repeated"] += 1
+
+    def _seen_number(self, inbox: str, entry: Any) -> bool:
+        """Note the batch number of an entry of ``inbox``: False if its sender's number was read before."""
+        stamp, _, number = entry.field_values.get(b"q", b"").partition(b" ")
+        if not number.isdigit():
+            return True
+        sender, n = (inbox, stamp), int(number)
+        last = self._seen.pop(sender, 0)
+        self._seen[sender] = max(n, last)  # (the most recent last: the oldest go first)
+        if len(self._seen) > MAX_SENDERS:
+            del self._seen[next(iter(self._seen))]
+        return n > last
 
     def _decided(self, payload: bytes) -> None:
         """One move's decisions, as every node reads them, in the order Redis made them."""
@@ -1686,7 +1725,7 @@ class ClusterBackend:
         with trio.move_on_after(relay.SHUTDOWN_TIMEOUT - LINGER):
             while self.relay.away or self._moves or trio.current_time() - self._handed_over_at < LINGER:
                 await trio.sleep(0.01)
-            while self._outbox:
+            while self._outbox or self._unsent:
                 await self.flush()
         left = len(self.relay.away) + len(self._moves)
         try:

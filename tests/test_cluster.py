@@ -65,6 +65,12 @@ def cluster(make_cluster: Callable[..., Cluster], redis_server: RedisServer) -> 
 
 
 @pytest.fixture
+def quick_pair(make_cluster: Callable[..., Cluster], redis_server: RedisServer) -> Cluster:
+    """Two nodes that take each other for dead 2 s after the last lease (--cluster-node-timeout 2)."""
+    return make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+
+
+@pytest.fixture
 def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server that keeps every write in its append-only file: a restart finds its data."""
     server = RedisServer(tmp_path, aof=True).start()
@@ -284,6 +290,46 @@ async def test_a_malformed_inbox_entry_is_logged_and_skipped(
         await b.send(type="signal", data={"i": 1})  # what comes after them is delivered, numbered as ever
         assert (await a.expect("signal", n=1))["data"] == {"i": 1}
         assert c.nodes[0].log.read_text().count("cluster: skipping malformed entry") == 3
+
+
+async def repeat_last_entry(redis: RedisServer, key: str) -> None:
+    """XADD a stream's last entry again, its fields as they are: what a flush whose XADD's answer was
+    lost (Redis died after writing it) sends once more."""
+    import coredis
+
+    async with coredis.Redis.from_url(redis.url) as r:
+        [last] = await r.xrevrange(key, count=1)
+        await r.xadd(key, dict(last.field_values))
+
+
+async def test_a_batch_sent_again_after_its_answer_was_lost_is_delivered_once(
+    quick_pair: Cluster, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    c = quick_pair
+    n0, n1 = c.harnesses(nursery)
+    with trio.fail_after(6 * STEP):
+        a, b, _ = await paired(n0, n1)
+        await b.send(type="signal", data={"i": 1})
+        assert (await a.expect("signal", n=1))["data"] == {"i": 1}
+        await repeat_last_entry(redis_server, "{mm}:inbox:n0")  # b's batch, twice in a's node's inbox
+        await b.send(type="signal", data={"i": 2})
+        assert (await a.expect("signal", n=2))["data"] == {"i": 2}  # not i 1 again
+        # The journal too: the dead node's last flush written twice, its signals rebuilt once each
+        x, y, mx = await paired(n1, n1)
+        for i in range(1, 4):
+            await y.send(type="signal", data={"i": i})
+        for i in range(1, 4):
+            await x.expect("signal", n=i)
+        await trio.sleep(0.1)  # (journaled)
+        c.nodes[1].kill()
+        await repeat_last_entry(redis_server, "{mm}:journal:n1")
+        back = await n0.connect()
+        await back.send(type="resume", token=x.welcome["resume_token"], last=0)
+        await back.expect("resumed", client_id=x.id, state="matched", session_id=mx["session_id"])
+        for i in range(1, 4):
+            assert (await back.expect("signal", n=i))["data"] == {"i": i}
+        await back.send(type="ping")
+        await back.expect("pong")  # and nothing more before it
 
 
 @given(st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 5000)), max_size=60), st.integers(1, 20_000))
@@ -580,12 +626,12 @@ async def test_each_session_is_recorded_once(cluster: Cluster, nursery: trio.Nur
 
 
 async def test_a_node_restarted_after_it_was_reaped_leaves_its_sessions_that_went_on_alone(
-    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery, tmp_path: Path
+    quick_pair: Cluster, redis_server: RedisServer, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """A session made on n1 goes on on n0 after n1's death (taken over). n1 started again under its
     id does not end it as 'crashed' in the sessions database (one SQLite file the nodes share): its
     end is the one n0 records."""
-    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    c = quick_pair
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(8 * STEP):
         a, b, ma = await paired(n1, n1)
@@ -625,9 +671,9 @@ def rows_of(tmp: Path, session_id: str, *, until_ended: bool = False) -> list[tu
 
 
 async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
-    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+    quick_pair: Cluster, redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    c = quick_pair
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(8 * STEP):
         a, b, ma = await paired(n0, n1)
@@ -1112,9 +1158,9 @@ async def test_a_client_hops_nodes_and_a_deploy_while_its_peer_streams_and_misse
 
 
 async def test_more_clients_than_one_takeover_call_all_resume_on_the_node_taking_them(
-    make_cluster: Callable[..., Cluster], redis_server: RedisServer, nursery: trio.Nursery
+    quick_pair: Cluster, redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    c = make_cluster(redis_server, 2, "--cluster-node-timeout", "2")
+    c = quick_pair
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(10 * STEP):
         pairs = [await paired(n1, n1) for _ in range(80)]  # 160 clients: two calls of the takeover
