@@ -15,13 +15,15 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   ``--cluster-flush-ms`` one ``XADD`` per destination carries all of them, in order, to its inbox
   stream (``{mm}:inbox:<node>``), which one task of the destination reads (``XREAD BLOCK``) and
   delivers: the recipient's node numbers signals as for its own. Streams, not pub/sub: what a
-  blip delays is read afterwards, in order, never dropped.
+  blip delays is read afterwards, in order, never dropped; each batch is numbered, so one sent
+  again after its answer was lost is delivered once.
 - **Decisions in Redis's order.** The script appends every call's decisions to ``{mm}:decisions``,
   which every node reads with its inbox and applies for its own clients. The node whose move made a
   decision calls the hooks (``relay_matched``, ``relay_session_ended``, ``relay_report``): once for
   the cluster.
 - **Each node holds a lease** (``{mm}:node:<id>``, renewed every second, ``--cluster-node-timeout``):
-  a second process with a live node's id refuses to start; one survivor reaps a dead node (below).
+  a second process with a live node's id refuses to start (one restarted under a dead node's id
+  runs under that id and a suffix); one survivor reaps a dead node (below).
 - **Resume anywhere.** A ``resume`` for a client another node holds asks that node, which hands it
   over (mailbox, session or place); draining on SIGTERM, a node hands every client over this way.
   The peer's node, told where the client went, sends a ``FENCE`` the old way; the new node holds
