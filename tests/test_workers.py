@@ -36,6 +36,13 @@ class Supervisor:
         tasks = Path(f"/proc/{self.proc.pid}/task").glob("*/children")  # (trio starts them from a thread)
         return sorted(int(pid) for task in tasks for pid in task.read_text().split())
 
+    async def until_listening(self) -> None:
+        """Until the supervisor says every worker listens (a worker that dies before that is a
+        failed start: the supervisor exits)."""
+        with trio.fail_after(3 * STEP):
+            while " workers listening" not in self.log.read_text():
+                await trio.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the supervisor and its workers
@@ -92,6 +99,7 @@ async def test_a_worker_that_dies_is_started_again_as_another_node(
     supervisor: Supervisor, redis_server: RedisServer
 ) -> None:
     await until_nodes(redis_server, {"w-0-0", "w-1-0"})
+    await supervisor.until_listening()  # (registered in Redis, a worker may not listen yet)
     first, second = supervisor.workers()
     os.kill(second, signal.SIGKILL)
     with trio.fail_after(3 * STEP):  # the new one runs under a new id; the dead one is reaped
