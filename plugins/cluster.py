@@ -23,7 +23,8 @@ the same Redis; ``docs/scaling.md`` has the design, the guarantees and what is n
   the cluster.
 - **Each node holds a lease** (``{mm}:node:<id>``, renewed every second, ``--cluster-node-timeout``):
   a second process with a live node's id refuses to start (one restarted under a dead node's id
-  runs under that id and a suffix); one survivor reaps a dead node (below).
+  runs under that id and a suffix, as a node taken for dead goes on); one survivor reaps a dead
+  node (below).
 - **Resume anywhere.** A ``resume`` for a client another node holds asks that node, which hands it
   over (mailbox, session or place); draining on SIGTERM, a node hands every client over this way.
   The peer's node, told where the client went, sends a ``FENCE`` the old way; the new node holds
@@ -977,8 +978,14 @@ class ClusterBackend:
     def _taken_for_dead(self) -> None:
         """This node's lease ran out (it was paused, or cut off from Redis) and another node may have
         reaped its clients: each may be served elsewhere now. Close them all (1012: reconnect); the
-        node goes on with a new lease, empty."""
-        log.error("cluster: node %s: the lease had run out (taken for dead): closing its clients", self.node)
+        node goes on empty, under a new id (its old one is the reaper's to end: a reap under way
+        would otherwise take the new lease's id out of the node list, and the old inbox has
+        one reader)."""
+        old, self.node = self.node, f"{self._given_id}_{secrets.token_hex(3)}"
+        self._inbox_read = self._journaled_read = b"0-0"  # (a new inbox)
+        self._read_scope.cancel()  # (the XREAD in flight reads the old one)
+        log.error("cluster: node %s: the lease had run out (taken for dead): closing its clients; it goes on "
+                  "as node %s", old, self.node)  # fmt: skip
         self.statistics["cluster_lease_lost"] += 1
         relay = self.relay
         self._moves.clear()  # (moves for clients another node serves now)
@@ -1374,10 +1381,10 @@ class ClusterBackend:
         """Read this node's inbox and the decisions (one XREAD BLOCK: every key is in {mm}'s slot),
         and the inboxes of dead nodes whose clients this one took (first: what was sent there came
         before what was sent here)."""
-        inbox, decisions = INBOX_KEY + self.node, KEYS[10]
+        decisions = KEYS[10]
         self._decisions_read, self._inbox_read = decisions_last, inbox_last
         while True:
-            reading = self._reading
+            reading, inbox = self._reading, INBOX_KEY + self.node  # (a node taken for dead gets a new id)
             streams = {key: last for key, (last, _) in self._adopted.items()}
             streams[inbox] = self._inbox_read
             streams[decisions] = self._decisions_read

@@ -361,6 +361,11 @@ class RedisServer:
             s.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a.encode()) for a in args))
             return s.recv(1 << 20)
 
+    def node_ids(self) -> set[str]:
+        """The cluster's node list (``{mm}:nodes``)."""
+        answer = self.command("SMEMBERS", "{mm}:nodes").decode()
+        return {line for line in answer.split("\r\n") if line and line[0] not in "*$"}
+
     kill = RelayProcess.kill
 
     @property

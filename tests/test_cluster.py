@@ -694,9 +694,14 @@ async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
         assert (await back.expect("signal", n=3))["data"] == {"i": 3}
         await back.send(type="signal", data={"back": 1})
         assert (await a.expect("signal", n=1))["data"] == {"back": 1}
-        x = await n1.connect()  # and it serves again
+        x = await n1.connect()  # and it serves again, under a new id (n1 was the reaper's to end)
         await x.send(type="join")
         await x.expect("queued", position=1)
+        log = c.nodes[1].log.read_text()
+        new_id = log.split("goes on as node ", 1)[1].split()[0]
+        assert new_id.startswith("n1_")
+        while redis_server.node_ids() != {"n0", new_id}:  # (n0 ends the reap of n1)
+            await trio.sleep(0.05)
 
 
 async def health(node: RelayProcess) -> dict:

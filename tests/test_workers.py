@@ -56,14 +56,9 @@ def supervisor(tmp_path: Path, redis_server: RedisServer) -> Iterator[Supervisor
     s.stop()
 
 
-def nodes(redis: RedisServer) -> set[str]:
-    answer = redis.command("SMEMBERS", "{mm}:nodes").decode()
-    return {line for line in answer.split("\r\n") if line and line[0] not in "*$"}
-
-
 async def until_nodes(redis: RedisServer, expected: set[str]) -> None:
     with trio.fail_after(3 * STEP):
-        while nodes(redis) != expected:
+        while redis.node_ids() != expected:
             await trio.sleep(0.05)
 
 
@@ -103,7 +98,7 @@ async def test_a_worker_that_dies_is_started_again_as_another_node(
     first, second = supervisor.workers()
     os.kill(second, signal.SIGKILL)
     with trio.fail_after(3 * STEP):  # the new one runs under a new id; the dead one is reaped
-        while "w-1-1" not in nodes(redis_server):
+        while "w-1-1" not in redis_server.node_ids():
             await trio.sleep(0.05)
     assert first in supervisor.workers() and second not in supervisor.workers()
 
