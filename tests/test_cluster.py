@@ -621,7 +621,7 @@ async def test_each_session_is_recorded_once(cluster: Cluster, nursery: trio.Nur
         await a.send(type="next")
         await b.expect("peer_left", reason="next")
         await a.expect("queued")
-    rows = rows_of(tmp_path, ma["session_id"], until_ended=True)
+    rows = await rows_of(tmp_path, ma["session_id"], until_ended=True)
     assert rows == [(a.id, b.id, "next", a.id, "n1")]  # recorded by n1, which made it; n0 ended it
 
 
@@ -635,7 +635,7 @@ async def test_a_node_restarted_after_it_was_reaped_leaves_its_sessions_that_wen
     n0, n1 = c.harnesses(nursery)
     with trio.fail_after(8 * STEP):
         a, b, ma = await paired(n1, n1)
-        assert rows_of(tmp_path, ma["session_id"])[0][2] is None  # its start written (and journaled)
+        assert (await rows_of(tmp_path, ma["session_id"]))[0][2] is None  # its start written (and journaled)
         c.nodes[1].kill()
         back_a, back_b = Phone(a), Phone(b)
         for phone in (back_a, back_b):
@@ -645,29 +645,28 @@ async def test_a_node_restarted_after_it_was_reaped_leaves_its_sessions_that_wen
         x, y, mx = await paired(n1, n1)  # a session of its own, written after what it does at start
         await x.send(type="leave")
         await y.expect("peer_left")
-        assert rows_of(tmp_path, mx["session_id"], until_ended=True)[0][2] == "left"
-        assert rows_of(tmp_path, ma["session_id"])[0][2] is None  # still going on n0: not 'crashed'
+        assert (await rows_of(tmp_path, mx["session_id"], until_ended=True))[0][2] == "left"
+        assert (await rows_of(tmp_path, ma["session_id"]))[0][2] is None  # still going on n0: not 'crashed'
         await back_b.c.expect("peer_resumed")  # (a resumed first: b, away still, was told on its return)
         await back_a.c.send(type="next")
         await back_b.c.expect("peer_left", reason="next")
-        assert rows_of(tmp_path, ma["session_id"], until_ended=True) == [(a.id, b.id, "next", a.id, "n1")]
+        assert await rows_of(tmp_path, ma["session_id"], until_ended=True) == [(a.id, b.id, "next", a.id, "n1")]
     assert "crashed" not in c.nodes[1].log.read_text()
 
 
-def rows_of(tmp: Path, session_id: str, *, until_ended: bool = False) -> list[tuple]:
+async def rows_of(tmp: Path, session_id: str, *, until_ended: bool = False) -> list[tuple]:
     """The session's rows in the nodes' SQLite file (initiator, answerer, end_reason, ended_by,
-    node): with ``until_ended``, once its end is written (the writers batch)."""
-    deadline = time.monotonic() + STEP
-    while True:
-        with contextlib.closing(sqlite3.connect(tmp / "relay-sessions.db")) as conn:
-            rows = conn.execute(
-                "SELECT initiator, answerer, end_reason, ended_by, node FROM sessions WHERE session_id = ?",
-                (session_id,),
-            ).fetchall()
-        if rows and (rows[0][2] is not None or not until_ended):
-            return rows
-        assert time.monotonic() < deadline, rows
-        time.sleep(0.1)
+    node), once there (within STEP); with ``until_ended``, once its end is written (the writers batch)."""
+    with trio.fail_after(STEP):
+        while True:
+            with contextlib.closing(sqlite3.connect(tmp / "relay-sessions.db")) as conn:
+                rows = conn.execute(
+                    "SELECT initiator, answerer, end_reason, ended_by, node FROM sessions WHERE session_id = ?",
+                    (session_id,),
+                ).fetchall()
+            if rows and (rows[0][2] is not None or not until_ended):
+                return rows
+            await trio.sleep(0.1)
 
 
 async def test_a_paused_node_past_its_timeout_gives_its_clients_up(
