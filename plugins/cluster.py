@@ -1628,6 +1628,8 @@ class ClusterBackend:
                 del relay.remote_peers[peer.id]
         position = self._waiting.get(x.id)
         self._unqueue(x.id)
+        self._interests.pop(x.id, None)  # (no longer this node's client: as at its disconnect)
+        self._last.pop(x.id, None)
         self._moved[x.id] = node
         self._handed_over_at = trio.current_time()
         if len(self._moved) > MAX_MOVED:
