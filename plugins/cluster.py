@@ -844,11 +844,15 @@ class ClusterBackend:
             raise PluginError(f"--node-id {base}: a live node has this id (its lease is being renewed)")
         self.node = base
         if held != -2 or await r.sismember(NODES_KEY, base):
-            self.node = f"{base}_{secrets.token_hex(3)}"
+            self.node = self._new_id()
             log.warning("cluster: node %s died and is not reaped yet: this process runs as node %s, and its "
                         "clients are taken over", base, self.node)  # fmt: skip
         if not await r.set(NODE_KEY + self.node, self._lease_value, px=lease, condition=self.token.NX):
             raise PluginError(f"--node-id {self.node}: a live node has this id (it just started)")
+
+    def _new_id(self) -> str:
+        """An id for this process of its own, when the given one is a dead process's: ``<id>_<6 hex>``."""
+        return f"{self._given_id}_{secrets.token_hex(3)}"
 
     async def _renewed(self, node: str) -> bool:
         """Whether ``node``'s lease is renewed while watched (LEASE_WATCH): a live node renews it
@@ -981,7 +985,7 @@ class ClusterBackend:
         node goes on empty, under a new id (its old one is the reaper's to end: a reap under way
         would otherwise take the new lease's id out of the node list, and the old inbox has
         one reader)."""
-        old, self.node = self.node, f"{self._given_id}_{secrets.token_hex(3)}"
+        old, self.node = self.node, self._new_id()
         self._inbox_read = self._journaled_read = b"0-0"  # (a new inbox)
         self._read_scope.cancel()  # (the XREAD in flight reads the old one)
         log.error("cluster: node %s: the lease had run out (taken for dead): closing its clients; it goes on "
